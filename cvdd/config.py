@@ -1,0 +1,29 @@
+"""OmegaConf resolvers the configs rely on (imported by every entry point and by the tests).
+
+``${dataset_spec:<name>,<field>}`` reads a fact (num_classes, image_size, channels, mean, std)
+from the dataset registry, so the YAML never restates what the code already knows.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import ListConfig, OmegaConf
+
+from cvdd.data.registry import get_spec
+
+SPEC_FIELDS = ("num_classes", "image_size", "channels", "mean", "std", "hflip")
+
+
+def _dataset_spec(name: str, field: str) -> Any:
+    if field not in SPEC_FIELDS:
+        raise KeyError(f"dataset_spec: unknown field '{field}'; choose from {SPEC_FIELDS}")
+    value = getattr(get_spec(name), field)
+    return ListConfig(list(value)) if isinstance(value, tuple) else value
+
+
+def register_resolvers() -> None:
+    OmegaConf.register_new_resolver("dataset_spec", _dataset_spec, replace=True)
+
+
+register_resolvers()

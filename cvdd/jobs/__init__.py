@@ -1,0 +1,1 @@
+"""Stage jobs: config → objects → Trainer, shared by the entry points and by other stages."""

@@ -1,0 +1,40 @@
+"""Pieces every stage job shares: seeding, loggers, callbacks, the Trainer."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import Logger, WandbLogger
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("cvdd")
+
+
+def instantiate_named(group: Mapping | None) -> list:
+    """Instantiate a dict of named ``_target_`` entries (callbacks, loggers); ``None`` entries are skipped."""
+    if not group:
+        return []
+    return [instantiate(node) for node in group.values() if node is not None and "_target_" in node]
+
+
+def build_trainer(cfg: DictConfig, extra_callbacks: list[Callback] | None = None) -> tuple[L.Trainer, list[Logger]]:
+    """The Trainer from ``cfg.trainer`` with ``cfg.callbacks`` and ``cfg.logger`` attached."""
+    loggers: list[Logger] = instantiate_named(cfg.get("logger"))
+    callbacks: list[Callback] = instantiate_named(cfg.get("callbacks")) + list(extra_callbacks or [])
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    return trainer, loggers
+
+
+def finish_loggers(loggers: list[Logger]) -> None:
+    """Close W&B runs so the next job of a multirun sweep starts its own."""
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            import wandb
+
+            wandb.finish()

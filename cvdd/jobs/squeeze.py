@@ -1,0 +1,121 @@
+"""The squeeze job: train one teacher and publish it as ``teachers/<model>.{ckpt,json}``.
+
+Idempotent and resumable: an artifact made by the same recipe is a no-op (``overwrite=true``
+retrains); an interrupted run continues from the ``last.ckpt`` in a work folder keyed by the
+recipe's fingerprint, so a changed recipe never resumes a stale run.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from cvdd.artifacts import ArtifactConflictError, TeacherArtifact, fingerprint, load_json, save_json, save_tensors
+from cvdd.jobs.common import build_trainer, finish_loggers, log
+from cvdd.metrics import evaluate_classifier
+
+LOCATION_KEYS = ("root", "download", "download_root")
+
+
+def dataset_identity(dataset: DictConfig) -> dict[str, Any]:
+    """The dataset keys that change what is trained on (not where it lives, not stage recipes)."""
+    node = OmegaConf.to_container(dataset, resolve=True)
+    return {k: v for k, v in node.items() if k not in LOCATION_KEYS and not isinstance(v, dict | list)}
+
+
+def squeeze_recipe(cfg: DictConfig) -> dict[str, Any]:
+    """Everything that determines the trained weights; hardware, logging and paths excluded."""
+    module = OmegaConf.to_container(cfg.module, resolve=True)
+    module.pop("channels_last", None)
+    return {
+        "dataset": dataset_identity(cfg.dataset),
+        "model": OmegaConf.to_container(cfg.model.net, resolve=True),
+        "squeeze": OmegaConf.to_container(cfg.squeeze, resolve=True),
+        "module": module,
+        "seed": int(cfg.seed),
+    }
+
+
+def _existing_record(artifact: TeacherArtifact, recipe_hash: str, overwrite: bool) -> dict | None:
+    if overwrite or not artifact.exists():
+        return None
+    record = load_json(artifact.record)
+    if record.get("fingerprint") == recipe_hash:
+        return record
+    raise ArtifactConflictError(
+        f"{artifact.weights} exists but was trained with a different recipe "
+        f"(fingerprint {record.get('fingerprint')} vs {recipe_hash} now).\n"
+        f"  Keep it: run with the recipe recorded in {artifact.record}\n"
+        f"  Replace it: add overwrite=true"
+    )
+
+
+def squeeze_teacher(cfg: DictConfig) -> dict[str, Any]:
+    """Train ``cfg.model`` on ``cfg.dataset`` and write the teacher artifact (rank 0 returns its record)."""
+    artifact = TeacherArtifact(Path(cfg.paths.artifacts), cfg.dataset.name, cfg.model.id)
+    recipe = squeeze_recipe(cfg)
+    recipe_hash = fingerprint(recipe)
+    existing = _existing_record(artifact, recipe_hash, bool(cfg.get("overwrite", False)))
+    if existing is not None:
+        log.info("teacher %s exists with the same recipe (test top-1 %.2f%%); nothing to do. "
+                 "Pass overwrite=true to retrain.", artifact.weights, existing["test_top1"])
+        return existing
+
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+    spec = datamodule.spec
+    net = instantiate(cfg.model.net, num_classes=spec.num_classes, image_size=spec.image_size, in_chans=spec.channels)
+    module = instantiate(cfg.module, net=net)
+    work_dir = artifact.work_dir(recipe_hash)
+    checkpoint = ModelCheckpoint(dirpath=work_dir, save_last=True, save_top_k=0, enable_version_counter=False)
+    trainer, loggers = build_trainer(cfg, extra_callbacks=[checkpoint])
+    last = work_dir / "last.ckpt"
+    if last.is_file():
+        log.info("resuming %s from %s", cfg.model.id, last)
+
+    started = time.time()
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.is_file() else None)
+        if not trainer.is_global_zero:
+            return {}
+        datamodule.setup("test")
+        test = evaluate_classifier(module.net, datamodule.test_dataloader(), spec.num_classes,
+                                   device=trainer.strategy.root_device)
+        record = {
+            "model": cfg.model.id,
+            "net": recipe["model"],
+            "dataset": cfg.dataset.name,
+            "classes": datamodule.classes,
+            "class_names": datamodule.data.class_names,
+            "num_classes": spec.num_classes,
+            "image_size": spec.image_size,
+            "in_chans": spec.channels,
+            "test_top1": test["top1"],
+            "test_top5": test["top5"],
+            "test_samples": test["samples"],
+            "epochs": int(trainer.current_epoch),
+            "seed": int(cfg.seed),
+            "wall_seconds": round(time.time() - started, 2),
+            "fingerprint": recipe_hash,
+            "recipe": recipe,
+            "weights": artifact.weights.name,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "config": OmegaConf.to_container(cfg, resolve=True),
+        }
+        state = {k: v.detach().cpu() for k, v in module.net.state_dict().items()}
+        save_tensors(artifact.weights, state)
+        save_json(artifact.record, record)
+        artifact.remove_work_dir(recipe_hash)
+        log.info("teacher %s on %s: test top-1 %.2f%%, top-5 %.2f%% after %d epochs in %.1fs -> %s",
+                 cfg.model.id, cfg.dataset.name, test["top1"], test["top5"], record["epochs"],
+                 record["wall_seconds"], artifact.weights)
+        return record
+    finally:
+        finish_loggers(loggers)

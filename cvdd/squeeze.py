@@ -1,0 +1,66 @@
+"""Squeeze: train one classifier on real data (a committee member / teacher)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cvdd.metrics import topk_accuracy
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
+
+
+class TeacherModule(L.LightningModule):
+    """Cross-entropy training of ``net`` with a per-step cosine schedule and micro top-1/top-5.
+
+    ``optimizer`` and ``scheduler`` are partials from the config: the module supplies the
+    parameters and the total number of optimiser steps, which only the Trainer knows.
+    """
+
+    def __init__(self, net: nn.Module, num_classes: int, optimizer: OptimizerFactory,
+                 scheduler: SchedulerFactory | None = None, label_smoothing: float = 0.0,
+                 channels_last: bool = False):
+        super().__init__()
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
+        self.net = net.to(memory_format=torch.channels_last) if channels_last else net
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.train_top1 = topk_accuracy(num_classes, 1)
+        self.val_top1 = topk_accuracy(num_classes, 1)
+        self.val_top5 = topk_accuracy(num_classes, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hparams.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        logits = self(images)
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
+        self.train_top1(logits, labels)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/top1", self.train_top1, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        images, labels = batch
+        logits = self(images)
+        self.log("val/loss", F.cross_entropy(logits, labels), sync_dist=True)
+        self.val_top1(logits, labels)
+        self.val_top5(logits, labels)
+        self.log("val/top1", self.val_top1, prog_bar=True)
+        self.log("val/top5", self.val_top5)
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(params=self.net.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        total = int(self.trainer.estimated_stepping_batches)
+        scheduler = self.scheduler_factory(optimizer, total_steps=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,19 @@
+"""Squeeze: train one teacher. ``python train.py dataset=digits model=convnet`` (see conf/train.yaml)."""
+
+import hydra
+from omegaconf import DictConfig
+
+import cvdd.config  # noqa: F401  (registers the ${dataset_spec:...} resolver)
+from cvdd.distributed import isolated_job
+from cvdd.jobs.squeeze import squeeze_teacher
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    with isolated_job():
+        record = squeeze_teacher(cfg)
+    return record.get("test_top1")
+
+
+if __name__ == "__main__":
+    main()
