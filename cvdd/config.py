@@ -1,11 +1,14 @@
 """OmegaConf resolvers the configs rely on (imported by every entry point and by the tests).
 
+``${cwd:}`` is the launch folder: unlike ``${hydra:runtime.cwd}`` it also resolves while the
+sweeper builds the multirun folder, before any job's HydraConfig exists.
 ``${dataset_spec:<name>,<field>}`` reads a fact (num_classes, image_size, channels, mean, std)
 from the dataset registry, so the YAML never restates what the code already knows.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from omegaconf import ListConfig, OmegaConf
@@ -24,6 +27,7 @@ def _dataset_spec(name: str, field: str) -> Any:
 
 def register_resolvers() -> None:
     OmegaConf.register_new_resolver("dataset_spec", _dataset_spec, replace=True)
+    OmegaConf.register_new_resolver("cwd", os.getcwd, replace=True)
 
 
 register_resolvers()

@@ -24,8 +24,9 @@ from lightning.pytorch.strategies.launchers.subprocess_script import _Subprocess
 
 def hydra_job_command(local_rank: int) -> tuple[list[str], str]:
     """The command that re-runs the current Hydra job (not the sweep) for ``local_rank``."""
-    import __main__
     from hydra.core.hydra_config import HydraConfig
+
+    import __main__
 
     hc = HydraConfig.get()
     if getattr(__main__, "__spec__", None) is not None:

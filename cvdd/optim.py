@@ -17,8 +17,7 @@ def cosine_factor(progress: float, stretch: float = 1.0) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0) / stretch))
 
 
-def cosine_schedule(optimizer: Optimizer, total_steps: int, warmup_steps: int = 0,
-                    stretch: float = 1.0) -> LambdaLR:
+def cosine_schedule(optimizer: Optimizer, total_steps: int, warmup_steps: int = 0, stretch: float = 1.0) -> LambdaLR:
     """Linear warm-up for ``warmup_steps``, then cosine decay (stretched by η) over the rest."""
     if total_steps < 1:
         raise ValueError(f"cosine_schedule needs total_steps >= 1, got {total_steps}")

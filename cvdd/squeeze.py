@@ -22,9 +22,15 @@ class TeacherModule(L.LightningModule):
     parameters and the total number of optimiser steps, which only the Trainer knows.
     """
 
-    def __init__(self, net: nn.Module, num_classes: int, optimizer: OptimizerFactory,
-                 scheduler: SchedulerFactory | None = None, label_smoothing: float = 0.0,
-                 channels_last: bool = False):
+    def __init__(
+        self,
+        net: nn.Module,
+        num_classes: int,
+        optimizer: OptimizerFactory,
+        scheduler: SchedulerFactory | None = None,
+        label_smoothing: float = 0.0,
+        channels_last: bool = False,
+    ):
         super().__init__()
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
         self.net = net.to(memory_format=torch.channels_last) if channels_last else net

@@ -17,7 +17,14 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from cvdd.artifacts import ArtifactConflictError, TeacherArtifact, fingerprint, load_json, save_json, save_tensors
+from cvdd.artifacts import (
+    ArtifactConflictError,
+    TeacherArtifact,
+    fingerprint,
+    load_json,
+    save_json,
+    save_tensors,
+)
 from cvdd.jobs.common import build_trainer, finish_loggers, log
 from cvdd.metrics import evaluate_classifier
 
@@ -64,8 +71,12 @@ def squeeze_teacher(cfg: DictConfig) -> dict[str, Any]:
     recipe_hash = fingerprint(recipe)
     existing = _existing_record(artifact, recipe_hash, bool(cfg.get("overwrite", False)))
     if existing is not None:
-        log.info("teacher %s exists with the same recipe (test top-1 %.2f%%); nothing to do. "
-                 "Pass overwrite=true to retrain.", artifact.weights, existing["test_top1"])
+        log.info(
+            "teacher %s exists with the same recipe (test top-1 %.2f%%); nothing to do. "
+            "Pass overwrite=true to retrain.",
+            artifact.weights,
+            existing["test_top1"],
+        )
         return existing
 
     L.seed_everything(cfg.seed, workers=True)
@@ -74,7 +85,8 @@ def squeeze_teacher(cfg: DictConfig) -> dict[str, Any]:
     net = instantiate(cfg.model.net, num_classes=spec.num_classes, image_size=spec.image_size, in_chans=spec.channels)
     module = instantiate(cfg.module, net=net)
     work_dir = artifact.work_dir(recipe_hash)
-    checkpoint = ModelCheckpoint(dirpath=work_dir, save_last=True, save_top_k=0, enable_version_counter=False)
+    # monitor=None, save_top_k=1: one rolling checkpoint of the latest epoch, named last.ckpt
+    checkpoint = ModelCheckpoint(dirpath=work_dir, filename="last", save_top_k=1, enable_version_counter=False)
     trainer, loggers = build_trainer(cfg, extra_callbacks=[checkpoint])
     last = work_dir / "last.ckpt"
     if last.is_file():
@@ -83,11 +95,14 @@ def squeeze_teacher(cfg: DictConfig) -> dict[str, Any]:
     started = time.time()
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.is_file() else None)
+        if trainer.interrupted:
+            raise RuntimeError(f"training of {cfg.model.id} was interrupted; run the same command to resume")
         if not trainer.is_global_zero:
             return {}
         datamodule.setup("test")
-        test = evaluate_classifier(module.net, datamodule.test_dataloader(), spec.num_classes,
-                                   device=trainer.strategy.root_device)
+        test = evaluate_classifier(
+            module.net, datamodule.test_dataloader(), spec.num_classes, device=trainer.strategy.root_device
+        )
         record = {
             "model": cfg.model.id,
             "net": recipe["model"],
@@ -113,9 +128,16 @@ def squeeze_teacher(cfg: DictConfig) -> dict[str, Any]:
         save_tensors(artifact.weights, state)
         save_json(artifact.record, record)
         artifact.remove_work_dir(recipe_hash)
-        log.info("teacher %s on %s: test top-1 %.2f%%, top-5 %.2f%% after %d epochs in %.1fs -> %s",
-                 cfg.model.id, cfg.dataset.name, test["top1"], test["top5"], record["epochs"],
-                 record["wall_seconds"], artifact.weights)
+        log.info(
+            "teacher %s on %s: test top-1 %.2f%%, top-5 %.2f%% after %d epochs in %.1fs -> %s",
+            cfg.model.id,
+            cfg.dataset.name,
+            test["top1"],
+            test["top5"],
+            record["epochs"],
+            record["wall_seconds"],
+            artifact.weights,
+        )
         return record
     finally:
         finish_loggers(loggers)

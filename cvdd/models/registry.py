@@ -32,7 +32,7 @@ def register(name: str) -> Callable[[Builder], Builder]:
 
 
 def _scaled(channels: int, width: float, divisor: int = 1) -> int:
-    return max(divisor, int(round(channels * width / divisor)) * divisor)
+    return max(divisor, round(channels * width / divisor) * divisor)
 
 
 def _small_stem_conv(in_chans: int, out_chans: int) -> nn.Conv2d:
@@ -47,8 +47,9 @@ def _timm_resnet(variant: str) -> Builder:
         if small or width != 1.0:
             # timm's plain stem is fixed at 64 channels; its 'deep' stem scales (2 × stem_width).
             kwargs = {"stem_type": "deep", "stem_width": _scaled(32, width)}
-        net = timm.create_model(variant, pretrained=False, num_classes=num_classes, in_chans=in_chans,
-                                channels=channels, **kwargs)
+        net = timm.create_model(
+            variant, pretrained=False, num_classes=num_classes, in_chans=in_chans, channels=channels, **kwargs
+        )
         if small:
             net.conv1 = _small_stem_conv(in_chans, net.bn1.num_features)
             net.maxpool = nn.Identity()
@@ -64,8 +65,9 @@ for _depth in (18, 50, 101):
 @register("densenet121")
 def densenet121(num_classes: int, image_size: int, in_chans: int, width: float = 1.0) -> nn.Module:
     growth = _scaled(32, width)
-    net = timm.create_model("densenet121", pretrained=False, num_classes=num_classes, in_chans=in_chans,
-                            growth_rate=growth)
+    net = timm.create_model(
+        "densenet121", pretrained=False, num_classes=num_classes, in_chans=in_chans, growth_rate=growth
+    )
     if image_size <= SMALL_INPUT_MAX:
         net.features.conv0 = _small_stem_conv(in_chans, 2 * growth)
         net.features.pool0 = nn.Identity()
@@ -73,7 +75,13 @@ def densenet121(num_classes: int, image_size: int, in_chans: int, width: float =
 
 
 MOBILENETV2_SETTING = [  # expansion t, channels c, repeats n, stride s (Sandler et al. 2018, Table 2)
-    [1, 16, 1, 1], [6, 24, 2, 2], [6, 32, 3, 2], [6, 64, 4, 2], [6, 96, 3, 1], [6, 160, 3, 2], [6, 320, 1, 1],
+    [1, 16, 1, 1],
+    [6, 24, 2, 2],
+    [6, 32, 3, 2],
+    [6, 64, 4, 2],
+    [6, 96, 3, 1],
+    [6, 160, 3, 2],
+    [6, 320, 1, 1],
 ]
 
 

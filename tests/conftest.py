@@ -1,0 +1,71 @@
+"""Shared fixtures: composed configs (compose API, no chdir), CLI runner, W&B disabled."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "disabled")  # before anything imports wandb
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+import cvdd.config  # noqa: F401  (resolvers)
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+
+@pytest.fixture(autouse=True)
+def _quiet_wandb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
+
+
+def compose_config(config_name: str, overrides: list[str], root: Path) -> DictConfig:
+    """Compose ``conf/<config_name>.yaml`` as the CLI would, with every path under ``root``."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name, overrides=[f"paths.root={root}", *overrides], return_hydra_config=True)
+    with open_dict(cfg):  # what Hydra's run_job would fill in
+        cfg.hydra.runtime.output_dir = str(root / "run")
+        cfg.hydra.runtime.cwd = str(root)
+        cfg.hydra.job.name = config_name
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):  # the task function never sees the hydra node
+        del cfg["hydra"]
+    return cfg
+
+
+@pytest.fixture
+def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
+    def make(config_name: str = "train", *overrides: str) -> DictConfig:
+        return compose_config(config_name, list(overrides), tmp_path)
+
+    yield make
+    GlobalHydra.instance().clear()
+
+
+def run_cli(script: str, *args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run an entry point as a user would, from ``cwd``; fail with its output if it fails."""
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / script), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"{script} {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+        )
+    return proc

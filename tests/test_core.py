@@ -1,0 +1,62 @@
+"""Small shared pieces: micro accuracy, the cosine schedule, atomic writes, fingerprints."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from cvdd.artifacts import atomic_write, fingerprint, load_json, save_json
+from cvdd.metrics import topk_accuracy
+from cvdd.optim import cosine_schedule
+
+
+def test_accuracy_is_micro_not_macro():
+    # 3 samples of class 0 all right, 1 sample of class 2 wrong: micro 3/4, macro (1 + 0) / 2
+    logits = torch.tensor([[5.0, 1, 0], [5.0, 1, 0], [5.0, 1, 0], [5.0, 1, 0]])
+    labels = torch.tensor([0, 0, 0, 2])
+    assert topk_accuracy(3, 1)(logits, labels).item() == pytest.approx(0.75)
+    assert topk_accuracy(3, 2)(logits, labels).item() == pytest.approx(0.75)  # class 2 ranks third
+    assert topk_accuracy(3, 3)(logits, labels).item() == pytest.approx(1.0)
+    assert topk_accuracy(3, 5).top_k == 3
+
+
+def test_cosine_schedule_with_warmup_and_stretch():
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched = cosine_schedule(opt, total_steps=10, warmup_steps=2)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.5) and lrs[1] == pytest.approx(1.0)
+    assert lrs[2] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 8)))
+
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched = cosine_schedule(opt, total_steps=4, stretch=2.0)  # η = 2: ends half way down the cosine
+    factors = [sched.lr_lambdas[0](s) for s in range(5)]
+    assert factors[4] == pytest.approx(0.5) and factors[0] == 1.0
+    with pytest.raises(ValueError, match="stretch"):
+        cosine_schedule(opt, total_steps=4, stretch=0)
+
+
+def test_atomic_write_leaves_nothing_behind_on_failure(tmp_path: Path):
+    target = tmp_path / "sub" / "a.json"
+    save_json(target, {"x": 1})
+
+    def boom(fh):
+        fh.write(b"partial")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, boom)
+    assert load_json(target) == {"x": 1}
+    assert sorted(p.name for p in target.parent.iterdir()) == ["a.json"]
+    assert oct(target.stat().st_mode & 0o777) != oct(0o600)
+
+
+def test_fingerprint_ignores_key_order_but_not_values():
+    assert fingerprint({"a": 1, "b": [1, 2]}) == fingerprint({"b": [1, 2], "a": 1})
+    assert fingerprint({"a": 1}) != fingerprint({"a": 2})
