@@ -62,16 +62,32 @@ for _depth in (18, 50, 101):
     register(f"resnet{_depth}")(_timm_resnet(f"resnet{_depth}"))
 
 
-@register("densenet121")
-def densenet121(num_classes: int, image_size: int, in_chans: int, width: float = 1.0) -> nn.Module:
+DENSENET121_BLOCKS = (6, 12, 24, 16)
+
+
+@register("densenet")
+def densenet(
+    num_classes: int, image_size: int, in_chans: int, width: float = 1.0, blocks: tuple[int, ...] = DENSENET121_BLOCKS
+) -> nn.Module:
+    """DenseNet-BC (timm) with growth rate ``32 × width`` and ``blocks`` dense layers per stage."""
     growth = _scaled(32, width)
     net = timm.create_model(
-        "densenet121", pretrained=False, num_classes=num_classes, in_chans=in_chans, growth_rate=growth
+        "densenet121",
+        pretrained=False,
+        num_classes=num_classes,
+        in_chans=in_chans,
+        growth_rate=growth,
+        block_config=tuple(blocks),
     )
     if image_size <= SMALL_INPUT_MAX:
         net.features.conv0 = _small_stem_conv(in_chans, 2 * growth)
         net.features.pool0 = nn.Identity()
     return net
+
+
+@register("densenet121")
+def densenet121(num_classes: int, image_size: int, in_chans: int, width: float = 1.0) -> nn.Module:
+    return densenet(num_classes, image_size, in_chans, width, DENSENET121_BLOCKS)
 
 
 MOBILENETV2_SETTING = [  # expansion t, channels c, repeats n, stride s (Sandler et al. 2018, Table 2)
