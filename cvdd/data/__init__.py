@@ -1,0 +1,16 @@
+"""Datasets: registry, on-disk formats, transforms and the Lightning DataModule."""
+
+from cvdd.data.datamodule import ImageDataModule
+from cvdd.data.formats import DatasetNotFoundError, RawData
+from cvdd.data.registry import DATASETS, DatasetSpec, ImageDataset, get_spec, load_dataset
+
+__all__ = [
+    "DATASETS",
+    "DatasetNotFoundError",
+    "DatasetSpec",
+    "ImageDataModule",
+    "ImageDataset",
+    "RawData",
+    "get_spec",
+    "load_dataset",
+]

@@ -1,0 +1,113 @@
+"""Dataset registry: name → loader + the constants every stage needs (classes, size, normalisation).
+
+``load_dataset(cfg)`` is the single way data enters the framework; it returns the raw splits
+together with their class order so artifacts can record and later verify it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cvdd.data import formats
+from cvdd.data.formats import RawData
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Static facts about a dataset; ``hflip`` says whether a mirror image keeps its class."""
+
+    name: str
+    num_classes: int
+    image_size: int
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    hflip: bool
+    loader: Callable[[Mapping[str, Any]], RawData]
+
+    @property
+    def pixel_range(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-channel (low, high) of a valid image in normalised space: recover clamps to this."""
+        low = tuple(-m / s for m, s in zip(self.mean, self.std, strict=True))
+        high = tuple((1 - m) / s for m, s in zip(self.mean, self.std, strict=True))
+        return low, high
+
+
+@dataclass
+class ImageDataset:
+    """A loaded dataset: raw splits, class order and the spec (at the configured image size)."""
+
+    spec: DatasetSpec
+    raw: RawData
+
+    @property
+    def classes(self) -> list[str]:
+        return self.raw.classes
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.raw.class_names
+
+
+def _root(cfg: Mapping[str, Any]) -> Path:
+    if not cfg.get("root"):
+        raise ValueError(f"dataset '{cfg['name']}' needs dataset.root (the folder that holds it)")
+    return Path(cfg["root"]).expanduser()
+
+
+def _fashion_mnist(cfg: Mapping[str, Any]) -> RawData:
+    root = cfg.get("root")
+    if not root:  # prefer the Debian package; else torchvision's download folder
+        root = DEBIAN_FASHION_MNIST if DEBIAN_FASHION_MNIST.is_dir() else Path(cfg["download_root"])
+    return formats.load_fashion_mnist(Path(root).expanduser(), bool(cfg.get("download", False)))
+
+
+def _imagefolder(name: str) -> Callable[[Mapping[str, Any]], RawData]:
+    how = f"arrange {name} as ImageFolder train/ and val/ folders and set dataset.root to their parent"
+    return lambda cfg: formats.load_image_folder(_root(cfg), name, 3, how)
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    spec.name: spec
+    for spec in [
+        # digits: mean/std of the 16×16 upsampled train split (checked in tests/test_data.py)
+        DatasetSpec("digits", 10, 16, 1, (0.3054,), (0.3186,), False,
+                    lambda c: formats.load_digits(16, float(c.get("test_fraction", 0.2)), int(c.get("split_seed", 0)))),
+        DatasetSpec("fashion_mnist", 10, 28, 1, (0.2860,), (0.3530,), True, _fashion_mnist),
+        DatasetSpec("cifar10", 10, 32, 3, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), True,
+                    lambda c: formats.load_cifar(_root(c), bool(c.get("download", False)), 10)),
+        DatasetSpec("cifar100", 100, 32, 3, (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761), True,
+                    lambda c: formats.load_cifar(_root(c), bool(c.get("download", False)), 100)),
+        DatasetSpec("tiny_imagenet", 200, 64, 3, IMAGENET_MEAN, IMAGENET_STD, True,
+                    lambda c: formats.load_tiny_imagenet(_root(c))),
+        DatasetSpec("imagenette", 10, 224, 3, IMAGENET_MEAN, IMAGENET_STD, True,
+                    lambda c: formats.load_imagenette(_root(c), bool(c.get("download", False)))),
+        DatasetSpec("imagenet1k", 1000, 224, 3, IMAGENET_MEAN, IMAGENET_STD, True, _imagefolder("imagenet1k")),
+    ]
+}
+
+
+def get_spec(name: str) -> DatasetSpec:
+    """The registered spec for ``name`` (clear error listing the choices otherwise)."""
+    if name not in DATASETS:
+        raise KeyError(f"unknown dataset '{name}'; registered: {', '.join(sorted(DATASETS))}")
+    return DATASETS[name]
+
+
+def load_dataset(cfg: Mapping[str, Any]) -> ImageDataset:
+    """Load the dataset described by a ``dataset`` config node (name, root, download, ...)."""
+    spec = get_spec(cfg["name"])
+    raw = spec.loader(cfg)
+    if len(raw.classes) != spec.num_classes:
+        raise ValueError(
+            f"dataset '{spec.name}' at {cfg.get('root')}: found {len(raw.classes)} classes, expected "
+            f"{spec.num_classes}; check that dataset.root points at the full dataset"
+        )
+    return ImageDataset(spec, raw)
