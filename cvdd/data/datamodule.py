@@ -21,8 +21,15 @@ class ImageDataModule(L.LightningDataModule):
     built first; the class order is available after :meth:`setup`.
     """
 
-    def __init__(self, dataset: Mapping[str, Any], batch_size: int, num_workers: int = 0,
-                 pin_memory: bool = False, seed: int = 0, eval_batch_size: int | None = None):
+    def __init__(
+        self,
+        dataset: Mapping[str, Any],
+        batch_size: int,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        seed: int = 0,
+        eval_batch_size: int | None = None,
+    ):
         super().__init__()
         self.dataset_cfg = dict(dataset)
         self.spec: DatasetSpec = get_spec(self.dataset_cfg["name"])
@@ -54,9 +61,14 @@ class ImageDataModule(L.LightningDataModule):
     def _loader(self, dataset, batch_size: int, shuffle: bool) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
         return DataLoader(
-            dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
-            num_workers=self.num_workers, pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0, drop_last=False,
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            drop_last=False,
         )
 
     def train_dataloader(self) -> DataLoader:

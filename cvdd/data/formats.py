@@ -71,9 +71,7 @@ def load_digits(image_size: int = 16, test_fraction: float = 0.2, split_seed: in
     images = (images.clamp(0, 1) * 255).round().to(torch.uint8)
     targets = torch.from_numpy(bunch.target.astype(np.int64))
     idx = np.arange(len(targets))
-    train_idx, test_idx = train_test_split(
-        idx, test_size=test_fraction, stratify=bunch.target, random_state=split_seed
-    )
+    train_idx, test_idx = train_test_split(idx, test_size=test_fraction, stratify=bunch.target, random_state=split_seed)
     train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)
     classes = [str(c) for c in range(10)]
     return RawData(
@@ -86,15 +84,26 @@ def load_digits(image_size: int = 16, test_fraction: float = 0.2, split_seed: in
 
 # --------------------------------------------------------------------------- IDX (MNIST family)
 FASHION_MNIST_CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 ]
 IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-IDX_LAYOUT = "    <folder>/train-images-idx3-ubyte[.gz]  train-labels-idx1-ubyte[.gz]\n" \
-             "    <folder>/t10k-images-idx3-ubyte[.gz]   t10k-labels-idx1-ubyte[.gz]\n" \
-             "    (or torchvision's <folder>/FashionMNIST/raw/ with the same files)"
+IDX_LAYOUT = (
+    "    <folder>/train-images-idx3-ubyte[.gz]  train-labels-idx1-ubyte[.gz]\n"
+    "    <folder>/t10k-images-idx3-ubyte[.gz]   t10k-labels-idx1-ubyte[.gz]\n"
+    "    (or torchvision's <folder>/FashionMNIST/raw/ with the same files)"
+)
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -131,8 +140,11 @@ def load_idx_folder(folder: Path, dataset: str, classes: list[str], how_to_get: 
         images, labels = read_idx(img_path), read_idx(lbl_path)
         if images.ndim != 3 or len(images) != len(labels):
             raise DatasetNotFoundError(
-                dataset, folder, f"{img_path.name} / {lbl_path.name} disagree in shape "
-                f"({images.shape} vs {labels.shape})", IDX_LAYOUT, how_to_get,
+                dataset,
+                folder,
+                f"{img_path.name} / {lbl_path.name} disagree in shape ({images.shape} vs {labels.shape})",
+                IDX_LAYOUT,
+                how_to_get,
             )
         splits[split] = TensorImages(torch.from_numpy(images.copy()).unsqueeze(1), labels.astype(np.int64))
     return RawData(splits["train"], splits["test"], list(classes), list(classes))
@@ -155,8 +167,14 @@ def load_fashion_mnist(root: str | Path, download: bool) -> RawData:
 
 # --------------------------------------------------------------------------- CIFAR
 CIFAR_FORMAT = {  # folder, train batches, test batch, meta file, label key, names key
-    10: ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch", "batches.meta",
-         b"labels", b"label_names"),
+    10: (
+        "cifar-10-batches-py",
+        [f"data_batch_{i}" for i in range(1, 6)],
+        "test_batch",
+        "batches.meta",
+        b"labels",
+        b"label_names",
+    ),
     100: ("cifar-100-python", ["train"], "test", "meta", b"fine_labels", b"fine_label_names"),
 }
 
@@ -177,8 +195,10 @@ def load_cifar(root: str | Path, download: bool, num_classes: int) -> RawData:
     folder_name, train_files, test_file, meta_file, label_key, names_key = CIFAR_FORMAT[num_classes]
     name, root = f"cifar{num_classes}", Path(root)
     folder = root / folder_name
-    layout = f"    <folder>/{folder_name}/{{{', '.join(train_files[:2])}{', ...' if len(train_files) > 2 else ''}, " \
-             f"{test_file}, {meta_file}}}"
+    layout = (
+        f"    <folder>/{folder_name}/{{{', '.join(train_files[:2])}{', ...' if len(train_files) > 2 else ''}, "
+        f"{test_file}, {meta_file}}}"
+    )
     if download and not folder.is_dir():
         from torchvision.datasets import CIFAR10, CIFAR100
 
@@ -224,8 +244,15 @@ def _read_class_names(root: Path, classes: list[str]) -> list[str]:
     return [names.get(c, c) for c in classes]
 
 
-def _scan_class_folders(split_dir: Path, dataset: str, root: Path, layout: str, how: str,
-                        classes: list[str] | None = None, images_subdir: str = "") -> tuple[list, list[str]]:
+def _scan_class_folders(
+    split_dir: Path,
+    dataset: str,
+    root: Path,
+    layout: str,
+    how: str,
+    classes: list[str] | None = None,
+    images_subdir: str = "",
+) -> tuple[list, list[str]]:
     if not split_dir.is_dir():
         raise DatasetNotFoundError(dataset, root, f"missing folder {split_dir.name}/", layout, how)
     found = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
@@ -234,8 +261,12 @@ def _scan_class_folders(split_dir: Path, dataset: str, root: Path, layout: str, 
     elif sorted(found) != sorted(classes):
         extra, missing = set(found) - set(classes), set(classes) - set(found)
         raise DatasetNotFoundError(
-            dataset, root, f"class folders in {split_dir.name}/ differ from the class list "
-            f"(unexpected: {sorted(extra)[:5]}, missing: {sorted(missing)[:5]})", layout, how,
+            dataset,
+            root,
+            f"class folders in {split_dir.name}/ differ from the class list "
+            f"(unexpected: {sorted(extra)[:5]}, missing: {sorted(missing)[:5]})",
+            layout,
+            how,
         )
     if not classes:
         raise DatasetNotFoundError(dataset, root, f"{split_dir.name}/ has no class folders", layout, how)
@@ -252,16 +283,16 @@ def _scan_class_folders(split_dir: Path, dataset: str, root: Path, layout: str, 
 IMAGEFOLDER_LAYOUT = "    <folder>/train/<class>/*.JPEG\n    <folder>/val/<class>/*.JPEG"
 
 
-def load_image_folder(root: str | Path, dataset: str, channels: int, how_to_get: str,
-                      train_dir: str = "train", test_dir: str = "val") -> RawData:
+def load_image_folder(
+    root: str | Path, dataset: str, channels: int, how_to_get: str, train_dir: str = "train", test_dir: str = "val"
+) -> RawData:
     """Plain ImageFolder ``train/<class>/`` and ``val/<class>/``; classes are the sorted folder names."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetNotFoundError(dataset, root, "folder does not exist", IMAGEFOLDER_LAYOUT, how_to_get)
     train, classes = _scan_class_folders(root / train_dir, dataset, root, IMAGEFOLDER_LAYOUT, how_to_get)
     test, _ = _scan_class_folders(root / test_dir, dataset, root, IMAGEFOLDER_LAYOUT, how_to_get, classes)
-    return RawData(FileImages(train, channels), FileImages(test, channels), classes,
-                   _read_class_names(root, classes))
+    return RawData(FileImages(train, channels), FileImages(test, channels), classes, _read_class_names(root, classes))
 
 
 TINY_LAYOUT = (
@@ -280,8 +311,9 @@ def load_tiny_imagenet(root: str | Path) -> RawData:
     if not (root / "wnids.txt").is_file():
         return load_image_folder(root, "tiny_imagenet", 3, TINY_HOW)
     classes = sorted(w.strip() for w in (root / "wnids.txt").read_text().split() if w.strip())
-    train, _ = _scan_class_folders(root / "train", "tiny_imagenet", root, TINY_LAYOUT, TINY_HOW,
-                                   classes, images_subdir="images")
+    train, _ = _scan_class_folders(
+        root / "train", "tiny_imagenet", root, TINY_LAYOUT, TINY_HOW, classes, images_subdir="images"
+    )
     annotations = root / "val" / "val_annotations.txt"
     if not annotations.is_file():
         raise DatasetNotFoundError("tiny_imagenet", root, "missing val/val_annotations.txt", TINY_LAYOUT, TINY_HOW)
@@ -292,8 +324,13 @@ def load_tiny_imagenet(root: str | Path) -> RawData:
             continue
         fields = line.split("\t")
         if len(fields) < 2 or fields[1] not in index:
-            raise DatasetNotFoundError("tiny_imagenet", root, f"val_annotations.txt line {lineno} is malformed "
-                                       f"or names a WNID not in wnids.txt: {line!r}", TINY_LAYOUT, TINY_HOW)
+            raise DatasetNotFoundError(
+                "tiny_imagenet",
+                root,
+                f"val_annotations.txt line {lineno} is malformed or names a WNID not in wnids.txt: {line!r}",
+                TINY_LAYOUT,
+                TINY_HOW,
+            )
         path = root / "val" / "images" / fields[0]
         if not path.is_file():
             raise DatasetNotFoundError("tiny_imagenet", root, f"{path} listed but missing", TINY_LAYOUT, TINY_HOW)

@@ -42,5 +42,5 @@ def eval_transform(spec: DatasetSpec, from_files: bool) -> v2.Transform:
         if from_files:
             steps.append(v2.Resize((size, size), antialias=True))
     else:
-        steps += [v2.Resize(int(round(size * 256 / 224)), antialias=True), v2.CenterCrop(size)]
+        steps += [v2.Resize(round(size * 256 / 224), antialias=True), v2.CenterCrop(size)]
     return v2.Compose([*steps, normalize(spec)])

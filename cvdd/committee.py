@@ -1,0 +1,184 @@
+"""The committee: frozen teachers, their BN-statistic hooks, member selection and voting weights.
+
+Notation follows CV-DD: a pool of ``n`` members, ``k`` chosen per synthetic unit, voting
+weights ``w = softmax(α / T)`` over the chosen members' prior scores ``α``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from torch import nn
+
+from cvdd.artifacts import TeacherArtifact, load_json
+
+SCHEDULES = ("fixed", "cycle", "random", "auto")
+WEIGHTINGS = ("prior", "equal", "random")
+
+
+class ClassOrderMismatchError(ValueError):
+    """A teacher was trained with another class order or class count than the dataset has now."""
+
+
+def load_teacher(artifact: TeacherArtifact, classes: Sequence[str]) -> tuple[nn.Module, dict]:
+    """Rebuild a squeezed teacher from its record, load its weights, and check its class order."""
+    record = load_json(artifact.record)
+    if record["num_classes"] != len(classes) or list(record["classes"]) != list(classes):
+        raise ClassOrderMismatchError(
+            f"teacher {artifact.weights} was trained on {record['num_classes']} classes in the order "
+            f"{record['classes'][:5]}..., but dataset '{artifact.dataset}' now has {len(classes)} classes in the "
+            f"order {list(classes)[:5]}...; retrain it: {artifact.train_command()} overwrite=true"
+        )
+    net = instantiate(
+        record["net"], num_classes=record["num_classes"], image_size=record["image_size"], in_chans=record["in_chans"]
+    )
+    net.load_state_dict(torch.load(artifact.weights, map_location="cpu", weights_only=True))
+    return net, record
+
+
+def select_members(
+    pool: Sequence[str],
+    k: int,
+    schedule: str,
+    ipc: int,
+    seed: int,
+    priors: dict[str, float],
+    fixed: Sequence[str] | None = None,
+) -> list[tuple[str, ...]]:
+    """The chosen members for each IPC index (members kept in pool order).
+
+    ``fixed``: one list for every index (config's ``fixed`` or the ``k`` highest priors);
+    ``cycle``: index ``i`` takes the ``i``-th of the ``C(n, k)`` combinations in pool order;
+    ``random``: a seeded sample per index; ``auto``: the paper's rule — fixed at IPC 1, cycle while
+    the combinations last (IPC 10 with 5 members and k = 2), random beyond.
+    """
+    pool = list(pool)
+    if not 1 <= k <= len(pool):
+        raise ValueError(f"committee.k={k} must be between 1 and the pool size {len(pool)}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"committee.schedule={schedule!r}; choose from {SCHEDULES}")
+    combos = list(itertools.combinations(pool, k))
+    if schedule == "auto":
+        schedule = "fixed" if ipc == 1 else "cycle" if ipc <= len(combos) else "random"
+    if schedule == "fixed":
+        chosen = list(fixed) if fixed else sorted(pool, key=lambda m: (-priors[m], pool.index(m)))[:k]
+        unknown = set(chosen) - set(pool)
+        if unknown or len(chosen) != k:
+            raise ValueError(f"committee.fixed={chosen} must name {k} members of the pool {pool}")
+        return [tuple(sorted(chosen, key=pool.index))] * ipc
+    if schedule == "cycle":
+        return [combos[i % len(combos)] for i in range(ipc)]
+    out = []
+    for i in range(ipc):
+        rng = np.random.default_rng([seed, i, 0x5E1EC7])
+        picked = rng.choice(len(pool), size=k, replace=False)
+        out.append(tuple(pool[j] for j in sorted(picked)))
+    return out
+
+
+def voting_weights(
+    members: Sequence[str], priors: dict[str, float], weighting: str, temperature: float, seed_parts: Sequence[int]
+) -> list[float]:
+    """``softmax(α / T)`` over the chosen members: α = priors (``prior``), uniform random (``random``), or equal."""
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"committee.weighting={weighting!r}; choose from {WEIGHTINGS}")
+    if weighting == "equal":
+        return [1.0 / len(members)] * len(members)
+    if weighting == "prior":
+        alpha = torch.tensor([float(priors[m]) for m in members], dtype=torch.float64)
+    else:
+        alpha = torch.from_numpy(np.random.default_rng([*seed_parts, 0xA1FA]).uniform(0, 100, len(members)))
+    return torch.softmax(alpha / temperature, dim=0).tolist()
+
+
+@dataclass
+class _BNCapture:
+    """Per-forward state the BN hooks write into: units in the batch and the per-unit losses."""
+
+    units: int = 1
+    losses: list[torch.Tensor] = field(default_factory=list)
+
+
+class Committee(nn.Module):
+    """Frozen members with BN-statistic hooks; :meth:`losses` gives per-unit CE and BN terms.
+
+    A forward pass of a stacked batch of ``U`` units (unit-major) computes, in every
+    ``_BatchNorm`` layer ``l``, the mean and biased variance of its input over each unit and
+    accumulates ``s_l (‖μ_l − μ_l^run‖₂ + ‖σ²_l − σ²_l^run‖₂)`` per unit, ``s_1`` = first-BN multiplier.
+    Members stay in eval mode, so a unit's outputs do not depend on the other units in the batch.
+    """
+
+    def __init__(self, members: dict[str, nn.Module], priors: dict[str, float], first_bn_multiplier: float = 10.0):
+        super().__init__()
+        self.members = nn.ModuleDict(members)
+        self.priors = dict(priors)
+        self.first_bn_multiplier = first_bn_multiplier
+        self._capture: dict[str, _BNCapture] = {}
+        for name, net in self.members.items():
+            net.eval()
+            net.requires_grad_(False)
+            bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+            if not bns:
+                raise ValueError(f"committee member {name} has no BatchNorm layer to match statistics with")
+            capture = self._capture[name] = _BNCapture()
+            for i, bn in enumerate(bns):
+                scale = first_bn_multiplier if i == 0 else 1.0
+                bn.register_forward_hook(self._bn_hook(capture, scale))
+
+    @staticmethod
+    def _bn_hook(capture: _BNCapture, scale: float):
+        def hook(module: nn.modules.batchnorm._BatchNorm, inputs: tuple[torch.Tensor], output: torch.Tensor) -> None:
+            x = inputs[0]
+            per_unit = x.reshape(capture.units, -1, *x.shape[1:]).transpose(1, 2).flatten(2).float()  # U, C, N
+            mean = per_unit.mean(dim=2)
+            var = per_unit.var(dim=2, unbiased=False)
+            loss = torch.linalg.vector_norm(mean - module.running_mean, dim=1) + torch.linalg.vector_norm(
+                var - module.running_var, dim=1
+            )
+            capture.losses.append(scale * loss)
+
+        return hook
+
+    def train(self, mode: bool = True) -> Committee:
+        # Frozen teachers are never put in train mode, whatever the training loop does.
+        super().train(False)
+        return self
+
+    def assert_frozen(self) -> None:
+        for name, net in self.members.items():
+            if any(m.training for m in net.modules()):
+                raise AssertionError(f"committee member {name} left eval mode")
+
+    def losses(self, name: str, images: torch.Tensor, labels: torch.Tensor, units: int) -> tuple[torch.Tensor, ...]:
+        """Per-unit ``(CE, R_bn)`` of member ``name`` on ``images`` (U·B, C, H, W), unit-major."""
+        capture = self._capture[name]
+        capture.units, capture.losses = units, []
+        logits = self.members[name](images)
+        ce = F.cross_entropy(logits.float(), labels, reduction="none").reshape(units, -1).mean(dim=1)
+        bn = torch.stack(capture.losses).sum(dim=0)
+        capture.losses = []
+        return ce, bn
+
+
+def load_committee(
+    root: Path,
+    dataset: str,
+    members: Sequence[str],
+    classes: Sequence[str],
+    priors: dict[str, float] | None,
+    first_bn_multiplier: float,
+) -> Committee:
+    """The pool's teachers from ``<root>/<dataset>/teachers``; priors default to their test top-1."""
+    nets, scores = {}, {}
+    for name in members:
+        net, record = load_teacher(TeacherArtifact(root, dataset, name), classes)
+        nets[name] = net
+        scores[name] = float(priors[name]) if priors and name in priors else float(record["test_top1"])
+    return Committee(nets, scores, first_bn_multiplier)

@@ -1,0 +1,157 @@
+"""Initialisation of synthetic images: ``gaussian``, ``real`` and ``patches`` (RDED-style).
+
+Every draw is keyed by the global seed and the unit/class, never by the order units are
+processed in, so a unit starts from the same pixels on any rank, in any wave.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from cvdd.artifacts import fingerprint, save_tensors
+from cvdd.augment import crop_flip_theta, resized_crop, sample_crop_box
+from cvdd.committee import Committee
+from cvdd.data.images import ImageSplit
+from cvdd.recover import Unit, derive_seed
+
+INIT_MODES = ("gaussian", "real", "patches")
+DIFFICULTIES = ("easy", "medium", "hard")
+
+
+def class_generator(seed: int, class_index: int, salt: int) -> torch.Generator:
+    return torch.Generator().manual_seed(derive_seed(seed, class_index, salt))
+
+
+@dataclass
+class PatchSettings:
+    difficulty: str = "medium"
+    factor: int = 1
+    candidates: int = 50
+    scale: tuple[float, float] = (0.5, 1.0)
+
+
+class Initializer:
+    """Callable ``units → (U, B, C, H, W)`` initial images in normalised space."""
+
+    def __init__(
+        self,
+        mode: str,
+        seed: int,
+        image_shape: tuple[int, int, int],
+        real: ImageSplit | None = None,
+        patches: PatchSettings | None = None,
+        committee: Committee | None = None,
+        cache_dir: Path | None = None,
+        cache_identity: dict | None = None,
+    ):
+        if mode not in INIT_MODES:
+            raise ValueError(f"recover.init.mode={mode!r}; choose from {INIT_MODES}")
+        if mode != "gaussian" and real is None:
+            raise ValueError(f"recover.init.mode={mode} needs the real training images")
+        self.mode, self.seed, self.shape = mode, seed, image_shape
+        self.real = real
+        self.patches = patches or PatchSettings()
+        self.committee = committee
+        self.cache_dir, self.cache_identity = cache_dir, cache_identity or {}
+        self._by_class: dict[int, torch.Tensor] = {}
+        self._bank: dict | None = None
+
+    def __call__(self, units: Sequence[Unit]) -> torch.Tensor:
+        return torch.stack([torch.stack([self.image(u, c) for c in u.classes]) for u in units])
+
+    def image(self, unit: Unit, class_index: int) -> torch.Tensor:
+        if self.mode == "gaussian":
+            gen = torch.Generator().manual_seed(derive_seed(unit.seed, class_index))
+            return torch.randn(self.shape, generator=gen)
+        if self.mode == "real":
+            return self._real_image(class_index, unit.ipc_index)
+        return self._patch_image(class_index, unit.ipc_index)
+
+    # -- real ---------------------------------------------------------------------------------------------
+    def _class_order(self, class_index: int) -> torch.Tensor:
+        """The class's real images in a seeded order: IPC index ``i`` takes the ``i``-th (no repeats)."""
+        if class_index not in self._by_class:
+            idx = torch.nonzero(self.real.targets == class_index).flatten()
+            if len(idx) == 0:
+                raise ValueError(f"no real training images of class {class_index} to initialise from")
+            perm = torch.randperm(len(idx), generator=class_generator(self.seed, class_index, 1))
+            self._by_class[class_index] = idx[perm]
+        return self._by_class[class_index]
+
+    def _real_image(self, class_index: int, ipc_index: int) -> torch.Tensor:
+        order = self._class_order(class_index)
+        return self.real[int(order[ipc_index % len(order)])][0]
+
+    # -- patches ------------------------------------------------------------------------------------------
+    def _patch_pixels(self, source: int, box: Sequence[int], size: tuple[int, int]) -> torch.Tensor:
+        image = self.real[source][0].unsqueeze(0)
+        theta = crop_flip_theta(torch.tensor([list(box)]), torch.tensor([False]), *image.shape[-2:])
+        return resized_crop(image, theta, size)[0]
+
+    def _candidate_bank(self) -> dict:
+        """Candidate crops per class with committee cross-entropy scores; computed once, cached on disk."""
+        if self._bank is not None:
+            return self._bank
+        p = self.patches
+        key = fingerprint({**self.cache_identity, "seed": self.seed, "candidates": p.candidates, "scale": p.scale})
+        path = self.cache_dir / f"{key}.pt" if self.cache_dir else None
+        if path is not None and path.is_file():
+            self._bank = torch.load(path, weights_only=True)
+            return self._bank
+        if self.committee is None:
+            raise ValueError("patch initialisation needs the committee to score candidates")
+        num_classes = int(self.real.targets.max()) + 1
+        _, h, w = self.shape
+        sources = torch.zeros(num_classes, p.candidates, dtype=torch.long)
+        boxes = torch.zeros(num_classes, p.candidates, 4, dtype=torch.long)
+        scores = torch.zeros(num_classes, p.candidates)
+        device = next(self.committee.parameters()).device
+        for c in range(num_classes):
+            gen = class_generator(self.seed, c, 2)
+            idx = torch.nonzero(self.real.targets == c).flatten()
+            sources[c] = idx[torch.randint(0, len(idx), (p.candidates,), generator=gen)]
+            boxes[c] = torch.tensor([sample_crop_box(gen, h, w, p.scale) for _ in range(p.candidates)])
+            pairs = zip(sources[c].tolist(), boxes[c].tolist(), strict=True)
+            crops = torch.stack([self._patch_pixels(s, b, (h, w)) for s, b in pairs])
+            labels = torch.full((p.candidates,), c, dtype=torch.long, device=device)
+            with torch.no_grad():
+                ce = [
+                    self.committee.losses(m, crops.to(device), labels, units=p.candidates)[0]
+                    for m in self.committee.members
+                ]
+            scores[c] = torch.stack(ce).mean(dim=0).cpu()
+        self._bank = {"sources": sources, "boxes": boxes, "scores": scores}
+        if path is not None:
+            save_tensors(path, self._bank)
+        return self._bank
+
+    def _patch_image(self, class_index: int, ipc_index: int) -> torch.Tensor:
+        bank, p = self._candidate_bank(), self.patches
+        f = p.factor
+        needed = (ipc_index + 1) * f * f
+        order = torch.argsort(bank["scores"][class_index], stable=True)
+        n = len(order)
+        if needed > n:
+            raise ValueError(
+                f"recover.init.candidates={n} is too few for IPC index {ipc_index} with factor {f}; "
+                f"raise it to at least {needed}"
+            )
+        band = {"easy": 0, "medium": (n - needed) // 2, "hard": n - needed}[p.difficulty]
+        chosen = order[band + ipc_index * f * f : band + (ipc_index + 1) * f * f]
+        _c, h, w = self.shape
+        tiles = [
+            self._patch_pixels(
+                int(bank["sources"][class_index, j]), bank["boxes"][class_index, j].tolist(), (h // f, w // f)
+            )
+            for j in chosen
+        ]
+        rows = [torch.cat(tiles[r * f : (r + 1) * f], dim=-1) for r in range(f)]
+        mosaic = torch.cat(rows, dim=-2)
+        if mosaic.shape[-2:] != (h, w):
+            mosaic = F.interpolate(mosaic.unsqueeze(0), size=(h, w), mode="bilinear", align_corners=False)[0]
+        return mosaic

@@ -1,0 +1,283 @@
+"""The recover job: plan units, make sure the committee exists, optimise, assemble the set.
+
+Finished units are written atomically as they complete; a restarted run skips them, and
+because every unit depends only on its own seed the final set equals an uninterrupted run's.
+Units are sharded across ranks; rank 0 assembles the set once every unit is on disk.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from cvdd.artifacts import ArtifactConflictError, TeacherArtifact, fingerprint, load_json, save_json, save_tensors
+from cvdd.committee import load_committee, select_members, voting_weights
+from cvdd.data import get_spec, load_dataset
+from cvdd.data.distilled import DistilledArtifact, save_set, to_pixels, write_pngs
+from cvdd.data.transforms import eval_transform
+from cvdd.distributed import HydraDDPStrategy
+from cvdd.init import Initializer, PatchSettings
+from cvdd.jobs.common import build_trainer, finish_loggers, log
+from cvdd.jobs.squeeze import dataset_identity
+from cvdd.recover import RecoverModule, RecoverSettings, Unit, class_blocks, derive_seed, plan_waves
+from cvdd.report import distilled_grid, save_image_atomic
+
+
+def distilled_name(cfg: DictConfig) -> str:
+    """``<committee>_ipc<n>_<init>_s<seed>`` unless ``name`` is given: every stage derives the same name."""
+    return cfg.get("name") or f"{cfg.committee.name}_ipc{cfg.ipc}_{cfg.recover.init.mode}_s{cfg.seed}"
+
+
+def train_command(dataset: str, members: list[str]) -> str:
+    return f"python train.py -m dataset={dataset} model={','.join(members)}"
+
+
+def ensure_teachers(cfg: DictConfig) -> None:
+    """Squeeze missing committee members first (``committee.train_missing``) or say how to."""
+    root = Path(cfg.paths.artifacts)
+    missing = [m for m in cfg.committee.members if not TeacherArtifact(root, cfg.dataset.name, m).exists()]
+    if not missing:
+        return
+    if not cfg.committee.train_missing:
+        raise FileNotFoundError(
+            f"committee '{cfg.committee.name}' lacks teachers {missing} in {root / cfg.dataset.name / 'teachers'}; "
+            f"squeeze them first:\n  {train_command(cfg.dataset.name, missing)}\n"
+            f"or add committee.train_missing=true"
+        )
+    from cvdd.jobs.squeeze import squeeze_teacher
+
+    for member in missing:
+        log.info("squeezing missing committee member %s on %s", member, cfg.dataset.name)
+        squeeze_teacher(compose_train_config(cfg, member))
+
+
+def compose_train_config(cfg: DictConfig, member: str) -> DictConfig:
+    """The ``train.py`` config for one member, on this run's dataset, paths and (single-device) hardware."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    hardware = {"ddp": "gpu", "ddp_cpu": "cpu"}.get(cfg.hardware.name, cfg.hardware.name)
+    overrides = [
+        f"dataset={cfg.dataset.name}",
+        f"model={member}",
+        f"hardware={hardware}",
+        f"seed={cfg.seed}",
+        f"paths.root={cfg.paths.root}",
+        "logger=none",
+    ] + [f"dataset.{k}={v}" for k, v in cfg.dataset.items() if k in ("root", "download") and v is not None]
+    overrides += list(cfg.committee.get("train_overrides") or [])
+    if GlobalHydra.instance().is_initialized():
+        return compose(config_name="train", overrides=overrides)
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[2] / "conf"), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def plan_units(cfg: DictConfig, num_classes: int, priors: dict[str, float]) -> list[Unit]:
+    comm = cfg.committee
+    chosen = select_members(comm.members, comm.k, comm.schedule, cfg.ipc, cfg.seed, priors, comm.get("fixed"))
+    units = []
+    for i in range(cfg.ipc):
+        for b, classes in enumerate(class_blocks(num_classes, cfg.recover.class_block)):
+            weights = voting_weights(chosen[i], priors, comm.weighting, comm.temperature, (cfg.seed, i, b))
+            units.append(Unit(i, b, classes, chosen[i], tuple(weights), derive_seed(cfg.seed, i, b)))
+    return units
+
+
+def recover_recipe(cfg: DictConfig, priors: dict[str, float], teacher_hashes: dict[str, str]) -> dict[str, Any]:
+    recover = OmegaConf.to_container(cfg.recover, resolve=True)
+    for key in ("grouping", "wave_images"):  # change speed, not results
+        recover.pop(key, None)
+    committee = OmegaConf.to_container(cfg.committee, resolve=True)
+    committee.pop("train_missing", None)
+    committee.pop("train_overrides", None)
+    return {
+        "dataset": dataset_identity(cfg.dataset),
+        "ipc": int(cfg.ipc),
+        "seed": int(cfg.seed),
+        "recover": recover,
+        "committee": committee,
+        "priors": priors,
+        "teachers": teacher_hashes,
+    }
+
+
+def _finished(artifact: DistilledArtifact, units: list[Unit], recipe_hash: str) -> set[str]:
+    done = set()
+    for unit in units:
+        path = artifact.unit_path(unit.key)
+        if path.is_file() and torch.load(path, weights_only=True)["recipe"] == recipe_hash:
+            done.add(unit.key)
+    return done
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def distill(cfg: DictConfig) -> dict[str, Any]:
+    """Run recover for ``cfg`` and return the manifest (empty on ranks other than 0)."""
+    spec = get_spec(cfg.dataset.name)
+    data = load_dataset(cfg.dataset)
+    ensure_teachers(cfg)
+    root = Path(cfg.paths.artifacts)
+    comm = cfg.committee
+    priors_cfg = OmegaConf.to_container(comm.priors, resolve=True) if comm.get("priors") else None
+    committee = load_committee(
+        root, cfg.dataset.name, comm.members, data.classes, priors_cfg, cfg.recover.first_bn_multiplier
+    )
+    teacher_hashes = {
+        m: load_json(TeacherArtifact(root, cfg.dataset.name, m).record)["fingerprint"] for m in comm.members
+    }
+    recipe = recover_recipe(cfg, committee.priors, teacher_hashes)
+    recipe_hash = fingerprint(recipe)
+    artifact = DistilledArtifact(root, cfg.dataset.name, distilled_name(cfg))
+    if artifact.complete() and not cfg.get("overwrite", False):
+        manifest = load_json(artifact.manifest)
+        if manifest["fingerprint"] == recipe_hash:
+            log.info(
+                "distilled set %s exists with the same recipe; nothing to do (overwrite=true redoes it)",
+                artifact.folder,
+            )
+            return manifest
+        raise ArtifactConflictError(
+            f"{artifact.folder} was distilled with a different recipe; choose another name=... or add overwrite=true"
+        )
+
+    units = plan_units(cfg, spec.num_classes, committee.priors)
+    done = set() if cfg.get("overwrite", False) else _finished(artifact, units, recipe_hash)
+    todo = [u for u in units if u.key not in done]
+    if done:
+        log.info("resuming %s: %d of %d units already finished", artifact.folder, len(done), len(units))
+
+    rec = cfg.recover
+    settings = RecoverSettings(
+        int(rec.iterations), float(rec.lr), float(rec.r_bn), int(rec.jitter), tuple(rec.crop_scale), spec.hflip
+    )
+    init = rec.init
+    real = data.raw.train.with_transform(eval_transform(spec, from_files=not hasattr(data.raw.train, "images")))
+    initializer = Initializer(
+        init.mode,
+        int(cfg.seed),
+        (spec.channels, spec.image_size, spec.image_size),
+        real=real,
+        patches=PatchSettings(init.difficulty, int(init.factor), int(init.candidates), tuple(init.scale)),
+        committee=committee,
+        cache_dir=root / cfg.dataset.name / "patches",
+        cache_identity={"dataset": dataset_identity(cfg.dataset), "teachers": teacher_hashes},
+    )
+
+    def save_unit(unit: Unit, images: torch.Tensor, losses: dict) -> None:
+        save_tensors(
+            artifact.unit_path(unit.key),
+            {
+                "recipe": recipe_hash,
+                "images": images,
+                "classes": list(unit.classes),
+                "ipc_index": unit.ipc_index,
+                "block": unit.block,
+                "members": list(unit.members),
+                "weights": list(unit.weights),
+                "losses": losses,
+            },
+        )
+
+    started = time.time()
+    trainer, loggers = build_trainer(cfg)
+    try:
+        if isinstance(trainer.strategy, HydraDDPStrategy):
+            trainer.strategy.wrap_model = False  # each rank owns its images: no broadcast, no gradient averaging
+        world, rank = trainer.world_size, trainer.global_rank
+        per_rank = [plan_waves(todo[r::world], int(rec.wave_images), bool(rec.grouping)) for r in range(world)]
+        n_waves = max((len(w) for w in per_rank), default=0)
+        if n_waves:
+            module = RecoverModule(
+                committee,
+                per_rank[rank],
+                initializer,
+                settings,
+                spec.pixel_range,
+                save_unit,
+                grouping=bool(rec.grouping),
+            )
+            steps = DataLoader(range(n_waves * settings.iterations), batch_size=None)
+            trainer.fit(module, train_dataloaders=steps)
+        _barrier()
+        if trainer.global_rank != 0:
+            return {}
+        manifest = assemble(
+            cfg,
+            artifact,
+            units,
+            recipe,
+            recipe_hash,
+            data.classes,
+            data.class_names,
+            committee.priors,
+            time.time() - started,
+        )
+        for logger in loggers:
+            if hasattr(logger, "log_image"):
+                logger.log_image(key="distilled/grid", images=[str(artifact.grid)])
+        return manifest
+    finally:
+        finish_loggers(loggers)
+
+
+def assemble(
+    cfg: DictConfig,
+    artifact: DistilledArtifact,
+    units: list[Unit],
+    recipe: dict,
+    recipe_hash: str,
+    classes: list[str],
+    class_names: list[str],
+    priors: dict[str, float],
+    seconds: float,
+) -> dict[str, Any]:
+    """Collect every unit file into images.pt, PNGs, grid.png and (last) manifest.json."""
+    spec = get_spec(cfg.dataset.name)
+    images, labels, ipc_index, records = [], [], [], []
+    for unit in sorted(units, key=lambda u: (u.ipc_index, u.block)):
+        path = artifact.unit_path(unit.key)
+        if not path.is_file():
+            raise RuntimeError(f"unit {unit.key} is missing from {path.parent}; run the same command again to finish")
+        saved = torch.load(path, weights_only=True)
+        images.append(saved["images"])
+        labels += saved["classes"]
+        ipc_index += [unit.ipc_index] * len(saved["classes"])
+        records.append({k: saved[k] for k in ("ipc_index", "block", "classes", "members", "weights", "losses")})
+    images = torch.cat(images)
+    labels_t, ipc_t = torch.tensor(labels), torch.tensor(ipc_index)
+    order = torch.argsort(labels_t * (max(ipc_index) + 1) + ipc_t)  # class-major, then IPC index
+    images, labels_t, ipc_t = images[order], labels_t[order], ipc_t[order]
+    save_set(artifact, images, labels_t, ipc_t)
+    pixels = to_pixels(images, spec.mean, spec.std)
+    write_pngs(artifact.folder, pixels, labels_t, ipc_t, class_names)
+    save_image_atomic(distilled_grid(pixels, labels_t, ipc_t, class_names, int(cfg.seed)), artifact.grid)
+    manifest = {
+        "name": artifact.name,
+        "dataset": cfg.dataset.name,
+        "classes": classes,
+        "class_names": class_names,
+        "ipc": int(cfg.ipc),
+        "seed": int(cfg.seed),
+        "images": len(images),
+        "fingerprint": recipe_hash,
+        "priors": priors,
+        "units": records,
+        "wall_seconds": round(seconds, 2),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "recipe": recipe,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    save_json(artifact.manifest, manifest)
+    log.info("distilled %d images (%s, IPC %d) -> %s", len(images), cfg.committee.name, cfg.ipc, artifact.folder)
+    return manifest

@@ -1,0 +1,224 @@
+"""Recover: synthetic images as parameters, optimised against a frozen committee.
+
+Work is split into *units*: one IPC index × one block of classes, one image per class. Each
+unit has its own seed (from ``(seed, ipc index, class block)``), members, voting weights and
+augmentation stream, so its result does not depend on which other units share its forward
+pass, its wave or its rank. Units with the same members are stacked into one forward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import lightning as L
+import numpy as np
+import torch
+from torch import nn
+
+from cvdd.augment import crop_flip_theta, resized_crop, sample_crop_box
+from cvdd.committee import Committee
+from cvdd.optim import cosine_factor
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed that depends only on ``parts`` (e.g. seed, IPC index, class block)."""
+    state = np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint32)
+    return int(state.view(np.uint64)[0] >> np.uint64(1))
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One IPC index × one class block: ``len(classes)`` images optimised together (BN stats over them)."""
+
+    ipc_index: int
+    block: int
+    classes: tuple[int, ...]
+    members: tuple[str, ...]
+    weights: tuple[float, ...]
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.ipc_index:04d}_{self.block:04d}"
+
+
+def member_batches(units: Sequence[Unit], grouping: bool) -> list[tuple[str, list[int]]]:
+    """The forward passes of one step: ``(member, unit indices)``.
+
+    With grouping every member sees all units that chose it in one stacked pass (a forward pass
+    in eval mode is per-sample independent and the losses are per unit, so this equals running
+    the units one by one); without grouping each unit runs each of its members alone.
+    """
+    if not grouping:
+        return [(m, [i]) for i, unit in enumerate(units) for m in unit.members]
+    batches: dict[str, list[int]] = {}
+    for i, unit in enumerate(units):
+        for member in unit.members:
+            batches.setdefault(member, []).append(i)
+    return list(batches.items())
+
+
+@dataclass(frozen=True)
+class RecoverSettings:
+    iterations: int
+    lr: float
+    r_bn: float
+    jitter: int
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    hflip: bool = True
+
+
+class UnitAugmenter:
+    """Per-unit random-resized-crop + flip, then a roll by up to ``jitter`` pixels, from the unit's own RNG."""
+
+    def __init__(self, units: Sequence[Unit], settings: RecoverSettings):
+        self.settings = settings
+        self.generators = [torch.Generator().manual_seed(u.seed) for u in units]
+
+    def __call__(self, images: torch.Tensor, unit_ids: Sequence[int]) -> torch.Tensor:
+        unit_ids = list(unit_ids)
+        """``images``: (g, B, C, H, W) for units ``unit_ids`` → augmented (g·B, C, H, W)."""
+        g, b, c, h, w = images.shape
+        boxes, flips, shifts = [], [], []
+        for uid in unit_ids:
+            gen = self.generators[uid]
+            boxes.append(sample_crop_box(gen, h, w, self.settings.crop_scale))
+            flip = bool(torch.rand(1, generator=gen).item() < 0.5) and self.settings.hflip
+            flips.append(flip)
+            j = self.settings.jitter
+            shifts.append(tuple(torch.randint(0, j + 1, (2,), generator=gen).tolist()) if j > 0 else (0, 0))
+        theta = crop_flip_theta(torch.tensor(boxes), torch.tensor(flips), h, w)
+        theta = theta.repeat_interleave(b, dim=0)
+        out = resized_crop(images.reshape(g * b, c, h, w), theta, (h, w)).reshape(g, b, c, h, w)
+        rolled = [torch.roll(out[i], shifts=shifts[i], dims=(-2, -1)) for i in range(g)]
+        return torch.stack(rolled).reshape(g * b, c, h, w)
+
+
+UnitCallback = Callable[[Unit, torch.Tensor, dict[str, dict[str, float]]], None]
+
+
+class RecoverModule(L.LightningModule):
+    """Optimises a rank's units wave by wave; each step is one Adam step on every unit of the wave.
+
+    The committee is a frozen sub-module kept out of checkpoints. Adam (β = 0.5, 0.9) is
+    element-wise and every unit's loss touches only its own images, so stacking units changes
+    nothing but speed. ``waves`` is the same count on every rank (idle ranks take no-op steps), so
+    distributed ranks stay in step.
+    """
+
+    def __init__(
+        self,
+        committee: Committee,
+        waves: Sequence[Sequence[Unit]],
+        init_images: Callable[[Sequence[Unit]], torch.Tensor],
+        settings: RecoverSettings,
+        pixel_range: tuple[Sequence[float], Sequence[float]],
+        on_unit_done: UnitCallback,
+        grouping: bool = True,
+    ):
+        super().__init__()
+        self.automatic_optimization = False
+        self.strict_loading = False
+        self.committee = committee
+        self.waves = [list(w) for w in waves]
+        self.init_images = init_images
+        self.settings = settings
+        self.grouping = grouping
+        self.on_unit_done = on_unit_done
+        low, high = (torch.tensor(v, dtype=torch.float32).view(1, 1, -1, 1, 1) for v in pixel_range)
+        self.register_buffer("low", low, persistent=False)
+        self.register_buffer("high", high, persistent=False)
+        self.images: nn.Parameter | None = None
+        self._wave = -1
+
+    def state_dict(self, *args, **kwargs):
+        state = super().state_dict(*args, **kwargs)
+        return {k: v for k, v in state.items() if not k.startswith("committee.")}
+
+    def configure_optimizers(self):
+        return None  # one Adam per wave, created in _start_wave
+
+    def _start_wave(self, wave: int) -> None:
+        self._wave = wave
+        self.units = self.waves[wave] if wave < len(self.waves) else []
+        if not self.units:
+            self.images = None
+            return
+        self.batches = member_batches(self.units, self.grouping)
+        self.augment = UnitAugmenter(self.units, self.settings)
+        self.images = nn.Parameter(self.init_images(self.units).to(self.device))
+        self.labels = torch.tensor([u.classes for u in self.units], device=self.device)
+        self.optimizer = torch.optim.Adam([self.images], lr=self.settings.lr, betas=(0.5, 0.9), eps=1e-8)
+        members = sorted({m for u in self.units for m in u.members})
+        self.last_losses = {m: torch.zeros(len(self.units), 2, device=self.device) for m in members}
+        # voting weight of each member in each unit (0 where the unit did not choose it)
+        self.weights = {
+            m: torch.tensor(
+                [u.weights[u.members.index(m)] if m in u.members else 0.0 for u in self.units], device=self.device
+            )
+            for m in members
+        }
+        self.index = torch.arange(len(self.units), device=self.device)
+
+    def training_step(self, batch, batch_idx: int) -> None:
+        iters = self.settings.iterations
+        wave, step = divmod(batch_idx, iters)
+        if wave != self._wave:
+            self._start_wave(wave)
+        if self.images is None:
+            return None
+        self.committee.assert_frozen()
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.settings.lr * cosine_factor(step / iters)
+        self.optimizer.zero_grad(set_to_none=True)
+        count, batch_size = self.images.shape[:2]
+        augmented = self.augment(self.images, range(count)).reshape(count, batch_size, *self.images.shape[2:])
+        unit_loss = torch.zeros(count, device=self.device)
+        logged = {}
+        for member, ids in self.batches:
+            x = augmented[ids].flatten(0, 1)
+            ce, bn = self.committee.losses(member, x, self.labels[ids].reshape(-1), units=len(ids))
+            unit_loss = unit_loss.index_add(
+                0, self.index[ids], self.weights[member][ids] * (ce + self.settings.r_bn * bn)
+            )
+            self.last_losses[member][ids] = torch.stack([ce, bn], dim=1).detach()
+        for member, losses in self.last_losses.items():
+            used = self.weights[member] > 0
+            logged[f"recover/{member}/ce"] = losses[used, 0].mean()
+            logged[f"recover/{member}/bn"] = losses[used, 1].mean()
+        self.manual_backward(unit_loss.sum())
+        self.optimizer.step()
+        with torch.no_grad():
+            self.images.copy_(torch.maximum(torch.minimum(self.images, self.high), self.low))
+        self.log_dict(logged, on_step=True)
+        self.log("recover/lr", self.optimizer.param_groups[0]["lr"], on_step=True)
+        if step == iters - 1:
+            self._finish_wave()
+        return None
+
+    def _finish_wave(self) -> None:
+        images = self.images.detach().cpu()
+        losses = {m: t.cpu() for m, t in self.last_losses.items()}
+        for i, unit in enumerate(self.units):
+            per_member = {m: {"ce": float(losses[m][i, 0]), "bn": float(losses[m][i, 1])} for m in unit.members}
+            self.on_unit_done(unit, images[i], per_member)
+        self.images = None
+
+
+def plan_waves(units: Sequence[Unit], max_images: int, grouping: bool) -> list[list[Unit]]:
+    """Split units into waves of at most ``max_images`` images, keeping same-member units together."""
+    ordered = sorted(units, key=lambda u: (u.members, u.ipc_index, u.block)) if grouping else list(units)
+    waves: list[list[Unit]] = [[]]
+    count = 0
+    for unit in ordered:
+        if waves[-1] and count + len(unit.classes) > max_images:
+            waves.append([])
+            count = 0
+        waves[-1].append(unit)
+        count += len(unit.classes)
+    return waves if waves[0] else []
+
+
+def class_blocks(num_classes: int, block: int) -> list[tuple[int, ...]]:
+    return [tuple(range(s, min(s + block, num_classes))) for s in range(0, num_classes, block)]

@@ -1,0 +1,18 @@
+"""Recover: distill a dataset with a committee. ``python distill.py dataset=digits ipc=10 committee=small``."""
+
+import hydra
+from omegaconf import DictConfig
+
+import cvdd.config  # noqa: F401  (registers the config resolvers)
+from cvdd.distributed import isolated_job
+from cvdd.jobs.recover import distill
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="distill")
+def main(cfg: DictConfig) -> None:
+    with isolated_job():
+        distill(cfg)
+
+
+if __name__ == "__main__":
+    main()
