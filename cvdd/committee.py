@@ -103,6 +103,7 @@ class _BNCapture:
     """Per-forward state the BN hooks write into: units in the batch and the per-unit losses."""
 
     units: int = 1
+    active: bool = False  # hooks record only inside Committee.losses, not on other forwards
     losses: list[torch.Tensor] = field(default_factory=list)
 
 
@@ -135,6 +136,8 @@ class Committee(nn.Module):
     @staticmethod
     def _bn_hook(capture: _BNCapture, scale: float):
         def hook(module: nn.modules.batchnorm._BatchNorm, inputs: tuple[torch.Tensor], output: torch.Tensor) -> None:
+            if not capture.active:
+                return
             x = inputs[0]
             per_unit = x.reshape(capture.units, -1, *x.shape[1:]).transpose(1, 2).flatten(2).float()  # U, C, N
             mean = per_unit.mean(dim=2)
@@ -159,8 +162,11 @@ class Committee(nn.Module):
     def losses(self, name: str, images: torch.Tensor, labels: torch.Tensor, units: int) -> tuple[torch.Tensor, ...]:
         """Per-unit ``(CE, R_bn)`` of member ``name`` on ``images`` (U·B, C, H, W), unit-major."""
         capture = self._capture[name]
-        capture.units, capture.losses = units, []
-        logits = self.members[name](images)
+        capture.units, capture.losses, capture.active = units, [], True
+        try:
+            logits = self.members[name](images)
+        finally:
+            capture.active = False
         ce = F.cross_entropy(logits.float(), labels, reduction="none").reshape(units, -1).mean(dim=1)
         bn = torch.stack(capture.losses).sum(dim=0)
         capture.losses = []

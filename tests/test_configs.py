@@ -18,19 +18,23 @@ from cvdd.distributed import HydraDDPStrategy
 from cvdd.jobs.common import instantiate_named
 from cvdd.squeeze import TeacherModule
 
-PRIMARY = ["train"]
-GROUPS = ["dataset", "model", "hardware", "logger", "experiment"]
+GROUPS = {
+    "train": ["dataset", "model", "hardware", "logger"],
+    "distill": ["dataset", "committee", "hardware", "logger", "experiment"],
+}
 
 
 def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml") if not p.stem.startswith("_"))
 
 
-CASES = [(primary, group, option) for primary in PRIMARY for group in GROUPS for option in options(group)]
+CASES = [
+    (primary, group, option) for primary, groups in GROUPS.items() for group in groups for option in options(group)
+]
 
 
 def test_every_group_has_options():
-    assert all(options(g) for g in GROUPS)
+    assert all(options(g) for groups in GROUPS.values() for g in groups)
     assert {"cpu", "gpu", "ddp", "ddp_cpu"} <= set(options("hardware"))
     assert {"wandb", "csv", "none"} <= set(options("logger"))
 
@@ -42,14 +46,20 @@ def test_compose_and_instantiate(make_cfg, primary: str, group: str, option: str
     spec = get_spec(cfg.dataset.name)
     assert cfg.dataset.num_classes == spec.num_classes and list(cfg.dataset.mean) == list(spec.mean)
 
-    datamodule = instantiate(cfg.data)
-    assert isinstance(datamodule, ImageDataModule) and datamodule.batch_size == cfg.squeeze.batch_size
-    size = min(spec.image_size, 32) if group != "model" else 32  # keep 224 px builds to the dataset group
-    net = instantiate(cfg.model.net, num_classes=spec.num_classes, image_size=size, in_chans=spec.channels)
-    module = instantiate(cfg.module, net=net)
-    assert isinstance(module, TeacherModule)
-    optimizer = module.optimizer_factory(params=net.parameters())
-    assert optimizer.defaults["lr"] == cfg.squeeze.lr
+    if primary == "train":
+        datamodule = instantiate(cfg.data)
+        assert isinstance(datamodule, ImageDataModule) and datamodule.batch_size == cfg.squeeze.batch_size
+        size = min(spec.image_size, 32) if group != "model" else 32  # keep 224 px builds to the dataset group
+        net = instantiate(cfg.model.net, num_classes=spec.num_classes, image_size=size, in_chans=spec.channels)
+        module = instantiate(cfg.module, net=net)
+        assert isinstance(module, TeacherModule)
+        optimizer = module.optimizer_factory(params=net.parameters())
+        assert optimizer.defaults["lr"] == cfg.squeeze.lr
+    else:
+        assert 1 <= cfg.committee.k <= len(cfg.committee.members)
+        assert cfg.recover.class_block in (10, 100) and cfg.recover.iterations > 0
+        for member in cfg.committee.members:
+            assert (CONF / "model" / f"{member}.yaml").is_file(), f"committee member {member} has no model config"
 
     loggers = instantiate_named(cfg.logger)
     assert len(loggers) == (0 if cfg.get("logger") in (None, {}) else len(cfg.logger))
@@ -59,7 +69,8 @@ def test_compose_and_instantiate(make_cfg, primary: str, group: str, option: str
         assert isinstance(instantiate(strategy), HydraDDPStrategy)
     if cfg.trainer.accelerator == "cpu" or torch.cuda.is_available():
         trainer = instantiate(cfg.trainer, logger=False)
-        assert isinstance(trainer, L.Trainer) and trainer.max_epochs == cfg.squeeze.epochs
+        assert isinstance(trainer, L.Trainer)
+        assert trainer.max_epochs == (cfg.squeeze.epochs if primary == "train" else 1)
 
 
 def test_paths_follow_the_launch_folder_and_never_chdir(make_cfg, tmp_path: Path):
@@ -77,6 +88,25 @@ def test_dataset_recipe_flows_into_the_squeeze_settings(make_cfg):
     assert cfg.trainer.max_epochs == 7
 
 
-def test_experiment_smoke_overrides_groups(make_cfg):
-    cfg = make_cfg("train", "experiment=smoke")
-    assert cfg.model.id == "convnet_small" and cfg.squeeze.epochs == 1
+PAPER_PAIRS_IPC1 = {
+    "cifar10": ["mobilenetv2", "densenet121"],
+    "imagenette": ["mobilenetv2", "densenet121"],
+    "cifar100": ["shufflenetv2", "mobilenetv2"],
+}
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100", "tiny_imagenet", "imagenette", "imagenet1k"])
+@pytest.mark.parametrize("ipc", [1, 10, 50])
+def test_paper_presets(make_cfg, dataset: str, ipc: int):
+    cfg = make_cfg("distill", f"experiment={dataset}_ipc{ipc}")
+    assert cfg.dataset.name == dataset and cfg.ipc == ipc and cfg.committee.name == "cvdd"
+    assert cfg.committee.schedule == {1: "fixed", 10: "cycle", 50: "random"}[ipc]
+    assert cfg.recover.iterations == 4000 and cfg.recover.lr == 0.25 and cfg.recover.r_bn == 0.01
+    assert cfg.recover.jitter == (32 if dataset in ("imagenette", "imagenet1k") else 4)
+    assert cfg.recover.class_block == (10 if dataset in ("cifar10", "imagenette") else 100)
+    assert cfg.recover.init.mode == "patches" and cfg.recover.init.difficulty == "medium"
+    assert set(cfg.committee.priors) == set(cfg.committee.members)
+    if ipc == 1:
+        assert (list(cfg.committee.fixed) if cfg.committee.fixed else None) == PAPER_PAIRS_IPC1.get(dataset)
+    if dataset == "tiny_imagenet":
+        assert cfg.committee.priors.resnet18 == 46.5 and cfg.committee.priors.resnet50 == 28.3

@@ -1,0 +1,155 @@
+"""Recover on digits with a briefly-squeezed small committee: outputs, grouping, resume, teachers, DDP."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import compose_config, run_cli
+from hydra.core.global_hydra import GlobalHydra
+from lightning.pytorch.callbacks import Callback
+
+from cvdd.artifacts import ArtifactConflictError
+from cvdd.data import get_spec
+from cvdd.jobs.recover import distill
+from cvdd.jobs.squeeze import squeeze_teacher
+
+MEMBERS = ["resnet18_small", "resnet50_small", "shufflenetv2_small", "mobilenetv2_small", "densenet_small"]
+FAST = ("ipc=2", "recover.iterations=4", "recover.init.mode=real", "logger=none")
+
+
+@pytest.fixture(scope="session")
+def teachers(tmp_path_factory) -> Path:
+    """The small committee squeezed for one epoch on digits (shared, copied into each test)."""
+    root = tmp_path_factory.mktemp("teachers")
+    for member in MEMBERS:
+        squeeze_teacher(compose_config("train", [f"model={member}", "squeeze.epochs=1", "logger=none"], root))
+    GlobalHydra.instance().clear()
+    return root / "artifacts" / "digits" / "teachers"
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, teachers: Path) -> Path:
+    shutil.copytree(teachers, tmp_path / "artifacts" / "digits" / "teachers")
+    return tmp_path
+
+
+def images_of(root: Path, name: str) -> torch.Tensor:
+    return torch.load(root / "artifacts" / "digits" / "distilled" / name / "images.pt", weights_only=True)["images"]
+
+
+def assert_same_images(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Equal up to float noise. Stacked convolutions round differently from single ones (~1e-7), and
+    Adam divides by sqrt(v) + 1e-8, so on the rare pixel whose gradient is near zero that noise can
+    grow to a visible step; everywhere else the images agree to 1e-4."""
+    diff = (a - b).abs()
+    assert diff.mean() < 1e-5, diff.mean()
+    assert (diff > 1e-4).float().mean() < 0.01, (diff > 1e-4).float().mean()
+    assert diff.max() < 0.1, diff.max()
+
+
+class CrashAtStep(Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if batch_idx == self.step:
+            raise RuntimeError("simulated kill")
+
+
+def test_distill_writes_images_manifest_and_grid(make_cfg, workdir: Path):
+    manifest = distill(make_cfg("distill", *FAST, "logger=csv"))
+    folder = workdir / "artifacts" / "digits" / "distilled" / "small_ipc2_real_s0"
+    assert manifest["name"] == "small_ipc2_real_s0" and manifest["images"] == 20
+    assert sorted(p.name for p in (folder / "0003_3").iterdir()) == ["0000.png", "0001.png"]
+    assert (folder / "grid.png").stat().st_size > 1000
+    data = torch.load(folder / "images.pt", weights_only=True)
+    assert data["images"].shape == (20, 1, 16, 16)
+    assert data["labels"].tolist() == [c for c in range(10) for _ in range(2)]
+    low, high = get_spec("digits").pixel_range
+    assert data["images"].min() >= low[0] - 1e-6 and data["images"].max() <= high[0] + 1e-6
+    on_disk = json.loads((folder / "manifest.json").read_text())
+    assert on_disk["classes"] == [str(i) for i in range(10)] and on_disk["ipc"] == 2
+    unit = on_disk["units"][1]  # IPC index 1 takes the 2nd pair of the pool: (ResNet18, ShuffleNetV2)
+    assert unit["members"] == ["resnet18_small", "shufflenetv2_small"]
+    assert sum(unit["weights"]) == pytest.approx(1.0)
+    assert set(unit["losses"]) == set(unit["members"]) and unit["losses"]["resnet18_small"]["bn"] > 0
+    assert set(on_disk["priors"]) == set(MEMBERS)
+
+    mtime = (folder / "manifest.json").stat().st_mtime_ns
+    distill(make_cfg("distill", *FAST))
+    assert (folder / "manifest.json").stat().st_mtime_ns == mtime, "same recipe: no-op"
+    with pytest.raises(ArtifactConflictError, match="overwrite=true"):
+        distill(make_cfg("distill", *FAST, "recover.r_bn=0.1"))
+
+
+def test_distill_is_seeded(make_cfg, workdir: Path):
+    distill(make_cfg("distill", *FAST, "name=a"))
+    distill(make_cfg("distill", *FAST, "name=b"))
+    distill(make_cfg("distill", *FAST, "name=c", "seed=1"))
+    assert torch.equal(images_of(workdir, "a"), images_of(workdir, "b"))
+    assert not torch.allclose(images_of(workdir, "a"), images_of(workdir, "c"))
+
+
+@pytest.mark.parametrize("init", ["real", "patches"])
+def test_grouped_units_equal_sequential_units(make_cfg, workdir: Path, init: str):
+    common = (
+        "ipc=12",
+        "recover.iterations=5",
+        f"recover.init.mode={init}",
+        "recover.init.candidates=30",
+        "logger=none",
+        "committee.schedule=random",
+    )  # 12 units over the 10 pairs: some share both members
+    distill(make_cfg("distill", *common, "name=grouped", "recover.grouping=true"))
+    distill(make_cfg("distill", *common, "name=sequential", "recover.grouping=false"))
+    grouped, sequential = images_of(workdir, "grouped"), images_of(workdir, "sequential")
+    assert_same_images(grouped, sequential)
+
+
+def test_killed_run_resumes_to_the_same_result(make_cfg, workdir: Path):
+    common = (*FAST, "ipc=3", "recover.wave_images=10")  # one unit per wave: 3 waves of 4 steps
+    distill(make_cfg("distill", *common, "name=reference"))
+    crash = ("+callbacks.crash._target_=test_recover.CrashAtStep", "+callbacks.crash.step=6")
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        distill(make_cfg("distill", *common, "name=resumed", *crash))
+    folder = workdir / "artifacts" / "digits" / "distilled" / "resumed"
+    assert not (folder / "manifest.json").exists()
+    assert len(list((folder / "units").glob("*.pt"))) == 1, "the unit finished before the kill was kept"
+    distill(make_cfg("distill", *common, "name=resumed"))
+    assert_same_images(images_of(workdir, "reference"), images_of(workdir, "resumed"))
+
+
+def test_missing_teachers_error_prints_the_train_command(make_cfg, tmp_path: Path):
+    with pytest.raises(FileNotFoundError) as err:
+        distill(make_cfg("distill", *FAST, "committee.train_missing=false"))
+    assert f"python train.py -m dataset=digits model={','.join(MEMBERS)}" in str(err.value)
+
+
+def test_train_missing_squeezes_the_committee_first(make_cfg, tmp_path: Path):
+    manifest = distill(
+        make_cfg("distill", *FAST, "committee=sre2l_small", 'committee.train_overrides=["squeeze.epochs=1"]')
+    )
+    record = json.loads((tmp_path / "artifacts/digits/teachers/resnet18_small.json").read_text())
+    assert record["epochs"] == 1
+    assert manifest["units"][0]["members"] == ["resnet18_small"] and manifest["units"][0]["weights"] == [1.0]
+
+
+def test_class_order_mismatch_stops_recover(make_cfg, workdir: Path):
+    record_path = workdir / "artifacts/digits/teachers/resnet18_small.json"
+    record = json.loads(record_path.read_text())
+    record["classes"] = record["classes"][::-1]
+    record_path.write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="class"):
+        distill(make_cfg("distill", *FAST))
+
+
+@pytest.mark.slow
+def test_ddp_cpu_gives_the_same_images_as_one_process(make_cfg, workdir: Path):
+    distill(make_cfg("distill", *FAST, "name=single"))
+    GlobalHydra.instance().clear()
+    run_cli("distill.py", *FAST, "name=ddp", "hardware=ddp_cpu", cwd=workdir)
+    assert_same_images(images_of(workdir, "single"), images_of(workdir, "ddp"))
