@@ -207,17 +207,22 @@ class RecoverModule(L.LightningModule):
 
 
 def plan_waves(units: Sequence[Unit], max_images: int, grouping: bool) -> list[list[Unit]]:
-    """Split units into waves of at most ``max_images`` images, keeping same-member units together."""
-    ordered = sorted(units, key=lambda u: (u.members, u.ipc_index, u.block)) if grouping else list(units)
-    waves: list[list[Unit]] = [[]]
+    """Split units into waves of at most ``max_images`` images, keeping same-member units together.
+
+    A wave holds units of one size only (a last, smaller class block gets its own waves), because
+    a wave's images are one (units, classes, C, H, W) parameter.
+    """
+    key = (lambda u: (-len(u.classes), u.members, u.ipc_index, u.block)) if grouping else (lambda u: -len(u.classes))
+    waves: list[list[Unit]] = []
     count = 0
-    for unit in ordered:
-        if waves[-1] and count + len(unit.classes) > max_images:
+    for unit in sorted(units, key=key):
+        size = len(unit.classes)
+        if not waves or count + size > max_images or len(waves[-1][0].classes) != size:
             waves.append([])
             count = 0
         waves[-1].append(unit)
-        count += len(unit.classes)
-    return waves if waves[0] else []
+        count += size
+    return waves
 
 
 def class_blocks(num_classes: int, block: int) -> list[tuple[int, ...]]:

@@ -120,3 +120,32 @@ def test_class_order_mismatch_names_both_orders(tmp_path):
         load_teacher(art, ["c", "b", "a"])
     with pytest.raises(ClassOrderMismatchError, match="4 classes"):
         load_teacher(art, ["a", "b", "c", "d"])
+
+
+def test_waves_respect_the_image_budget_and_unit_sizes():
+    from cvdd.recover import Unit, class_blocks, plan_waves
+
+    blocks = class_blocks(25, 10)
+    assert [len(b) for b in blocks] == [10, 10, 5]
+    units = [Unit(i, b, blk, ("a",), (1.0,), i * 10 + b) for i in range(4) for b, blk in enumerate(blocks)]
+    waves = plan_waves(units, max_images=30, grouping=True)
+    assert sorted((u.ipc_index, u.block) for w in waves for u in w) == sorted((u.ipc_index, u.block) for u in units)
+    for wave in waves:
+        assert len({len(u.classes) for u in wave}) == 1
+        assert sum(len(u.classes) for u in wave) <= 30
+
+
+def test_recover_module_keeps_the_committee_out_of_checkpoints():
+    from cvdd.recover import RecoverModule, RecoverSettings
+
+    committee = Committee({"m": two_bn_net()}, {"m": 1.0})
+    module = RecoverModule(
+        committee,
+        [],
+        lambda units: torch.zeros(0),
+        RecoverSettings(1, 0.1, 0.01, 0),
+        ((0.0, 0.0), (1.0, 1.0)),
+        lambda *a: None,
+    )
+    assert not [k for k in module.state_dict() if k.startswith("committee.")]
+    assert any(k.startswith("committee.") for k in nn.Module.state_dict(module))
