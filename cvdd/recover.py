@@ -187,6 +187,7 @@ class RecoverModule(L.LightningModule):
             used = self.weights[member] > 0
             logged[f"recover/{member}/ce"] = losses[used, 0].mean()
             logged[f"recover/{member}/bn"] = losses[used, 1].mean()
+            logged[f"recover/{member}/weight"] = self.weights[member][used].mean()
         self.manual_backward(unit_loss.sum())
         self.optimizer.step()
         with torch.no_grad():
