@@ -7,10 +7,15 @@ sharded across ranks), and per epoch plan in relabel/validate.
 
 from __future__ import annotations
 
+import hashlib
 import math
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from cvdd.seeding import derive_seed
 
 
 def sample_crop_box(
@@ -66,3 +71,124 @@ def resized_crop(images: torch.Tensor, theta: torch.Tensor, size: tuple[int, int
         theta.to(images.dtype).to(images.device), [len(images), images.shape[1], *size], align_corners=False
     )
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+MIX_MODES = ("cutmix", "mixup", "none")
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """One planned batch: which images, how each is cropped/flipped, and how the batch is mixed."""
+
+    indices: torch.Tensor  # (B,) image indices into the distilled set
+    boxes: torch.Tensor  # (B, 4) random-resized-crop boxes (top, left, h, w)
+    flips: torch.Tensor  # (B,) bool
+    permutation: torch.Tensor  # (B,) partner of each sample for CutMix/MixUp
+    lam: float  # weight of the unmixed image (area share for CutMix)
+    mix_box: tuple[int, int, int, int]  # CutMix region (top, left, h, w); zero-size when not CutMix
+
+
+class EpochPlan:
+    """The augmentation of every epoch, rebuilt from ``(seed, images, epochs, batch size)`` alone.
+
+    Relabel and validate construct the same plan from the same arguments, so soft labels computed
+    on a planned batch belong to exactly the images the student sees, with no DataLoader
+    internals involved. :meth:`checksum` fingerprints the whole plan so a mismatch is detected.
+    """
+
+    def __init__(
+        self,
+        seed: int,
+        num_images: int,
+        epochs: int,
+        batch_size: int,
+        image_size: tuple[int, int],
+        mix: str = "cutmix",
+        crop_scale: tuple[float, float] = (0.08, 1.0),
+        hflip: bool = True,
+        mix_alpha: float = 1.0,
+    ):
+        if mix not in MIX_MODES:
+            raise ValueError(f"mix={mix!r}; choose from {MIX_MODES}")
+        if num_images < 1 or epochs < 1 or batch_size < 1:
+            raise ValueError(
+                f"EpochPlan needs positive sizes, got images={num_images} epochs={epochs} batch_size={batch_size}"
+            )
+        self.seed, self.num_images, self.epochs, self.batch_size = seed, num_images, epochs, batch_size
+        self.image_size, self.mix, self.crop_scale, self.hflip, self.mix_alpha = (
+            tuple(image_size),
+            mix,
+            tuple(crop_scale),
+            hflip,
+            mix_alpha,
+        )
+
+    def batches_per_epoch(self) -> int:
+        return math.ceil(self.num_images / self.batch_size)
+
+    def epoch(self, epoch: int) -> list[BatchPlan]:
+        """The batches of ``epoch`` (independent of every other epoch: resumable anywhere)."""
+        if not 0 <= epoch < self.epochs:
+            raise IndexError(f"epoch {epoch} outside the plan's {self.epochs} epochs")
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, epoch, 0x91A7))
+        h, w = self.image_size
+        order = torch.randperm(self.num_images, generator=gen)
+        boxes = torch.tensor([sample_crop_box(gen, h, w, self.crop_scale) for _ in range(self.num_images)])
+        flips = (torch.rand(self.num_images, generator=gen) < 0.5) & self.hflip
+        plans = []
+        for number, start in enumerate(range(0, self.num_images, self.batch_size)):
+            idx = order[start : start + self.batch_size]
+            perm = torch.randperm(len(idx), generator=gen)
+            u = torch.rand(2, generator=gen).tolist()
+            rng = np.random.default_rng([self.seed, epoch, number, 0xBE7A])
+            lam = float(rng.beta(self.mix_alpha, self.mix_alpha)) if self.mix != "none" else 1.0
+            mix_box = (0, 0, 0, 0)
+            if self.mix == "cutmix":
+                cut_h, cut_w = round(h * math.sqrt(1 - lam)), round(w * math.sqrt(1 - lam))
+                cy, cx = int(u[0] * h), int(u[1] * w)
+                top, bottom = max(cy - cut_h // 2, 0), min(cy + cut_h - cut_h // 2, h)
+                left, right = max(cx - cut_w // 2, 0), min(cx + cut_w - cut_w // 2, w)
+                mix_box = (top, left, bottom - top, right - left)
+                lam = 1.0 - (bottom - top) * (right - left) / (h * w)
+            elif self.mix == "none":
+                perm = torch.arange(len(idx))
+            plans.append(BatchPlan(idx, boxes[idx], flips[idx], perm, lam, mix_box))
+        return plans
+
+    def checksum(self) -> str:
+        """SHA-256 over every epoch's indices, boxes, flips, permutations, λ and mix boxes."""
+        digest = hashlib.sha256(
+            repr(
+                (
+                    self.seed,
+                    self.num_images,
+                    self.epochs,
+                    self.batch_size,
+                    self.image_size,
+                    self.mix,
+                    self.crop_scale,
+                    self.hflip,
+                    self.mix_alpha,
+                )
+            ).encode()
+        )
+        for e in range(self.epochs):
+            for b in self.epoch(e):
+                for t in (b.indices, b.boxes, b.flips, b.permutation):
+                    digest.update(t.numpy().tobytes())
+                digest.update(repr((round(b.lam, 12), b.mix_box)).encode())
+        return digest.hexdigest()
+
+
+def apply_batch(images: torch.Tensor, plan: BatchPlan) -> torch.Tensor:
+    """The planned view of a batch: crop/flip each image (one kernel call), then CutMix or MixUp it."""
+    batch = images[plan.indices]
+    h, w = batch.shape[-2:]
+    out = resized_crop(batch, crop_flip_theta(plan.boxes, plan.flips, h, w), (h, w))
+    top, left, bh, bw = plan.mix_box
+    if bh and bw:
+        out = out.clone()
+        out[..., top : top + bh, left : left + bw] = out[plan.permutation][..., top : top + bh, left : left + bw]
+    elif plan.lam < 1.0:
+        out = plan.lam * out + (1 - plan.lam) * out[plan.permutation]
+    return out

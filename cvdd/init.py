@@ -17,7 +17,8 @@ from cvdd.artifacts import fingerprint, save_tensors
 from cvdd.augment import crop_flip_theta, resized_crop, sample_crop_box
 from cvdd.committee import Committee
 from cvdd.data.images import ImageSplit
-from cvdd.recover import Unit, derive_seed
+from cvdd.recover import Unit
+from cvdd.seeding import derive_seed
 
 INIT_MODES = ("gaussian", "real", "patches")
 DIFFICULTIES = ("easy", "medium", "hard")

@@ -12,19 +12,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import lightning as L
-import numpy as np
 import torch
 from torch import nn
 
 from cvdd.augment import crop_flip_theta, resized_crop, sample_crop_box
 from cvdd.committee import Committee
 from cvdd.optim import cosine_factor
-
-
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed that depends only on ``parts`` (e.g. seed, IPC index, class block)."""
-    state = np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint32)
-    return int(state.view(np.uint64)[0] >> np.uint64(1))
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,9 @@ from cvdd.distributed import HydraDDPStrategy
 from cvdd.init import Initializer, PatchSettings
 from cvdd.jobs.common import build_trainer, finish_loggers, log
 from cvdd.jobs.squeeze import dataset_identity
-from cvdd.recover import RecoverModule, RecoverSettings, Unit, class_blocks, derive_seed, plan_waves
+from cvdd.recover import RecoverModule, RecoverSettings, Unit, class_blocks, plan_waves
 from cvdd.report import distilled_grid, save_image_atomic
+from cvdd.seeding import derive_seed
 
 
 def distilled_name(cfg: DictConfig) -> str:
