@@ -33,7 +33,7 @@ def distilled_grid(
             match = torch.nonzero((labels == cls) & (ipc_index == i)).flatten()
             if len(match):
                 tiles[r * columns + i] = pixels[match[0]]
-    scale = max(1, 48 // h)  # small images are upscaled so a person can see them
+    scale = max(1, 64 // h)  # small images are upscaled so a person can see them
     grid = make_grid(tiles, nrow=columns, padding=2, pad_value=255)  # grey tiles come back as RGB
     image = Image.fromarray(grid.permute(1, 2, 0).numpy()).resize(
         (grid.shape[2] * scale, grid.shape[1] * scale), Image.NEAREST
