@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 import cvdd.config  # noqa: F401  (resolvers)
+from cvdd.jobs.squeeze import squeeze_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -69,3 +71,22 @@ def run_cli(script: str, *args: str, cwd: Path, timeout: int = 600) -> subproces
             f"{script} {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
         )
     return proc
+
+
+MEMBERS = ["resnet18_small", "resnet50_small", "shufflenetv2_small", "mobilenetv2_small", "densenet_small"]
+
+
+@pytest.fixture(scope="session")
+def teachers(tmp_path_factory) -> Path:
+    """The small committee squeezed for one epoch on digits (shared, copied into each test)."""
+    root = tmp_path_factory.mktemp("teachers")
+    for member in MEMBERS:
+        squeeze_teacher(compose_config("train", [f"model={member}", "squeeze.epochs=1", "logger=none"], root))
+    GlobalHydra.instance().clear()
+    return root / "artifacts" / "digits" / "teachers"
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, teachers: Path) -> Path:
+    shutil.copytree(teachers, tmp_path / "artifacts" / "digits" / "teachers")
+    return tmp_path

@@ -3,38 +3,19 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_config, run_cli
+from conftest import MEMBERS, run_cli
 from hydra.core.global_hydra import GlobalHydra
 from lightning.pytorch.callbacks import Callback
 
 from cvdd.artifacts import ArtifactConflictError
 from cvdd.data import get_spec
 from cvdd.jobs.recover import distill
-from cvdd.jobs.squeeze import squeeze_teacher
 
-MEMBERS = ["resnet18_small", "resnet50_small", "shufflenetv2_small", "mobilenetv2_small", "densenet_small"]
 FAST = ("ipc=2", "recover.iterations=4", "recover.init.mode=real", "logger=none")
-
-
-@pytest.fixture(scope="session")
-def teachers(tmp_path_factory) -> Path:
-    """The small committee squeezed for one epoch on digits (shared, copied into each test)."""
-    root = tmp_path_factory.mktemp("teachers")
-    for member in MEMBERS:
-        squeeze_teacher(compose_config("train", [f"model={member}", "squeeze.epochs=1", "logger=none"], root))
-    GlobalHydra.instance().clear()
-    return root / "artifacts" / "digits" / "teachers"
-
-
-@pytest.fixture
-def workdir(tmp_path: Path, teachers: Path) -> Path:
-    shutil.copytree(teachers, tmp_path / "artifacts" / "digits" / "teachers")
-    return tmp_path
 
 
 def images_of(root: Path, name: str) -> torch.Tensor:

@@ -1,0 +1,168 @@
+"""The relabel job: a distilled set + teachers + epoch plan → one soft-label file per epoch.
+
+Epochs are sharded across ranks and written atomically as they finish; a restarted run
+skips finished epochs. The plan itself is not stored: its seed and checksum are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from cvdd.artifacts import ArtifactConflictError, TeacherArtifact, fingerprint, load_json, save_json, save_tensors
+from cvdd.augment import EpochPlan
+from cvdd.committee import load_committee
+from cvdd.data import get_spec
+from cvdd.data.distilled import DistilledArtifact, read_distilled
+from cvdd.distributed import HydraDDPStrategy
+from cvdd.jobs.common import build_trainer, finish_loggers, log
+from cvdd.jobs.recover import distilled_name
+from cvdd.relabel import RelabelModule
+
+DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class LabelArtifact:
+    root: Path
+    dataset: str
+    name: str
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.root) / self.dataset / "labels" / self.name
+
+    @property
+    def manifest(self) -> Path:
+        return self.folder / "manifest.json"
+
+    def epoch_path(self, epoch: int) -> Path:
+        return self.folder / f"epoch_{epoch:04d}.pt"
+
+
+def relabel_teachers(cfg: DictConfig) -> list[str]:
+    choice = cfg.relabel.teachers
+    return list(cfg.committee.members) if choice == "committee" else [str(choice)]
+
+
+def build_plan(cfg: DictConfig, num_images: int) -> EpochPlan:
+    spec = get_spec(cfg.dataset.name)
+    rel = cfg.relabel
+    return EpochPlan(
+        int(cfg.seed),
+        num_images,
+        int(rel.epochs),
+        int(rel.batch_size),
+        (spec.image_size, spec.image_size),
+        rel.mix,
+        tuple(rel.crop_scale),
+        spec.hflip,
+    )
+
+
+def relabel(cfg: DictConfig) -> dict[str, Any]:
+    """Write the soft labels of ``cfg``'s distilled set; returns the manifest on rank 0."""
+    root = Path(cfg.paths.artifacts)
+    name = distilled_name(cfg)
+    distilled = read_distilled(DistilledArtifact(root, cfg.dataset.name, name))
+    classes = distilled.manifest["classes"]
+    members = relabel_teachers(cfg)
+    for member in members:
+        if not TeacherArtifact(root, cfg.dataset.name, member).exists():
+            raise FileNotFoundError(
+                f"teacher {member} for relabelling is missing; squeeze it: "
+                f"python train.py dataset={cfg.dataset.name} model={member}"
+            )
+    committee = load_committee(
+        root,
+        cfg.dataset.name,
+        members,
+        classes,
+        OmegaConf.to_container(cfg.committee.priors) if cfg.committee.get("priors") else None,
+        first_bn_multiplier=1.0,
+    )
+    alpha = torch.tensor([committee.priors[m] for m in members], dtype=torch.float64)
+    weights = dict(zip(members, torch.softmax(alpha / cfg.relabel.temperature, 0).tolist(), strict=True))
+    plan = build_plan(cfg, len(distilled.images))
+    dtype = DTYPES[cfg.relabel.dtype]
+    recipe = {
+        "distilled": distilled.manifest["fingerprint"],
+        "teachers": weights,
+        "seed": int(cfg.seed),
+        "relabel": OmegaConf.to_container(cfg.relabel, resolve=True),
+    }
+    recipe_hash = fingerprint(recipe)
+    artifact = LabelArtifact(root, cfg.dataset.name, name)
+    if artifact.manifest.is_file() and not cfg.overwrite:
+        manifest = load_json(artifact.manifest)
+        if manifest["fingerprint"] == recipe_hash:
+            log.info("labels %s exist with the same recipe; nothing to do", artifact.folder)
+            return manifest
+        raise ArtifactConflictError(f"{artifact.folder} holds labels of another recipe; add overwrite=true")
+    stamp = artifact.folder / "recipe.json"
+    if stamp.is_file() and load_json(stamp)["fingerprint"] != recipe_hash and not cfg.overwrite:
+        raise ArtifactConflictError(f"{artifact.folder} holds partial labels of another recipe; add overwrite=true")
+
+    def done(epoch: int) -> bool:
+        return artifact.epoch_path(epoch).is_file() and stamp.is_file() and not cfg.overwrite
+
+    def save_epoch(epoch: int, logits: torch.Tensor) -> None:
+        save_tensors(artifact.epoch_path(epoch), {"logits": logits.to(dtype)})
+
+    trainer, loggers = build_trainer(cfg)
+    try:
+        if isinstance(trainer.strategy, HydraDDPStrategy):
+            trainer.strategy.wrap_model = False
+        todo = [e for e in range(plan.epochs) if not done(e)]
+        if trainer.global_rank == 0:
+            save_json(stamp, {"fingerprint": recipe_hash})
+        mine = todo[trainer.global_rank :: trainer.world_size]
+        if todo:
+            module = RelabelModule(
+                committee.members,
+                weights,
+                distilled.images,
+                plan,
+                save_epoch,
+                bool(cfg.relabel.bssl),
+                bool(cfg.relabel.halves),
+            )
+            trainer.predict(module, DataLoader(mine, batch_size=None), return_predictions=False)
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+        if trainer.global_rank != 0:
+            return {}
+        bytes_per_epoch = artifact.epoch_path(0).stat().st_size
+        manifest = {
+            "name": name,
+            "dataset": cfg.dataset.name,
+            "classes": classes,
+            "teachers": weights,
+            "plan_seed": int(cfg.seed),
+            "plan_checksum": plan.checksum(),
+            "epochs": plan.epochs,
+            "batch_size": plan.batch_size,
+            "mix": plan.mix,
+            "dtype": cfg.relabel.dtype,
+            "bssl": bool(cfg.relabel.bssl),
+            "halves": bool(cfg.relabel.halves),
+            "fingerprint": recipe_hash,
+            "bytes_per_image_per_epoch": bytes_per_epoch / len(distilled.images),
+            "config": OmegaConf.to_container(cfg, resolve=True),
+        }
+        save_json(artifact.manifest, manifest)
+        log.info(
+            "soft labels for %d epochs -> %s (%.1f bytes per image per epoch)",
+            plan.epochs,
+            artifact.folder,
+            manifest["bytes_per_image_per_epoch"],
+        )
+        return manifest
+    finally:
+        finish_loggers(loggers)

@@ -1,0 +1,18 @@
+"""Relabel: soft labels for a distilled set. ``python relabel.py dataset=digits ipc=10`` (see conf/relabel.yaml)."""
+
+import hydra
+from omegaconf import DictConfig
+
+import cvdd.config  # noqa: F401  (registers the config resolvers)
+from cvdd.distributed import isolated_job
+from cvdd.jobs.relabel import relabel
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="relabel")
+def main(cfg: DictConfig) -> None:
+    with isolated_job():
+        relabel(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Relabel on a small distilled digits set: per-epoch files, plan checksum, labels as planned, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_cli
+from hydra.core.global_hydra import GlobalHydra
+
+from cvdd.augment import apply_batch
+from cvdd.bssl import soft_label_logits
+from cvdd.committee import load_committee
+from cvdd.jobs.recover import distill
+from cvdd.jobs.relabel import build_plan, relabel
+
+DISTILL = ("ipc=2", "recover.iterations=2", "recover.init.mode=real", "logger=none")
+RELABEL = ("ipc=2", "recover.init.mode=real", "relabel.epochs=3", "relabel.batch_size=8")
+
+
+@pytest.fixture
+def distilled(make_cfg, workdir: Path) -> Path:
+    distill(make_cfg("distill", *DISTILL))
+    return workdir
+
+
+def labels_dir(root: Path) -> Path:
+    return root / "artifacts" / "digits" / "labels" / "small_ipc2_real_s0"
+
+
+def test_relabel_writes_planned_soft_labels_per_epoch(make_cfg, distilled: Path):
+    cfg = make_cfg("relabel", *RELABEL)
+    manifest = relabel(cfg)
+    folder = labels_dir(distilled)
+    assert sorted(p.name for p in folder.glob("epoch_*.pt")) == ["epoch_0000.pt", "epoch_0001.pt", "epoch_0002.pt"]
+    first = torch.load(folder / "epoch_0000.pt", weights_only=True)["logits"]
+    assert first.dtype == torch.float16 and first.shape == (20, 10)
+    plan = build_plan(cfg, 20)
+    assert manifest["plan_checksum"] == plan.checksum() and manifest["plan_seed"] == 0
+    assert sum(manifest["teachers"].values()) == pytest.approx(1.0) and len(manifest["teachers"]) == 5
+
+    # the stored labels are the weighted BSSL logits of the planned, augmented batch
+    images = torch.load(distilled / "artifacts/digits/distilled/small_ipc2_real_s0/images.pt")["images"]
+    classes = json.loads((folder / "manifest.json").read_text())["classes"]
+    committee = load_committee(distilled / "artifacts", "digits", list(manifest["teachers"]), classes, None, 1.0)
+    batch = plan.epoch(0)[0]
+    expected = soft_label_logits(committee.members, manifest["teachers"], apply_batch(images, batch))
+    assert torch.allclose(first[: len(batch.indices)].float(), expected, atol=2e-2, rtol=1e-2)
+    assert manifest["bytes_per_image_per_epoch"] > 10 * 2  # fp16 payload plus the file header
+
+
+def test_relabel_resumes_per_epoch_and_fp32_doubles_the_payload(make_cfg, distilled: Path):
+    relabel(make_cfg("relabel", *RELABEL))
+    folder = labels_dir(distilled)
+    kept = (folder / "epoch_0000.pt").stat().st_mtime_ns
+    before = torch.load(folder / "epoch_0001.pt", weights_only=True)["logits"]
+    (folder / "epoch_0001.pt").unlink()
+    (folder / "manifest.json").unlink()  # as if killed after epoch 0 and 2 were written
+    relabel(make_cfg("relabel", *RELABEL))
+    assert (folder / "epoch_0000.pt").stat().st_mtime_ns == kept, "finished epochs are not redone"
+    assert torch.equal(torch.load(folder / "epoch_0001.pt", weights_only=True)["logits"], before)
+
+    fp32 = relabel(make_cfg("relabel", *RELABEL, "relabel.dtype=float32", "overwrite=true"))
+    assert torch.load(folder / "epoch_0000.pt", weights_only=True)["logits"].dtype == torch.float32
+    assert fp32["dtype"] == "float32"
+
+
+@pytest.mark.slow
+def test_ddp_relabel_equals_single_process(make_cfg, distilled: Path):
+    relabel(make_cfg("relabel", *RELABEL))
+    single = [torch.load(p, weights_only=True)["logits"] for p in sorted(labels_dir(distilled).glob("epoch_*.pt"))]
+    GlobalHydra.instance().clear()
+    run_cli("relabel.py", *RELABEL, "hardware=ddp_cpu", "overwrite=true", cwd=distilled)
+    ddp = [torch.load(p, weights_only=True)["logits"] for p in sorted(labels_dir(distilled).glob("epoch_*.pt"))]
+    assert len(ddp) == len(single) == 3
+    assert all(torch.equal(a, b) for a, b in zip(single, ddp, strict=True))
