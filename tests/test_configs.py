@@ -22,6 +22,7 @@ GROUPS = {
     "train": ["dataset", "model", "hardware", "logger"],
     "distill": ["dataset", "committee", "hardware", "logger", "experiment"],
     "relabel": ["dataset", "committee", "hardware", "logger"],
+    "evaluate": ["dataset", "committee", "hardware", "logger"],
 }
 
 
@@ -56,8 +57,10 @@ def test_compose_and_instantiate(make_cfg, primary: str, group: str, option: str
         assert isinstance(module, TeacherModule)
         optimizer = module.optimizer_factory(params=net.parameters())
         assert optimizer.defaults["lr"] == cfg.squeeze.lr
-    elif primary == "relabel":
+    elif primary in ("relabel", "evaluate"):
         assert cfg.relabel.teachers == "committee" and cfg.relabel.temperature == 10.0 and cfg.relabel.bssl
+        if primary == "evaluate":
+            assert (CONF / "model" / f"{cfg.student}.yaml").is_file() and cfg.validate.temperature == 20.0
     else:
         assert 1 <= cfg.committee.k <= len(cfg.committee.members)
         assert cfg.recover.class_block in (10, 100) and cfg.recover.iterations > 0
@@ -73,7 +76,7 @@ def test_compose_and_instantiate(make_cfg, primary: str, group: str, option: str
     if cfg.trainer.accelerator == "cpu" or torch.cuda.is_available():
         trainer = instantiate(cfg.trainer, logger=False)
         assert isinstance(trainer, L.Trainer)
-        if primary != "relabel":
+        if primary in ("train", "distill"):
             assert trainer.max_epochs == (cfg.squeeze.epochs if primary == "train" else 1)
 
 

@@ -1,0 +1,157 @@
+"""The validate job: distilled set (or random real images) + labels + plan → a student's test accuracy."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from cvdd.artifacts import load_json, save_json
+from cvdd.bssl import soft_label_logits
+from cvdd.committee import load_committee
+from cvdd.data import get_spec, load_dataset
+from cvdd.data.distilled import DistilledArtifact, read_distilled
+from cvdd.data.images import FileImages
+from cvdd.data.transforms import eval_transform
+from cvdd.jobs.common import build_trainer, finish_loggers, log
+from cvdd.jobs.recover import distilled_name
+from cvdd.jobs.relabel import LabelArtifact, build_plan, relabel_teachers
+from cvdd.metrics import evaluate_classifier
+from cvdd.seeding import derive_seed
+from cvdd.student import StudentModule
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+
+
+def random_real(cfg: DictConfig, data) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ipc`` seeded random real training images per class (normalised), class-major."""
+    spec = data.spec
+    split = data.raw.train.with_transform(eval_transform(spec, isinstance(data.raw.train, FileImages)))
+    images, labels = [], []
+    for c in range(spec.num_classes):
+        idx = torch.nonzero(split.targets == c).flatten()
+        gen = torch.Generator().manual_seed(derive_seed(cfg.seed, c, 0x4EA1))
+        for i in idx[torch.randperm(len(idx), generator=gen)[: cfg.ipc]].tolist():
+            images.append(split[i][0])
+            labels.append(c)
+    return torch.stack(images), torch.tensor(labels)
+
+
+def offline_labels(cfg: DictConfig, root: Path, name: str, checksum: str):
+    artifact = LabelArtifact(root, cfg.dataset.name, name)
+    if not artifact.manifest.is_file():
+        raise FileNotFoundError(
+            f"no soft labels at {artifact.folder}; make them with:\n  python relabel.py "
+            f"dataset={cfg.dataset.name} ipc={cfg.ipc} name={name}\nor use labels=online"
+        )
+    manifest = load_json(artifact.manifest)
+    if manifest["plan_checksum"] != checksum:
+        raise ValueError(
+            f"labels in {artifact.folder} were made for another epoch plan (checksum "
+            f"{manifest['plan_checksum'][:12]} vs {checksum[:12]} here): use the same seed and "
+            f"relabel.* settings as relabel.py did, or relabel again"
+        )
+    cache: dict[int, torch.Tensor] = {}
+    batch_size = int(cfg.relabel.batch_size)
+
+    def labels(epoch: int, b: int, plan, _x) -> torch.Tensor:
+        if epoch not in cache:
+            cache.clear()
+            cache[epoch] = torch.load(artifact.epoch_path(epoch), weights_only=True)["logits"].float()
+        return cache[epoch][b * batch_size : b * batch_size + len(plan.indices)]
+
+    return labels, manifest
+
+
+def online_labels(cfg: DictConfig, root: Path, classes: list[str]):
+    members = relabel_teachers(cfg)
+    priors = OmegaConf.to_container(cfg.committee.priors) if cfg.committee.get("priors") else None
+    committee = load_committee(root, cfg.dataset.name, members, classes, priors, 1.0)
+    alpha = torch.tensor([committee.priors[m] for m in members], dtype=torch.float64)
+    weights = dict(zip(members, torch.softmax(alpha / cfg.relabel.temperature, 0).tolist(), strict=True))
+
+    def labels(_epoch: int, _b: int, _plan, x: torch.Tensor) -> torch.Tensor:
+        committee.to(x.device)
+        return soft_label_logits(committee.members, weights, x, bool(cfg.relabel.bssl), bool(cfg.relabel.halves))
+
+    return labels, {"teachers": weights}
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    spec = get_spec(cfg.dataset.name)
+    data = load_dataset(cfg.dataset)
+    root = Path(cfg.paths.artifacts)
+    if cfg.distilled == "synthetic":
+        name = distilled_name(cfg)
+        distilled = read_distilled(DistilledArtifact(root, cfg.dataset.name, name))
+        images, targets = distilled.images, distilled.labels
+    elif cfg.distilled == "random_real":
+        name = f"random_real_ipc{cfg.ipc}_s{cfg.seed}"
+        images, targets = random_real(cfg, data)
+    else:
+        raise ValueError(f"distilled={cfg.distilled!r}; choose synthetic or random_real")
+    plan = build_plan(cfg, len(images))
+    if cfg.validate.epochs > plan.epochs:
+        raise ValueError(f"validate.epochs={cfg.validate.epochs} exceeds the label plan's relabel.epochs={plan.epochs}")
+    if cfg.labels == "offline":
+        if cfg.distilled != "synthetic":
+            raise ValueError("offline labels exist for distilled sets only; use labels=online with random_real")
+        soft, label_info = offline_labels(cfg, root, name, plan.checksum())
+    elif cfg.labels == "online":
+        soft, label_info = online_labels(cfg, root, data.classes)
+    elif cfg.labels == "hard":
+        soft, label_info = None, {}
+    else:
+        raise ValueError(f"labels={cfg.labels!r}; choose offline, online or hard")
+
+    torch.manual_seed(cfg.seed)
+    model_cfg = OmegaConf.load(CONF / "model" / f"{cfg.student}.yaml")
+    net = instantiate(model_cfg.net, num_classes=spec.num_classes, image_size=spec.image_size, in_chans=spec.channels)
+    v = cfg.validate
+    module = StudentModule(
+        net, images, targets, plan, spec.num_classes, soft, v.temperature, v.lr, v.weight_decay, v.stretch
+    )
+    test_set = data.raw.test.with_transform(eval_transform(spec, isinstance(data.raw.test, FileImages)))
+    test_loader = DataLoader(test_set, batch_size=256, num_workers=cfg.hardware.num_workers)
+    started = time.time()
+    trainer, loggers = build_trainer(cfg)
+    try:
+        trainer.fit(
+            module,
+            train_dataloaders=DataLoader(range(plan.batches_per_epoch()), batch_size=None),
+            val_dataloaders=test_loader,
+        )
+        if not trainer.is_global_zero:
+            return {}
+        test = evaluate_classifier(net, test_loader, spec.num_classes, trainer.strategy.root_device)
+        result = {
+            "name": name,
+            "dataset": cfg.dataset.name,
+            "distilled": cfg.distilled,
+            "ipc": int(cfg.ipc),
+            "student": cfg.student,
+            "labels": cfg.labels,
+            "seed": int(cfg.seed),
+            "test_top1": test["top1"],
+            "test_top5": test["top5"],
+            "test_samples": test["samples"],
+            "epochs": int(v.epochs),
+            "label_bytes": label_info.get("bytes_per_image_per_epoch"),
+            "wall_seconds": round(time.time() - started, 2),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "config": OmegaConf.to_container(cfg, resolve=True),
+        }
+        out = root / cfg.dataset.name / "results" / f"{name}__{cfg.student}__{cfg.labels}__s{cfg.seed}.json"
+        save_json(out, result)
+        log.info(
+            "student %s on %s (%s labels): test top-1 %.2f%% -> %s", cfg.student, name, cfg.labels, test["top1"], out
+        )
+        return result
+    finally:
+        finish_loggers(loggers)

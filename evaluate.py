@@ -1,0 +1,19 @@
+"""Validate: train a student on a distilled set. ``python evaluate.py dataset=digits ipc=10 student=convnet``."""
+
+import hydra
+from omegaconf import DictConfig
+
+import cvdd.config  # noqa: F401  (registers the config resolvers)
+from cvdd.distributed import isolated_job
+from cvdd.jobs.evaluate import evaluate
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
+def main(cfg: DictConfig) -> float | None:
+    with isolated_job():
+        result = evaluate(cfg)
+    return result.get("test_top1")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Validate: KL loss by hand, offline labels = online labels, the chain on digits, baselines."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cvdd.augment import apply_batch
+from cvdd.jobs.evaluate import evaluate, offline_labels, online_labels
+from cvdd.jobs.recover import distill
+from cvdd.jobs.relabel import build_plan, relabel
+from cvdd.student import kd_loss
+
+DISTILL = ("ipc=2", "recover.iterations=2", "recover.init.mode=real", "logger=none")
+PLAN = ("ipc=2", "recover.init.mode=real", "relabel.epochs=3", "relabel.batch_size=8")
+
+
+def test_kd_loss_matches_hand_computation():
+    s = torch.tensor([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]])
+    t = torch.tensor([[2.0, 0.0, 1.0], [1.0, 1.0, 1.0]])
+    tau = 2.0
+    p = torch.softmax(t / tau, dim=1)
+    q = torch.softmax(s / tau, dim=1)
+    expected = (p * (p.log() - q.log())).sum(dim=1).mean()
+    assert kd_loss(s, t, tau).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert kd_loss(t, t, tau).item() == pytest.approx(0.0, abs=1e-7)
+
+
+@pytest.fixture
+def labelled(make_cfg, workdir: Path) -> Path:
+    distill(make_cfg("distill", *DISTILL))
+    relabel(make_cfg("relabel", *PLAN))
+    return workdir
+
+
+def test_offline_labels_equal_online_labels(make_cfg, labelled: Path):
+    cfg = make_cfg("evaluate", *PLAN)
+    images = torch.load(labelled / "artifacts/digits/distilled/small_ipc2_real_s0/images.pt")["images"]
+    plan = build_plan(cfg, len(images))
+    offline, _ = offline_labels(cfg, labelled / "artifacts", "small_ipc2_real_s0", plan.checksum())
+    online, _ = online_labels(cfg, labelled / "artifacts", [str(i) for i in range(10)])
+    for epoch in range(3):
+        for b, batch in enumerate(plan.epoch(epoch)):
+            x = apply_batch(images, batch)
+            stored, fresh = offline(epoch, b, batch, x), online(epoch, b, batch, x)
+            assert torch.allclose(stored, fresh, atol=2e-2, rtol=1e-2)  # fp16 storage
+
+
+def test_chain_on_digits_writes_results_and_checks_the_plan(make_cfg, labelled: Path):
+    result = evaluate(make_cfg("evaluate", *PLAN, "validate.eval_every=1", "logger=none"))
+    out = labelled / "artifacts/digits/results/small_ipc2_real_s0__convnet__offline__s0.json"
+    on_disk = json.loads(out.read_text())
+    assert on_disk["test_samples"] == 360 and on_disk["epochs"] == 3 and on_disk["labels"] == "offline"
+    assert on_disk["test_top1"] == result["test_top1"] and 0 <= result["test_top1"] <= 100
+    with pytest.raises(ValueError, match="another epoch plan"):
+        evaluate(make_cfg("evaluate", *PLAN, "seed=1", "name=small_ipc2_real_s0", "logger=none"))
+    (labelled / "artifacts/digits/labels/small_ipc2_real_s0/manifest.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"python relabel\.py dataset=digits ipc=2"):
+        evaluate(make_cfg("evaluate", *PLAN, "logger=none"))
+
+
+def test_random_real_with_hard_labels_baseline_runs(make_cfg, workdir: Path):
+    result = evaluate(
+        make_cfg(
+            "evaluate",
+            "distilled=random_real",
+            "labels=hard",
+            "ipc=5",
+            "relabel.epochs=10",
+            "relabel.batch_size=10",
+            "logger=none",
+            "validate.eval_every=5",
+        )
+    )
+    assert result["name"] == "random_real_ipc5_s0" and result["labels"] == "hard"
+    assert result["test_top1"] > 30.0, "50 real digits and 10 epochs beat chance (10 %) by far"
