@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, ClassVar
 
 import torch
 
@@ -101,3 +101,21 @@ class TeacherArtifact:
 
     def train_command(self) -> str:
         return f"python train.py dataset={self.dataset} model={self.model}"
+
+
+@dataclass(frozen=True)
+class NamedArtifact:
+    """``<root>/<dataset>/<stage>/<name>/`` with a ``manifest.json`` that is written last."""
+
+    stage: ClassVar[str]
+    root: Path
+    dataset: str
+    name: str
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.root) / self.dataset / self.stage / self.name
+
+    @property
+    def manifest(self) -> Path:
+        return self.folder / "manifest.json"

@@ -9,9 +9,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from cvdd.data.images import FileImages
 from cvdd.data.registry import DatasetSpec, ImageDataset, get_spec, load_dataset
-from cvdd.data.transforms import eval_transform, train_transform
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -48,9 +46,8 @@ class ImageDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.data is None:
             self.data = load_dataset(self.dataset_cfg)
-            from_files = isinstance(self.data.raw.train, FileImages)
-            self.train_set = self.data.raw.train.with_transform(train_transform(self.spec, from_files))
-            self.test_set = self.data.raw.test.with_transform(eval_transform(self.spec, from_files))
+            self.train_set = self.data.view("train", augment=True)
+            self.test_set = self.data.view("test")
 
     @property
     def classes(self) -> list[str]:

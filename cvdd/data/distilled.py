@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from cvdd.artifacts import load_json, save_tensors
+from cvdd.artifacts import NamedArtifact, load_json, save_tensors
 
 
 def safe_name(text: str) -> str:
@@ -33,18 +33,8 @@ def to_pixels(images: torch.Tensor, mean, std) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class DistilledArtifact:
-    root: Path
-    dataset: str
-    name: str
-
-    @property
-    def folder(self) -> Path:
-        return Path(self.root) / self.dataset / "distilled" / self.name
-
-    @property
-    def manifest(self) -> Path:
-        return self.folder / "manifest.json"
+class DistilledArtifact(NamedArtifact):
+    stage = "distilled"
 
     @property
     def tensors(self) -> Path:

@@ -55,6 +55,15 @@ class ImageDataset:
     def class_names(self) -> list[str]:
         return self.raw.class_names
 
+    def view(self, split: str, augment: bool = False):
+        """``train``/``test`` split with the squeeze augmentation or the plain normalised view."""
+        from cvdd.data.images import FileImages
+        from cvdd.data.transforms import eval_transform, train_transform
+
+        raw = getattr(self.raw, split)
+        make = train_transform if augment else eval_transform
+        return raw.with_transform(make(self.spec, from_files=isinstance(raw, FileImages)))
+
 
 def _root(cfg: Mapping[str, Any]) -> Path:
     if not cfg.get("root"):

@@ -14,14 +14,11 @@ from torch.utils.data import DataLoader
 
 from cvdd.artifacts import load_json, save_json
 from cvdd.bssl import soft_label_logits
-from cvdd.committee import load_committee
 from cvdd.data import get_spec, load_dataset
 from cvdd.data.distilled import DistilledArtifact, read_distilled
-from cvdd.data.images import FileImages
-from cvdd.data.transforms import eval_transform
 from cvdd.jobs.common import build_trainer, finish_loggers, log
 from cvdd.jobs.recover import distilled_name
-from cvdd.jobs.relabel import LabelArtifact, build_plan, relabel_teachers
+from cvdd.jobs.relabel import LabelArtifact, build_plan, relabel_committee
 from cvdd.metrics import evaluate_classifier
 from cvdd.seeding import derive_seed
 from cvdd.student import StudentModule
@@ -32,7 +29,7 @@ CONF = Path(__file__).resolve().parents[2] / "conf"
 def random_real(cfg: DictConfig, data) -> tuple[torch.Tensor, torch.Tensor]:
     """``ipc`` seeded random real training images per class (normalised), class-major."""
     spec = data.spec
-    split = data.raw.train.with_transform(eval_transform(spec, isinstance(data.raw.train, FileImages)))
+    split = data.view("train")
     images, labels = [], []
     for c in range(spec.num_classes):
         idx = torch.nonzero(split.targets == c).flatten()
@@ -70,11 +67,7 @@ def offline_labels(cfg: DictConfig, root: Path, name: str, checksum: str):
 
 
 def online_labels(cfg: DictConfig, root: Path, classes: list[str]):
-    members = relabel_teachers(cfg)
-    priors = OmegaConf.to_container(cfg.committee.priors) if cfg.committee.get("priors") else None
-    committee = load_committee(root, cfg.dataset.name, members, classes, priors, 1.0)
-    alpha = torch.tensor([committee.priors[m] for m in members], dtype=torch.float64)
-    weights = dict(zip(members, torch.softmax(alpha / cfg.relabel.temperature, 0).tolist(), strict=True))
+    committee, weights = relabel_committee(cfg, root, classes)
 
     def labels(_epoch: int, _b: int, _plan, x: torch.Tensor) -> torch.Tensor:
         committee.to(x.device)
@@ -117,7 +110,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     module = StudentModule(
         net, images, targets, plan, spec.num_classes, soft, v.temperature, v.lr, v.weight_decay, v.stretch
     )
-    test_set = data.raw.test.with_transform(eval_transform(spec, isinstance(data.raw.test, FileImages)))
+    test_set = data.view("test")
     test_loader = DataLoader(test_set, batch_size=256, num_workers=cfg.hardware.num_workers)
     started = time.time()
     trainer, loggers = build_trainer(cfg)

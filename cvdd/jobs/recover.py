@@ -21,7 +21,6 @@ from cvdd.artifacts import ArtifactConflictError, TeacherArtifact, fingerprint, 
 from cvdd.committee import load_committee, select_members, voting_weights
 from cvdd.data import get_spec, load_dataset
 from cvdd.data.distilled import DistilledArtifact, save_set, to_pixels, write_pngs
-from cvdd.data.transforms import eval_transform
 from cvdd.distributed import HydraDDPStrategy
 from cvdd.init import Initializer, PatchSettings
 from cvdd.jobs.common import build_trainer, finish_loggers, log
@@ -163,7 +162,7 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
         int(rec.iterations), float(rec.lr), float(rec.r_bn), int(rec.jitter), tuple(rec.crop_scale), spec.hflip
     )
     init = rec.init
-    real = data.raw.train.with_transform(eval_transform(spec, from_files=not hasattr(data.raw.train, "images")))
+    real = data.view("train")
     initializer = Initializer(
         init.mode,
         int(cfg.seed),

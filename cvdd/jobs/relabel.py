@@ -15,9 +15,17 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from cvdd.artifacts import ArtifactConflictError, TeacherArtifact, fingerprint, load_json, save_json, save_tensors
+from cvdd.artifacts import (
+    ArtifactConflictError,
+    NamedArtifact,
+    TeacherArtifact,
+    fingerprint,
+    load_json,
+    save_json,
+    save_tensors,
+)
 from cvdd.augment import EpochPlan
-from cvdd.committee import load_committee
+from cvdd.committee import Committee, load_committee
 from cvdd.data import get_spec
 from cvdd.data.distilled import DistilledArtifact, read_distilled
 from cvdd.distributed import HydraDDPStrategy
@@ -29,18 +37,8 @@ DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass(frozen=True)
-class LabelArtifact:
-    root: Path
-    dataset: str
-    name: str
-
-    @property
-    def folder(self) -> Path:
-        return Path(self.root) / self.dataset / "labels" / self.name
-
-    @property
-    def manifest(self) -> Path:
-        return self.folder / "manifest.json"
+class LabelArtifact(NamedArtifact):
+    stage = "labels"
 
     def epoch_path(self, epoch: int) -> Path:
         return self.folder / f"epoch_{epoch:04d}.pt"
@@ -49,6 +47,22 @@ class LabelArtifact:
 def relabel_teachers(cfg: DictConfig) -> list[str]:
     choice = cfg.relabel.teachers
     return list(cfg.committee.members) if choice == "committee" else [str(choice)]
+
+
+def relabel_committee(cfg: DictConfig, root: Path, classes: list[str]) -> tuple[Committee, dict[str, float]]:
+    """The relabelling teachers and their weights ``softmax(prior / relabel.temperature)``."""
+    members = relabel_teachers(cfg)
+    for member in members:
+        if not TeacherArtifact(root, cfg.dataset.name, member).exists():
+            raise FileNotFoundError(
+                f"teacher {member} for relabelling is missing; squeeze it: "
+                f"python train.py dataset={cfg.dataset.name} model={member}"
+            )
+    priors = OmegaConf.to_container(cfg.committee.priors) if cfg.committee.get("priors") else None
+    committee = load_committee(root, cfg.dataset.name, members, classes, priors, first_bn_multiplier=1.0)
+    alpha = torch.tensor([committee.priors[m] for m in members], dtype=torch.float64)
+    weights = dict(zip(members, torch.softmax(alpha / cfg.relabel.temperature, 0).tolist(), strict=True))
+    return committee, weights
 
 
 def build_plan(cfg: DictConfig, num_images: int) -> EpochPlan:
@@ -72,23 +86,7 @@ def relabel(cfg: DictConfig) -> dict[str, Any]:
     name = distilled_name(cfg)
     distilled = read_distilled(DistilledArtifact(root, cfg.dataset.name, name))
     classes = distilled.manifest["classes"]
-    members = relabel_teachers(cfg)
-    for member in members:
-        if not TeacherArtifact(root, cfg.dataset.name, member).exists():
-            raise FileNotFoundError(
-                f"teacher {member} for relabelling is missing; squeeze it: "
-                f"python train.py dataset={cfg.dataset.name} model={member}"
-            )
-    committee = load_committee(
-        root,
-        cfg.dataset.name,
-        members,
-        classes,
-        OmegaConf.to_container(cfg.committee.priors) if cfg.committee.get("priors") else None,
-        first_bn_multiplier=1.0,
-    )
-    alpha = torch.tensor([committee.priors[m] for m in members], dtype=torch.float64)
-    weights = dict(zip(members, torch.softmax(alpha / cfg.relabel.temperature, 0).tolist(), strict=True))
+    committee, weights = relabel_committee(cfg, root, classes)
     plan = build_plan(cfg, len(distilled.images))
     dtype = DTYPES[cfg.relabel.dtype]
     recipe = {
