@@ -1,55 +1,171 @@
-"""Pictures and tables of results: the distilled-image grid."""
+"""Results of ``evaluate.py`` → a markdown table of mean ± std and a top-1-vs-IPC plot.
+
+    python -m cvdd.report artifacts/fashion_mnist/results            # prints the table
+    python -m cvdd.report logs/evaluate/multiruns/<stamp> --out report # + report/summary.{md,png}
+
+Every ``*.json`` below the folder that is an evaluate result (it has ``test_top1``) counts. Runs are
+grouped by (dataset, student, label mode, method, IPC); seeds of a group are averaged, with the
+sample standard deviation. The same tool serves the CPU benchmark, paper-scale runs and sweeps.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from PIL import Image, ImageDraw
-from torchvision.utils import make_grid
+from cvdd.artifacts import atomic_write
 
-MAX_GRID_CLASSES = 100
-MAX_GRID_COLUMNS = 10
+SETTING = ("dataset", "student", "labels")  # one table (and one set of plot lines) per setting
 
 
-def grid_rows(num_classes: int, seed: int = 0) -> list[int]:
-    """All classes up to 100; beyond that a seeded sample of 100, in class order."""
-    if num_classes <= MAX_GRID_CLASSES:
-        return list(range(num_classes))
-    picked = torch.randperm(num_classes, generator=torch.Generator().manual_seed(seed))[:MAX_GRID_CLASSES]
-    return sorted(picked.tolist())
+@dataclass(frozen=True)
+class Group:
+    dataset: str
+    student: str
+    labels: str
+    method: str
+    ipc: int
+    top1: tuple[float, ...]
+    seeds: tuple[int, ...]
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.top1)
+
+    @property
+    def std(self) -> float:
+        return statistics.stdev(self.top1) if len(self.top1) > 1 else 0.0
+
+    def cell(self) -> str:
+        return f"{self.mean:.2f} ± {self.std:.2f} (n={len(self.top1)})"
 
 
-def distilled_grid(
-    pixels: torch.Tensor, labels: torch.Tensor, ipc_index: torch.Tensor, class_names: list[str], seed: int = 0
-) -> Image.Image:
-    """One row per class (up to 100), one column per IPC index (up to 10), class names on the left."""
-    rows = grid_rows(len(class_names), seed)
-    columns = min(int(ipc_index.max()) + 1, MAX_GRID_COLUMNS)
-    c, h, w = pixels.shape[1:]
-    tiles = torch.zeros(len(rows) * columns, c, h, w, dtype=torch.uint8)
-    for r, cls in enumerate(rows):
-        for i in range(columns):
-            match = torch.nonzero((labels == cls) & (ipc_index == i)).flatten()
-            if len(match):
-                tiles[r * columns + i] = pixels[match[0]]
-    scale = max(1, 64 // h)  # small images are upscaled so a person can see them
-    grid = make_grid(tiles, nrow=columns, padding=2, pad_value=255)  # grey tiles come back as RGB
-    image = Image.fromarray(grid.permute(1, 2, 0).numpy()).resize(
-        (grid.shape[2] * scale, grid.shape[1] * scale), Image.NEAREST
-    )
-    label_width = 110
-    canvas = Image.new("RGB", (image.width + label_width, image.height), "white")
-    canvas.paste(image, (label_width, 0))
-    draw = ImageDraw.Draw(canvas)
-    row_height = (h + 2) * scale
-    for r, cls in enumerate(rows):
-        draw.text((4, r * row_height + row_height // 2 - 5), f"{cls}: {class_names[cls]}"[:18], fill="black")
-    return canvas
+def load_results(folder: Path) -> list[dict]:
+    """Every evaluate result below ``folder`` (other JSON files are ignored)."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"results folder {folder} does not exist; point at artifacts/<dataset>/results")
+    found = []
+    for path in sorted(folder.rglob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if isinstance(record, dict) and "test_top1" in record:
+            found.append(record)
+    return found
 
 
-def save_image_atomic(image: Image.Image, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    tmp.replace(path)
+def method_of(record: dict) -> str:
+    """Results written before ``method`` existed: random_real or the set's name without its seed."""
+    if record.get("method"):
+        return str(record["method"])
+    return "random_real" if record.get("distilled") == "random_real" else str(record["name"]).rsplit("_s", 1)[0]
+
+
+def summarise(records: Iterable[dict]) -> list[Group]:
+    """Groups sorted by setting, method, IPC; a seed evaluated twice counts once (the newest result)."""
+    by_key: dict[tuple, dict[int, dict]] = defaultdict(dict)
+    for r in sorted(records, key=lambda r: r.get("created", "")):
+        key = (r["dataset"], r["student"], r["labels"], method_of(r), int(r["ipc"]))
+        by_key[key][int(r["seed"])] = r
+    groups = [
+        Group(*key, top1=tuple(seeds[s]["test_top1"] for s in sorted(seeds)), seeds=tuple(sorted(seeds)))
+        for key, seeds in by_key.items()
+    ]
+    return sorted(groups, key=lambda g: (g.dataset, g.student, g.labels, g.method, g.ipc))
+
+
+def settings(groups: Sequence[Group]) -> dict[tuple[str, str, str], list[Group]]:
+    out: dict[tuple[str, str, str], list[Group]] = defaultdict(list)
+    for g in groups:
+        out[(g.dataset, g.student, g.labels)].append(g)
+    return dict(out)
+
+
+def markdown_table(groups: Sequence[Group], method_order: Sequence[str] = ()) -> str:
+    """One method × IPC table of test top-1 (%) per (dataset, student, labels) setting."""
+    if not groups:
+        return "no evaluate results found\n"
+    blocks = []
+    for (dataset, student, labels), members in settings(groups).items():
+        ipcs = sorted({g.ipc for g in members})
+        methods = [m for m in method_order if any(g.method == m for g in members)]
+        methods += sorted({g.method for g in members} - set(methods))
+        cells = {(g.method, g.ipc): g.cell() for g in members}
+        lines = [
+            f"**{dataset}**, student `{student}`, `{labels}` labels — test top-1 (%), mean ± std over seeds",
+            "",
+            "| method | " + " | ".join(f"IPC {i}" for i in ipcs) + " |",
+            "|---|" + "---|" * len(ipcs),
+        ]
+        lines += [f"| {m} | " + " | ".join(cells.get((m, i), "–") for i in ipcs) + " |" for m in methods]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks) + "\n"
+
+
+def plot(groups: Sequence[Group], path: Path, title: str = "") -> Path:
+    """Top-1 vs IPC (log axis), one line per method and setting, error bars = std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    many = len(settings(groups)) > 1
+    lines: dict[tuple, list[Group]] = defaultdict(list)
+    for g in groups:
+        lines[(g.dataset, g.student, g.labels, g.method)].append(g)
+    for (dataset, student, labels, method), points in lines.items():
+        points = sorted(points, key=lambda g: g.ipc)
+        label = f"{method} ({dataset}, {student}, {labels})" if many else method
+        ax.errorbar(
+            [g.ipc for g in points],
+            [g.mean for g in points],
+            yerr=[g.std for g in points],
+            marker="o",
+            capsize=3,
+            label=label,
+        )
+    ax.set_xscale("log")
+    ipcs = sorted({g.ipc for g in groups})
+    ax.set_xticks(ipcs, [str(i) for i in ipcs])
+    ax.set_xlabel("images per class (IPC)")
+    ax.set_ylabel("student test top-1 (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png"))
+    plt.close(fig)
     return path
+
+
+def write_report(folder: Path, out: Path | None = None, title: str = "", method_order: Sequence[str] = ()) -> str:
+    """Summarise ``folder``; with ``out``, also write ``summary.md`` and ``summary.png`` there."""
+    groups = summarise(load_results(folder))
+    table = markdown_table(groups, method_order)
+    if out is not None and groups:
+        out.mkdir(parents=True, exist_ok=True)
+        text = (f"# {title}\n\n" if title else "") + table
+        atomic_write(out / "summary.md", lambda fh: fh.write(text.encode()))
+        plot(groups, out / "summary.png", title)
+    return table
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m cvdd.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("folder", type=Path, help="folder holding evaluate results (*.json), searched recursively")
+    parser.add_argument("--out", type=Path, default=None, help="write summary.md and summary.png here")
+    parser.add_argument("--title", default="", help="title of the markdown file and the plot")
+    args = parser.parse_args(argv)
+    print(write_report(args.folder, args.out, args.title), end="")
+
+
+if __name__ == "__main__":
+    main()

@@ -15,29 +15,13 @@ from torch.utils.data import DataLoader
 from cvdd.artifacts import load_json, save_json
 from cvdd.bssl import soft_label_logits
 from cvdd.data import get_spec, load_dataset
-from cvdd.data.distilled import DistilledArtifact, read_distilled
 from cvdd.jobs.common import build_trainer, finish_loggers, log
-from cvdd.jobs.recover import distilled_name
 from cvdd.jobs.relabel import LabelArtifact, build_plan, relabel_committee
+from cvdd.jobs.sets import student_set
 from cvdd.metrics import evaluate_classifier
-from cvdd.seeding import derive_seed
 from cvdd.student import StudentModule
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
-
-
-def random_real(cfg: DictConfig, data) -> tuple[torch.Tensor, torch.Tensor]:
-    """``ipc`` seeded random real training images per class (normalised), class-major."""
-    spec = data.spec
-    split = data.view("train")
-    images, labels = [], []
-    for c in range(spec.num_classes):
-        idx = torch.nonzero(split.targets == c).flatten()
-        gen = torch.Generator().manual_seed(derive_seed(cfg.seed, c, 0x4EA1))
-        for i in idx[torch.randperm(len(idx), generator=gen)[: cfg.ipc]].tolist():
-            images.append(split[i][0])
-            labels.append(c)
-    return torch.stack(images), torch.tensor(labels)
 
 
 def offline_labels(cfg: DictConfig, root: Path, name: str, checksum: str):
@@ -45,7 +29,8 @@ def offline_labels(cfg: DictConfig, root: Path, name: str, checksum: str):
     if not artifact.manifest.is_file():
         raise FileNotFoundError(
             f"no soft labels at {artifact.folder}; make them with:\n  python relabel.py "
-            f"dataset={cfg.dataset.name} ipc={cfg.ipc} name={name}\nor use labels=online"
+            f"dataset={cfg.dataset.name} ipc={cfg.ipc} seed={cfg.seed} distilled={cfg.distilled} name={name}\n"
+            f"(with the same relabel.* settings) or use labels=online"
         )
     manifest = load_json(artifact.manifest)
     if manifest["plan_checksum"] != checksum:
@@ -60,7 +45,7 @@ def offline_labels(cfg: DictConfig, root: Path, name: str, checksum: str):
     def labels(epoch: int, b: int, plan, _x) -> torch.Tensor:
         if epoch not in cache:
             cache.clear()
-            cache[epoch] = torch.load(artifact.epoch_path(epoch), weights_only=True)["logits"].float()
+            cache[epoch] = artifact.read_epoch(epoch)
         return cache[epoch][b * batch_size : b * batch_size + len(plan.indices)]
 
     return labels, manifest
@@ -76,25 +61,23 @@ def online_labels(cfg: DictConfig, root: Path, classes: list[str]):
     return labels, {"teachers": weights}
 
 
+def method_label(cfg: DictConfig) -> str:
+    """What the report groups by: ``cfg.method`` if set, else ``random_real`` or the committee's name."""
+    if cfg.get("method"):
+        return str(cfg.method)
+    return "random_real" if cfg.distilled == "random_real" else str(cfg.committee.name)
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     spec = get_spec(cfg.dataset.name)
     data = load_dataset(cfg.dataset)
     root = Path(cfg.paths.artifacts)
-    if cfg.distilled == "synthetic":
-        name = distilled_name(cfg)
-        distilled = read_distilled(DistilledArtifact(root, cfg.dataset.name, name))
-        images, targets = distilled.images, distilled.labels
-    elif cfg.distilled == "random_real":
-        name = f"random_real_ipc{cfg.ipc}_s{cfg.seed}"
-        images, targets = random_real(cfg, data)
-    else:
-        raise ValueError(f"distilled={cfg.distilled!r}; choose synthetic or random_real")
+    chosen = student_set(cfg, root, data)
+    name, images, targets = chosen.name, chosen.images, chosen.labels
     plan = build_plan(cfg, len(images))
     if cfg.validate.epochs > plan.epochs:
         raise ValueError(f"validate.epochs={cfg.validate.epochs} exceeds the label plan's relabel.epochs={plan.epochs}")
     if cfg.labels == "offline":
-        if cfg.distilled != "synthetic":
-            raise ValueError("offline labels exist for distilled sets only; use labels=online with random_real")
         soft, label_info = offline_labels(cfg, root, name, plan.checksum())
     elif cfg.labels == "online":
         soft, label_info = online_labels(cfg, root, data.classes)
@@ -125,6 +108,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         test = evaluate_classifier(net, test_loader, spec.num_classes, trainer.strategy.root_device)
         result = {
             "name": name,
+            "method": method_label(cfg),
             "dataset": cfg.dataset.name,
             "distilled": cfg.distilled,
             "ipc": int(cfg.ipc),
@@ -136,12 +120,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             "test_samples": test["samples"],
             "epochs": int(v.epochs),
             "label_bytes": label_info.get("bytes_per_image_per_epoch"),
+            "label_payload_bytes": label_info.get("payload_bytes_per_image_per_epoch"),
+            "label_topk": label_info.get("topk"),
             "wall_seconds": round(time.time() - started, 2),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "config": OmegaConf.to_container(cfg, resolve=True),
         }
         out = root / cfg.dataset.name / "results" / f"{name}__{cfg.student}__{cfg.labels}__s{cfg.seed}.json"
         save_json(out, result)
+        save_json(Path(cfg.paths.output_dir) / "result.json", result)  # this run's (and sweep's) record
         log.info(
             "student %s on %s (%s labels): test top-1 %.2f%% -> %s", cfg.student, name, cfg.labels, test["top1"], out
         )

@@ -22,11 +22,11 @@ from cvdd.committee import load_committee, select_members, voting_weights
 from cvdd.data import get_spec, load_dataset
 from cvdd.data.distilled import DistilledArtifact, save_set, to_pixels, write_pngs
 from cvdd.distributed import HydraDDPStrategy
+from cvdd.grid import distilled_grid, save_image_atomic
 from cvdd.init import Initializer, PatchSettings
 from cvdd.jobs.common import build_trainer, finish_loggers, log
 from cvdd.jobs.squeeze import dataset_identity
 from cvdd.recover import RecoverModule, RecoverSettings, Unit, class_blocks, plan_waves
-from cvdd.report import distilled_grid, save_image_atomic
 from cvdd.seeding import derive_seed
 
 

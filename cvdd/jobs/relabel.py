@@ -27,13 +27,11 @@ from cvdd.artifacts import (
 from cvdd.augment import EpochPlan
 from cvdd.committee import Committee, load_committee
 from cvdd.data import get_spec
-from cvdd.data.distilled import DistilledArtifact, read_distilled
 from cvdd.distributed import HydraDDPStrategy
 from cvdd.jobs.common import build_trainer, finish_loggers, log
-from cvdd.jobs.recover import distilled_name
+from cvdd.jobs.sets import student_set
+from cvdd.label_store import DTYPES, pack_logits, payload_bytes, unpack_logits
 from cvdd.relabel import RelabelModule
-
-DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -42,6 +40,10 @@ class LabelArtifact(NamedArtifact):
 
     def epoch_path(self, epoch: int) -> Path:
         return self.folder / f"epoch_{epoch:04d}.pt"
+
+    def read_epoch(self, epoch: int) -> torch.Tensor:
+        """Dense float32 logits of one epoch, whatever the stored format."""
+        return unpack_logits(torch.load(self.epoch_path(epoch), weights_only=True))
 
 
 def relabel_teachers(cfg: DictConfig) -> list[str]:
@@ -83,14 +85,15 @@ def build_plan(cfg: DictConfig, num_images: int) -> EpochPlan:
 def relabel(cfg: DictConfig) -> dict[str, Any]:
     """Write the soft labels of ``cfg``'s distilled set; returns the manifest on rank 0."""
     root = Path(cfg.paths.artifacts)
-    name = distilled_name(cfg)
-    distilled = read_distilled(DistilledArtifact(root, cfg.dataset.name, name))
-    classes = distilled.manifest["classes"]
+    images = student_set(cfg, root)
+    name, classes = images.name, images.classes
+    if cfg.relabel.dtype not in DTYPES:
+        raise ValueError(f"relabel.dtype={cfg.relabel.dtype!r}; choose one of {sorted(DTYPES)}")
+    topk = cfg.relabel.get("topk")
     committee, weights = relabel_committee(cfg, root, classes)
-    plan = build_plan(cfg, len(distilled.images))
-    dtype = DTYPES[cfg.relabel.dtype]
+    plan = build_plan(cfg, len(images.images))
     recipe = {
-        "distilled": distilled.manifest["fingerprint"],
+        "distilled": images.fingerprint,
         "teachers": weights,
         "seed": int(cfg.seed),
         "relabel": OmegaConf.to_container(cfg.relabel, resolve=True),
@@ -111,7 +114,7 @@ def relabel(cfg: DictConfig) -> dict[str, Any]:
         return artifact.epoch_path(epoch).is_file() and stamp.is_file() and not cfg.overwrite
 
     def save_epoch(epoch: int, logits: torch.Tensor) -> None:
-        save_tensors(artifact.epoch_path(epoch), {"logits": logits.to(dtype)})
+        save_tensors(artifact.epoch_path(epoch), pack_logits(logits, cfg.relabel.dtype, topk))
 
     trainer, loggers = build_trainer(cfg)
     try:
@@ -125,7 +128,7 @@ def relabel(cfg: DictConfig) -> dict[str, Any]:
             module = RelabelModule(
                 committee.members,
                 weights,
-                distilled.images,
+                images.images,
                 plan,
                 save_epoch,
                 bool(cfg.relabel.bssl),
@@ -137,6 +140,7 @@ def relabel(cfg: DictConfig) -> dict[str, Any]:
         if trainer.global_rank != 0:
             return {}
         bytes_per_epoch = artifact.epoch_path(0).stat().st_size
+        payload = payload_bytes(torch.load(artifact.epoch_path(0), weights_only=True))
         manifest = {
             "name": name,
             "dataset": cfg.dataset.name,
@@ -148,18 +152,21 @@ def relabel(cfg: DictConfig) -> dict[str, Any]:
             "batch_size": plan.batch_size,
             "mix": plan.mix,
             "dtype": cfg.relabel.dtype,
+            "topk": topk,
             "bssl": bool(cfg.relabel.bssl),
             "halves": bool(cfg.relabel.halves),
             "fingerprint": recipe_hash,
-            "bytes_per_image_per_epoch": bytes_per_epoch / len(distilled.images),
+            "bytes_per_image_per_epoch": bytes_per_epoch / len(images.images),
+            "payload_bytes_per_image_per_epoch": payload / len(images.images),
             "config": OmegaConf.to_container(cfg, resolve=True),
         }
         save_json(artifact.manifest, manifest)
         log.info(
-            "soft labels for %d epochs -> %s (%.1f bytes per image per epoch)",
+            "soft labels for %d epochs -> %s (%.1f bytes per image per epoch on disk, %.1f of them labels)",
             plan.epochs,
             artifact.folder,
             manifest["bytes_per_image_per_epoch"],
+            manifest["payload_bytes_per_image_per_epoch"],
         )
         return manifest
     finally:

@@ -1,0 +1,54 @@
+"""The distilled-image grid: one row per class, so a person can see what was distilled."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+from torchvision.utils import make_grid
+
+from cvdd.artifacts import atomic_write
+
+MAX_GRID_CLASSES = 100
+MAX_GRID_COLUMNS = 10
+
+
+def grid_rows(num_classes: int, seed: int = 0) -> list[int]:
+    """All classes up to 100; beyond that a seeded sample of 100, in class order."""
+    if num_classes <= MAX_GRID_CLASSES:
+        return list(range(num_classes))
+    picked = torch.randperm(num_classes, generator=torch.Generator().manual_seed(seed))[:MAX_GRID_CLASSES]
+    return sorted(picked.tolist())
+
+
+def distilled_grid(
+    pixels: torch.Tensor, labels: torch.Tensor, ipc_index: torch.Tensor, class_names: list[str], seed: int = 0
+) -> Image.Image:
+    """One row per class (up to 100), one column per IPC index (up to 10), class names on the left."""
+    rows = grid_rows(len(class_names), seed)
+    columns = min(int(ipc_index.max()) + 1, MAX_GRID_COLUMNS)
+    c, h, w = pixels.shape[1:]
+    tiles = torch.zeros(len(rows) * columns, c, h, w, dtype=torch.uint8)
+    for r, cls in enumerate(rows):
+        for i in range(columns):
+            match = torch.nonzero((labels == cls) & (ipc_index == i)).flatten()
+            if len(match):
+                tiles[r * columns + i] = pixels[match[0]]
+    scale = max(1, 64 // h)  # small images are upscaled so a person can see them
+    grid = make_grid(tiles, nrow=columns, padding=2, pad_value=255)  # grey tiles come back as RGB
+    image = Image.fromarray(grid.permute(1, 2, 0).numpy()).resize(
+        (grid.shape[2] * scale, grid.shape[1] * scale), Image.NEAREST
+    )
+    label_width = 110
+    canvas = Image.new("RGB", (image.width + label_width, image.height), "white")
+    canvas.paste(image, (label_width, 0))
+    draw = ImageDraw.Draw(canvas)
+    row_height = (h + 2) * scale
+    for r, cls in enumerate(rows):
+        draw.text((4, r * row_height + row_height // 2 - 5), f"{cls}: {class_names[cls]}"[:18], fill="black")
+    return canvas
+
+
+def save_image_atomic(image: Image.Image, path: Path) -> Path:
+    return atomic_write(path, lambda fh: image.save(fh, format="PNG"))
