@@ -67,11 +67,16 @@ def method_of(record: dict) -> str:
     return "random_real" if record.get("distilled") == "random_real" else str(record["name"]).rsplit("_s", 1)[0]
 
 
+def labels_of(record: dict) -> str:
+    """The label mode, with the top-k storage variant spelled out (``offline top-3``)."""
+    return f"{record['labels']} top-{record['label_topk']}" if record.get("label_topk") else str(record["labels"])
+
+
 def summarise(records: Iterable[dict]) -> list[Group]:
     """Groups sorted by setting, method, IPC; a seed evaluated twice counts once (the newest result)."""
     by_key: dict[tuple, dict[int, dict]] = defaultdict(dict)
     for r in sorted(records, key=lambda r: r.get("created", "")):
-        key = (r["dataset"], r["student"], r["labels"], method_of(r), int(r["ipc"]))
+        key = (r["dataset"], r["student"], labels_of(r), method_of(r), int(r["ipc"]))
         by_key[key][int(r["seed"])] = r
     groups = [
         Group(*key, top1=tuple(seeds[s]["test_top1"] for s in sorted(seeds)), seeds=tuple(sorted(seeds)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -49,3 +50,23 @@ def test_ddp_cpu_sweep_does_not_relaunch_the_sweep_in_ranks(tmp_path: Path):
     for job in ("0", "1"):
         assert (sweep / job / "train_rank1.log").exists()
     assert not (tmp_path / "logs" / "train" / "runs").exists()
+
+
+def test_evaluate_seed_sweep_prints_and_writes_mean_and_std(tmp_path: Path):
+    proc = run_cli(
+        "evaluate.py",
+        "-m",
+        "seed=0,1,2",
+        "distilled=random_real",
+        "labels=hard",
+        "ipc=2",
+        "relabel.epochs=3",
+        "relabel.batch_size=8",
+        "logger=none",
+        cwd=tmp_path,
+    )
+    (sweep,) = (tmp_path / "logs" / "evaluate" / "multiruns").iterdir()
+    top1 = [json.loads((sweep / str(i) / "result.json").read_text())["test_top1"] for i in range(3)]
+    expected = f"| random_real | {statistics.fmean(top1):.2f} ± {statistics.stdev(top1):.2f} (n=3) |"
+    assert expected in proc.stdout
+    assert expected in (sweep / "summary.md").read_text() and (sweep / "summary.png").is_file()

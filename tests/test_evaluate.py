@@ -77,3 +77,28 @@ def test_random_real_with_hard_labels_baseline_runs(make_cfg, workdir: Path):
     )
     assert result["name"] == "random_real_ipc5_s0" and result["labels"] == "hard"
     assert result["test_top1"] > 30.0, "50 real digits and 10 epochs beat chance (10 %) by far"
+
+
+def test_topk_labels_are_stored_beside_dense_ones_and_train_the_student(make_cfg, labelled: Path):
+    dense = relabel(make_cfg("relabel", *PLAN))
+    sparse = relabel(make_cfg("relabel", *PLAN, "relabel.topk=3"))
+    folder = labelled / "artifacts/digits/labels/small_ipc2_real_s0_top3"
+    assert sparse["topk"] == 3 and (folder / "epoch_0002.pt").is_file()
+    assert sparse["payload_bytes_per_image_per_epoch"] == 3 * 2 + 3 * 1 + 2  # fp16 values, uint8 indices, rest
+    assert dense["payload_bytes_per_image_per_epoch"] == 10 * 2
+    stored = torch.load(folder / "epoch_0000.pt", weights_only=True)
+    full = torch.load(labelled / "artifacts/digits/labels/small_ipc2_real_s0/epoch_0000.pt", weights_only=True)
+    assert torch.equal(stored["indices"].long().sort(1).values, full["logits"].float().topk(3).indices.sort(1).values)
+
+    result = evaluate(make_cfg("evaluate", *PLAN, "relabel.topk=3", "logger=none"))
+    assert result["label_topk"] == 3 and result["label_payload_bytes"] == 11
+    assert (labelled / "artifacts/digits/results/small_ipc2_real_s0__convnet__offline_top3__s0.json").is_file()
+
+
+def test_random_real_gets_the_same_offline_soft_labels(make_cfg, workdir: Path):
+    manifest = relabel(make_cfg("relabel", *PLAN, "distilled=random_real"))
+    assert manifest["name"] == "random_real_ipc2_s0" and len(manifest["teachers"]) == 5
+    result = evaluate(make_cfg("evaluate", *PLAN, "distilled=random_real", "logger=none"))
+    assert result["method"] == "random_real" and result["labels"] == "offline" and result["label_bytes"] > 20
+    again = evaluate(make_cfg("evaluate", *PLAN, "distilled=random_real", "logger=none"))
+    assert again["test_top1"] == result["test_top1"], "same seed, same student"

@@ -16,7 +16,7 @@ from cvdd.artifacts import load_json, save_json
 from cvdd.bssl import soft_label_logits
 from cvdd.data import get_spec, load_dataset
 from cvdd.jobs.common import build_trainer, finish_loggers, log
-from cvdd.jobs.relabel import LabelArtifact, build_plan, relabel_committee
+from cvdd.jobs.relabel import build_plan, label_artifact, relabel_committee
 from cvdd.jobs.sets import student_set
 from cvdd.metrics import evaluate_classifier
 from cvdd.student import StudentModule
@@ -25,7 +25,7 @@ CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
 def offline_labels(cfg: DictConfig, root: Path, name: str, checksum: str):
-    artifact = LabelArtifact(root, cfg.dataset.name, name)
+    artifact = label_artifact(cfg, root, name)
     if not artifact.manifest.is_file():
         raise FileNotFoundError(
             f"no soft labels at {artifact.folder}; make them with:\n  python relabel.py "
@@ -126,7 +126,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "config": OmegaConf.to_container(cfg, resolve=True),
         }
-        out = root / cfg.dataset.name / "results" / f"{name}__{cfg.student}__{cfg.labels}__s{cfg.seed}.json"
+        labels_tag = f"{cfg.labels}_top{label_info['topk']}" if label_info.get("topk") else cfg.labels
+        out = root / cfg.dataset.name / "results" / f"{name}__{cfg.student}__{labels_tag}__s{cfg.seed}.json"
         save_json(out, result)
         save_json(Path(cfg.paths.output_dir) / "result.json", result)  # this run's (and sweep's) record
         log.info(

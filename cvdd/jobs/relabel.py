@@ -46,6 +46,12 @@ class LabelArtifact(NamedArtifact):
         return unpack_logits(torch.load(self.epoch_path(epoch), weights_only=True))
 
 
+def label_artifact(cfg: DictConfig, root: Path, set_name: str) -> LabelArtifact:
+    """Labels live under the set's name; top-k storage gets its own folder (``<set>_top<k>``) beside dense ones."""
+    topk = cfg.relabel.get("topk")
+    return LabelArtifact(root, cfg.dataset.name, f"{set_name}_top{topk}" if topk else set_name)
+
+
 def relabel_teachers(cfg: DictConfig) -> list[str]:
     choice = cfg.relabel.teachers
     return list(cfg.committee.members) if choice == "committee" else [str(choice)]
@@ -99,7 +105,7 @@ def relabel(cfg: DictConfig) -> dict[str, Any]:
         "relabel": OmegaConf.to_container(cfg.relabel, resolve=True),
     }
     recipe_hash = fingerprint(recipe)
-    artifact = LabelArtifact(root, cfg.dataset.name, name)
+    artifact = label_artifact(cfg, root, name)
     if artifact.manifest.is_file() and not cfg.overwrite:
         manifest = load_json(artifact.manifest)
         if manifest["fingerprint"] == recipe_hash:

@@ -1,0 +1,88 @@
+"""The results report: grouping, mean ± std, the markdown table, the plot, the CLI."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from cvdd.report import load_results, main, markdown_table, summarise, write_report
+
+
+def result(method: str, ipc: int, seed: int, top1: float, **extra) -> dict:
+    return {
+        "name": f"{method}_ipc{ipc}_s{seed}",
+        "method": method,
+        "dataset": "fashion_mnist",
+        "student": "convnet",
+        "labels": "offline",
+        "ipc": ipc,
+        "seed": seed,
+        "test_top1": top1,
+        "created": f"2026-11-24T00:00:0{seed}+00:00",
+        **extra,
+    }
+
+
+@pytest.fixture
+def results(tmp_path: Path) -> Path:
+    folder = tmp_path / "results"
+    rows = [
+        result("cvdd", 1, 0, 60.0),
+        result("cvdd", 1, 1, 62.0),
+        result("cvdd", 1, 2, 67.0),
+        result("cvdd", 10, 0, 80.0),
+        result("sre2l", 1, 0, 50.0),
+        result("sre2l", 10, 0, 70.0),
+        result("sre2l", 10, 1, 72.0),
+        result("cvdd", 10, 0, 79.0, label_topk=3),
+    ]
+    for i, row in enumerate(rows):
+        (folder / f"sub{i % 2}").mkdir(parents=True, exist_ok=True)
+        (folder / f"sub{i % 2}" / f"{i}.json").write_text(json.dumps(row))
+    (folder / "manifest.json").write_text(json.dumps({"not": "a result"}))
+    return folder
+
+
+def test_groups_average_seeds_with_the_sample_std(results: Path):
+    groups = {(g.method, g.ipc, g.labels): g for g in summarise(load_results(results))}
+    cvdd1 = groups[("cvdd", 1, "offline")]
+    assert cvdd1.seeds == (0, 1, 2)
+    assert cvdd1.mean == pytest.approx(63.0) and cvdd1.std == pytest.approx(statistics.stdev([60, 62, 67]))
+    assert groups[("cvdd", 10, "offline")].std == 0.0  # one seed
+    assert groups[("cvdd", 10, "offline top-3")].mean == 79.0  # top-k labels are their own row
+
+
+def test_a_seed_evaluated_twice_counts_once_with_its_newest_result():
+    old = result("cvdd", 1, 0, 10.0, created="2026-01-01T00:00:00+00:00")
+    new = result("cvdd", 1, 0, 20.0, created="2026-02-01T00:00:00+00:00")
+    (group,) = summarise([new, old])
+    assert group.top1 == (20.0,)
+
+
+def test_markdown_table_is_method_by_ipc(results: Path):
+    table = markdown_table(summarise(load_results(results)), method_order=["sre2l", "cvdd"])
+    lines = table.splitlines()
+    header = lines.index("| method | IPC 1 | IPC 10 |")
+    assert lines[header + 2] == "| sre2l | 50.00 ± 0.00 (n=1) | 71.00 ± 1.41 (n=2) |"
+    assert lines[header + 3] == "| cvdd | 63.00 ± 3.61 (n=3) | 80.00 ± 0.00 (n=1) |"
+    assert (
+        "`offline top-3` labels" in table and "| method | IPC 10 |\n|---|---|\n| cvdd | 79.00 ± 0.00 (n=1) |" in table
+    )
+
+
+def test_cli_prints_the_table_and_writes_markdown_and_plot(results: Path, tmp_path: Path, capsys):
+    main([str(results), "--out", str(tmp_path / "out"), "--title", "FM"])
+    printed = capsys.readouterr().out
+    assert "| cvdd | 63.00 ± 3.61 (n=3) |" in printed
+    assert (tmp_path / "out" / "summary.md").read_text().startswith("# FM\n")
+    with Image.open(tmp_path / "out" / "summary.png") as png:
+        assert png.size[0] > 300 and png.size[1] > 200
+
+
+def test_missing_folder_names_the_folder(tmp_path: Path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        write_report(tmp_path / "nowhere")
