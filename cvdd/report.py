@@ -14,13 +14,13 @@ import argparse
 import json
 import statistics
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from cvdd.artifacts import atomic_write
 
-SETTING = ("dataset", "student", "labels")  # one table (and one set of plot lines) per setting
+Reference = Mapping[str, Mapping[int, float]]  # published rows: name → {IPC: top-1}
 
 
 @dataclass(frozen=True)
@@ -92,8 +92,13 @@ def settings(groups: Sequence[Group]) -> dict[tuple[str, str, str], list[Group]]
     return dict(out)
 
 
-def markdown_table(groups: Sequence[Group], method_order: Sequence[str] = ()) -> str:
-    """One method × IPC table of test top-1 (%) per (dataset, student, labels) setting."""
+def markdown_table(
+    groups: Sequence[Group], method_order: Sequence[str] = (), reference: Reference | None = None
+) -> str:
+    """One method × IPC table of test top-1 (%) per (dataset, student, labels) setting.
+
+    ``reference`` rows (published numbers) are appended to every table at the IPCs it shows.
+    """
     if not groups:
         return "no evaluate results found\n"
     blocks = []
@@ -109,12 +114,17 @@ def markdown_table(groups: Sequence[Group], method_order: Sequence[str] = ()) ->
             "|---|" + "---|" * len(ipcs),
         ]
         lines += [f"| {m} | " + " | ".join(cells.get((m, i), "–") for i in ipcs) + " |" for m in methods]
+        for name, row in (reference or {}).items():
+            lines.append(f"| {name} | " + " | ".join(f"{row[i]:.1f}" if i in row else "–" for i in ipcs) + " |")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks) + "\n"
 
 
-def plot(groups: Sequence[Group], path: Path, title: str = "") -> Path:
-    """Top-1 vs IPC (log axis), one line per method and setting, error bars = std over seeds."""
+def plot(groups: Sequence[Group], path: Path, title: str = "", reference: Reference | None = None) -> Path:
+    """Top-1 vs IPC (log axis), one line per method and setting, error bars = std over seeds.
+
+    ``reference`` rows are drawn dashed and grey, at the IPCs the groups cover.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -136,8 +146,12 @@ def plot(groups: Sequence[Group], path: Path, title: str = "") -> Path:
             capsize=3,
             label=label,
         )
-    ax.set_xscale("log")
     ipcs = sorted({g.ipc for g in groups})
+    for i, (name, row) in enumerate((reference or {}).items()):
+        shown = [ipc for ipc in ipcs if ipc in row]
+        style = ("--", ":", "-.", (0, (1, 3)))[i % 4]
+        ax.plot(shown, [row[ipc] for ipc in shown], linestyle=style, color="grey", marker="x", label=name)
+    ax.set_xscale("log")
     ax.set_xticks(ipcs, [str(i) for i in ipcs])
     ax.set_xlabel("images per class (IPC)")
     ax.set_ylabel("student test top-1 (%)")

@@ -13,12 +13,10 @@ import pytest
 
 os.environ.setdefault("WANDB_MODE", "disabled")  # before anything imports wandb
 
-from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
-import cvdd.config  # noqa: F401  (resolvers)
+from cvdd.compose import compose_job
 from cvdd.jobs.squeeze import squeeze_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,17 +31,7 @@ def _quiet_wandb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 def compose_config(config_name: str, overrides: list[str], root: Path) -> DictConfig:
     """Compose ``conf/<config_name>.yaml`` as the CLI would, with every path under ``root``."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name, overrides=[f"paths.root={root}", *overrides], return_hydra_config=True)
-    with open_dict(cfg):  # what Hydra's run_job would fill in
-        cfg.hydra.runtime.output_dir = str(root / "run")
-        cfg.hydra.runtime.cwd = str(root)
-        cfg.hydra.job.name = config_name
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):  # the task function never sees the hydra node
-        del cfg["hydra"]
-    return cfg
+    return compose_job(config_name, [f"paths.root={root}", *overrides], root / "run")
 
 
 @pytest.fixture

@@ -1,0 +1,34 @@
+"""Compose a stage's config in-process, as its command line would, for drivers and tests.
+
+``compose`` alone leaves ``${hydra:runtime.output_dir}`` unresolvable; this fills in what Hydra's
+``run_job`` would (output folder, cwd, job name) and hands the task the config without its ``hydra`` node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+import cvdd.config  # noqa: F401  (registers the config resolvers)
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def compose_job(config_name: str, overrides: Sequence[str], output_dir: Path | str) -> DictConfig:
+    """``conf/<config_name>.yaml`` with ``overrides``; the job's output folder is ``output_dir``."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name, overrides=list(overrides), return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(output_dir)
+        cfg.hydra.runtime.cwd = str(Path.cwd())
+        cfg.hydra.job.name = config_name
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
