@@ -14,14 +14,13 @@ from torch.utils.data import DataLoader
 
 from cvdd.artifacts import load_json, save_json
 from cvdd.bssl import soft_label_logits
+from cvdd.compose import CONF
 from cvdd.data import get_spec, load_dataset
 from cvdd.jobs.common import build_trainer, finish_loggers, log
 from cvdd.jobs.relabel import build_plan, label_artifact, relabel_committee
 from cvdd.jobs.sets import student_set
 from cvdd.metrics import evaluate_classifier
 from cvdd.student import StudentModule
-
-CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
 def offline_labels(cfg: DictConfig, root: Path, name: str, checksum: str):

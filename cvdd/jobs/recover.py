@@ -63,6 +63,8 @@ def compose_train_config(cfg: DictConfig, member: str) -> DictConfig:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    from cvdd.compose import CONF
+
     hardware = {"ddp": "gpu", "ddp_cpu": "cpu"}.get(cfg.hardware.name, cfg.hardware.name)
     overrides = [
         f"dataset={cfg.dataset.name}",
@@ -75,7 +77,7 @@ def compose_train_config(cfg: DictConfig, member: str) -> DictConfig:
     overrides += list(cfg.committee.get("train_overrides") or [])
     if GlobalHydra.instance().is_initialized():
         return compose(config_name="train", overrides=overrides)
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[2] / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(config_name="train", overrides=overrides)
 
 
