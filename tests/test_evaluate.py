@@ -51,7 +51,7 @@ def test_offline_labels_equal_online_labels(make_cfg, labelled: Path):
 
 def test_chain_on_digits_writes_results_and_checks_the_plan(make_cfg, labelled: Path):
     result = evaluate(make_cfg("evaluate", *PLAN, "validate.eval_every=1", "logger=none"))
-    out = labelled / "artifacts/digits/results/small_ipc2_real_s0__convnet__offline__s0.json"
+    (out,) = (labelled / "artifacts/digits/results").glob("small_ipc2_real_s0__convnet__offline__small__*.json")
     on_disk = json.loads(out.read_text())
     assert on_disk["test_samples"] == 360 and on_disk["epochs"] == 3 and on_disk["labels"] == "offline"
     assert on_disk["test_top1"] == result["test_top1"] and 0 <= result["test_top1"] <= 100
@@ -92,7 +92,10 @@ def test_topk_labels_are_stored_beside_dense_ones_and_train_the_student(make_cfg
 
     result = evaluate(make_cfg("evaluate", *PLAN, "relabel.topk=3", "logger=none"))
     assert result["label_topk"] == 3 and result["label_payload_bytes"] == 11
-    assert (labelled / "artifacts/digits/results/small_ipc2_real_s0__convnet__offline_top3__s0.json").is_file()
+    (topk_file,) = (labelled / "artifacts/digits/results").glob("small_ipc2_real_s0__convnet__offline_top3__*.json")
+    longer = evaluate(make_cfg("evaluate", *PLAN, "relabel.topk=3", "validate.epochs=2", "logger=none"))
+    assert longer["epochs"] == 2 and topk_file.is_file(), "another recipe gets its own result file"
+    assert len(list((labelled / "artifacts/digits/results").glob("*offline_top3*.json"))) == 2
 
 
 def test_random_real_gets_the_same_offline_soft_labels(make_cfg, workdir: Path):

@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from cvdd.artifacts import load_json, save_json
+from cvdd.artifacts import fingerprint, load_json, save_json
 from cvdd.bssl import soft_label_logits
 from cvdd.compose import CONF
 from cvdd.data import get_spec, load_dataset
@@ -65,6 +65,20 @@ def method_label(cfg: DictConfig) -> str:
     if cfg.get("method"):
         return str(cfg.method)
     return "random_real" if cfg.distilled == "random_real" else str(cfg.committee.name)
+
+
+def result_filename(cfg: DictConfig, name: str, topk: int | None) -> str:
+    """``<set>__<student>__<labels>__<method>__<recipe hash>.json``: runs that differ in any training or label
+    setting get their own file (a rerun of the same recipe replaces its own)."""
+    labels_tag = f"{cfg.labels}_top{topk}" if topk else cfg.labels
+    recipe = {
+        "validate": OmegaConf.to_container(cfg.validate, resolve=True),
+        "relabel": OmegaConf.to_container(cfg.relabel, resolve=True),
+        "student": cfg.student,
+        "labels": cfg.labels,
+        "seed": int(cfg.seed),
+    }
+    return f"{name}__{cfg.student}__{labels_tag}__{method_label(cfg)}__{fingerprint(recipe)[:8]}.json"
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -125,8 +139,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "config": OmegaConf.to_container(cfg, resolve=True),
         }
-        labels_tag = f"{cfg.labels}_top{label_info['topk']}" if label_info.get("topk") else cfg.labels
-        out = root / cfg.dataset.name / "results" / f"{name}__{cfg.student}__{labels_tag}__s{cfg.seed}.json"
+        out = root / cfg.dataset.name / "results" / result_filename(cfg, name, label_info.get("topk"))
         save_json(out, result)
         save_json(Path(cfg.paths.output_dir) / "result.json", result)  # this run's (and sweep's) record
         log.info(
