@@ -149,7 +149,7 @@ def plot(groups: Sequence[Group], path: Path, title: str = "", reference: Refere
     ipcs = sorted({g.ipc for g in groups})
     for i, (name, row) in enumerate((reference or {}).items()):
         shown = [ipc for ipc in ipcs if ipc in row]
-        style = ("--", ":", "-.", (0, (1, 3)))[i % 4]
+        style = ("--", ":", "-.", (0, (6, 2, 1, 2, 1, 2)))[i % 4]
         ax.plot(shown, [row[ipc] for ipc in shown], linestyle=style, color="grey", marker="x", label=name)
     ax.set_xscale("log")
     ax.set_xticks(ipcs, [str(i) for i in ipcs])
