@@ -21,16 +21,21 @@ def index_dtype(num_classes: int) -> torch.dtype:
     return torch.int16 if num_classes <= 32768 else torch.int32
 
 
-def pack_logits(logits: torch.Tensor, dtype: str = "float16", topk: int | None = None) -> dict[str, torch.Tensor]:
-    """One epoch's ``(N, classes)`` logits → the tensors written to its file."""
+def check_storage(dtype: str, topk: int | None) -> None:
+    """Refuse a storage setting before any label is computed."""
     if dtype not in DTYPES:
         raise ValueError(f"relabel.dtype={dtype!r}; choose one of {sorted(DTYPES)}")
+    if topk is not None and topk < 1:
+        raise ValueError(f"relabel.topk={topk}; use a positive number of classes or null for dense labels")
+
+
+def pack_logits(logits: torch.Tensor, dtype: str = "float16", topk: int | None = None) -> dict[str, torch.Tensor]:
+    """One epoch's ``(N, classes)`` logits → the tensors written to its file."""
+    check_storage(dtype, topk)
     store = DTYPES[dtype]
     num_classes = logits.shape[1]
     if topk is None or topk >= num_classes:
         return {"logits": logits.to(store)}
-    if topk < 1:
-        raise ValueError(f"relabel.topk={topk}; use a positive number of classes or null for dense labels")
     values, indices = logits.float().topk(topk, dim=1)
     rest = (logits.float().sum(1) - values.sum(1)) / (num_classes - topk)
     return {

@@ -30,7 +30,7 @@ from cvdd.data import get_spec
 from cvdd.distributed import HydraDDPStrategy
 from cvdd.jobs.common import build_trainer, finish_loggers, log
 from cvdd.jobs.sets import student_set
-from cvdd.label_store import DTYPES, pack_logits, payload_bytes, unpack_logits
+from cvdd.label_store import check_storage, pack_logits, payload_bytes, unpack_logits
 from cvdd.relabel import RelabelModule
 
 
@@ -91,15 +91,14 @@ def build_plan(cfg: DictConfig, num_images: int) -> EpochPlan:
 def relabel(cfg: DictConfig) -> dict[str, Any]:
     """Write the soft labels of ``cfg``'s distilled set; returns the manifest on rank 0."""
     root = Path(cfg.paths.artifacts)
-    images = student_set(cfg, root)
-    name, classes = images.name, images.classes
-    if cfg.relabel.dtype not in DTYPES:
-        raise ValueError(f"relabel.dtype={cfg.relabel.dtype!r}; choose one of {sorted(DTYPES)}")
+    chosen = student_set(cfg, root)
+    name, classes = chosen.name, chosen.classes
     topk = cfg.relabel.get("topk")
+    check_storage(cfg.relabel.dtype, topk)
     committee, weights = relabel_committee(cfg, root, classes)
-    plan = build_plan(cfg, len(images.images))
+    plan = build_plan(cfg, len(chosen.images))
     recipe = {
-        "distilled": images.fingerprint,
+        "distilled": chosen.fingerprint,
         "teachers": weights,
         "seed": int(cfg.seed),
         "relabel": OmegaConf.to_container(cfg.relabel, resolve=True),
@@ -134,7 +133,7 @@ def relabel(cfg: DictConfig) -> dict[str, Any]:
             module = RelabelModule(
                 committee.members,
                 weights,
-                images.images,
+                chosen.images,
                 plan,
                 save_epoch,
                 bool(cfg.relabel.bssl),
@@ -162,8 +161,8 @@ def relabel(cfg: DictConfig) -> dict[str, Any]:
             "bssl": bool(cfg.relabel.bssl),
             "halves": bool(cfg.relabel.halves),
             "fingerprint": recipe_hash,
-            "bytes_per_image_per_epoch": bytes_per_epoch / len(images.images),
-            "payload_bytes_per_image_per_epoch": payload / len(images.images),
+            "bytes_per_image_per_epoch": bytes_per_epoch / len(chosen.images),
+            "payload_bytes_per_image_per_epoch": payload / len(chosen.images),
             "config": OmegaConf.to_container(cfg, resolve=True),
         }
         save_json(artifact.manifest, manifest)
