@@ -28,12 +28,52 @@ def class_generator(seed: int, class_index: int, salt: int) -> torch.Generator:
     return torch.Generator().manual_seed(derive_seed(seed, class_index, salt))
 
 
-@dataclass
+@dataclass(frozen=True)
 class PatchSettings:
+    """RDED-style patch initialisation of a set with ``ipc`` images per class (``recover.init.*``).
+
+    Each image takes ``factor²`` candidate crops, so a class needs ``ipc × factor²`` distinct candidates:
+    the band of that many in score order (lowest CE for ``easy``, the middle for ``medium``, highest for
+    ``hard``) is chosen once per class and dealt out to the IPC indices, so no two images start alike.
+    """
+
+    ipc: int
     difficulty: str = "medium"
     factor: int = 1
-    candidates: int = 50
+    candidates: int = 100
     scale: tuple[float, float] = (0.5, 1.0)
+
+    def __post_init__(self) -> None:
+        if self.difficulty not in DIFFICULTIES:
+            raise ValueError(f"recover.init.difficulty={self.difficulty!r}; choose from {', '.join(DIFFICULTIES)}")
+        if self.factor < 1:
+            raise ValueError(f"recover.init.factor={self.factor} must be >= 1 (f x f crops per image)")
+        if self.candidates < self.needed:
+            raise ValueError(
+                f"recover.init.candidates={self.candidates} is too few for ipc={self.ipc} with "
+                f"recover.init.factor={self.factor}: every image needs {self.factor}² distinct crops, "
+                f"so raise recover.init.candidates to at least {self.needed}"
+            )
+
+    @property
+    def needed(self) -> int:
+        """Distinct candidate crops one class uses: ``ipc × factor²``."""
+        return self.ipc * self.factor * self.factor
+
+
+def difficulty_band(scores: torch.Tensor, settings: PatchSettings) -> torch.Tensor:
+    """Candidate indices of one class for every IPC index: ``(ipc, factor²)``, all distinct.
+
+    Candidates are sorted by committee cross-entropy (stable, so ties keep their draw order) and the
+    ``settings.needed`` of them in the difficulty's band are taken; IPC index ``i`` gets the ``i``-th run
+    of ``factor²`` inside the band.
+    """
+    n, needed = len(scores), settings.needed
+    if needed > n:
+        raise ValueError(f"recover.init.candidates={n} is too few; raise it to at least {needed}")
+    start = {"easy": 0, "medium": (n - needed) // 2, "hard": n - needed}[settings.difficulty]
+    order = torch.argsort(scores, stable=True)
+    return order[start : start + needed].reshape(settings.ipc, settings.factor**2)
 
 
 class Initializer:
@@ -54,13 +94,16 @@ class Initializer:
             raise ValueError(f"recover.init.mode={mode!r}; choose from {INIT_MODES}")
         if mode != "gaussian" and real is None:
             raise ValueError(f"recover.init.mode={mode} needs the real training images")
+        if mode == "patches" and patches is None:
+            raise ValueError("recover.init.mode=patches needs PatchSettings (difficulty, factor, candidates, ipc)")
         self.mode, self.seed, self.shape = mode, seed, image_shape
         self.real = real
-        self.patches = patches or PatchSettings()
+        self.patches = patches
         self.committee = committee
         self.cache_dir, self.cache_identity = cache_dir, cache_identity or {}
         self._by_class: dict[int, torch.Tensor] = {}
         self._bank: dict | None = None
+        self._bands: dict[int, torch.Tensor] = {}
 
     def __call__(self, units: Sequence[Unit]) -> torch.Tensor:
         return torch.stack([torch.stack([self.image(u, c) for c in u.classes]) for u in units])
@@ -131,25 +174,20 @@ class Initializer:
             save_tensors(path, self._bank)
         return self._bank
 
+    def patch_candidates(self, class_index: int, ipc_index: int) -> torch.Tensor:
+        """The ``factor²`` candidate indices (into the class's scored bank) that image ``ipc_index`` starts from."""
+        if class_index not in self._bands:
+            self._bands[class_index] = difficulty_band(self._candidate_bank()["scores"][class_index], self.patches)
+        return self._bands[class_index][ipc_index]
+
     def _patch_image(self, class_index: int, ipc_index: int) -> torch.Tensor:
-        bank, p = self._candidate_bank(), self.patches
-        f = p.factor
-        needed = (ipc_index + 1) * f * f
-        order = torch.argsort(bank["scores"][class_index], stable=True)
-        n = len(order)
-        if needed > n:
-            raise ValueError(
-                f"recover.init.candidates={n} is too few for IPC index {ipc_index} with factor {f}; "
-                f"raise it to at least {needed}"
-            )
-        band = {"easy": 0, "medium": (n - needed) // 2, "hard": n - needed}[p.difficulty]
-        chosen = order[band + ipc_index * f * f : band + (ipc_index + 1) * f * f]
+        bank, f = self._candidate_bank(), self.patches.factor
         _c, h, w = self.shape
         tiles = [
             self._patch_pixels(
                 int(bank["sources"][class_index, j]), bank["boxes"][class_index, j].tolist(), (h // f, w // f)
             )
-            for j in chosen
+            for j in self.patch_candidates(class_index, ipc_index).tolist()
         ]
         rows = [torch.cat(tiles[r * f : (r + 1) * f], dim=-1) for r in range(f)]
         mosaic = torch.cat(rows, dim=-2)

@@ -1,11 +1,14 @@
 """Results of ``evaluate.py`` → a markdown table of mean ± std and a top-1-vs-IPC plot.
 
-    python -m cvdd.report artifacts/fashion_mnist/results            # prints the table
+    python -m cvdd.report artifacts/fashion_mnist/results            # prints the table (final top-1)
+    python -m cvdd.report artifacts/fashion_mnist/results --metric best  # best top-1 over the evaluations
     python -m cvdd.report logs/evaluate/multiruns/<stamp> --out report # + report/summary.{md,png}
 
 Every ``*.json`` below the folder that is an evaluate result (it has ``test_top1``) counts. Runs are
 grouped by (dataset, student, label mode, method, IPC); seeds of a group are averaged, with the
-sample standard deviation. The same tool serves the CPU benchmark, paper-scale runs and sweeps.
+sample standard deviation. ``final`` is the student's top-1 after its last epoch; ``best`` the highest
+of its periodic evaluations (``validate.eval_every``) and the final one, as the released CV-DD code
+reports. Every table says which. The same tool serves the CPU benchmark, paper-scale runs and sweeps.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 from cvdd.artifacts import atomic_write
 
 Reference = Mapping[str, Mapping[int, float]]  # published rows: name → {IPC: top-1}
+METRICS = {"final": "test_top1", "best": "test_top1_best"}  # what a table reports → the result's field
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,8 @@ class Group:
     ipc: int
     top1: tuple[float, ...]
     seeds: tuple[int, ...]
+    metric: str = "final"
+    eval_every: tuple[int, ...] = ()  # evaluation intervals behind a ``best`` value
 
     @property
     def mean(self) -> float:
@@ -72,17 +78,40 @@ def labels_of(record: dict) -> str:
     return f"{record['labels']} top-{record['label_topk']}" if record.get("label_topk") else str(record["labels"])
 
 
-def summarise(records: Iterable[dict]) -> list[Group]:
-    """Groups sorted by setting, method, IPC; a seed evaluated twice counts once (the newest result)."""
+def summarise(records: Iterable[dict], metric: str = "final") -> list[Group]:
+    """Groups sorted by setting, method, IPC; a seed evaluated twice counts once (the newest result).
+
+    ``metric``: ``final`` or ``best`` top-1; results that predate the ``best`` record are left out of it.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"metric={metric!r}; choose from {', '.join(METRICS)}")
+    field = METRICS[metric]
     by_key: dict[tuple, dict[int, dict]] = defaultdict(dict)
     for r in sorted(records, key=lambda r: r.get("created", "")):
+        if field not in r:
+            continue
         key = (r["dataset"], r["student"], labels_of(r), method_of(r), int(r["ipc"]))
         by_key[key][int(r["seed"])] = r
     groups = [
-        Group(*key, top1=tuple(seeds[s]["test_top1"] for s in sorted(seeds)), seeds=tuple(sorted(seeds)))
+        Group(
+            *key,
+            top1=tuple(seeds[s][field] for s in sorted(seeds)),
+            seeds=tuple(sorted(seeds)),
+            metric=metric,
+            eval_every=tuple(sorted({int(r["eval_every"]) for r in seeds.values() if "eval_every" in r})),
+        )
         for key, seeds in by_key.items()
     ]
     return sorted(groups, key=lambda g: (g.dataset, g.student, g.labels, g.method, g.ipc))
+
+
+def metric_phrase(groups: Sequence[Group]) -> str:
+    """What the numbers are: the final top-1, or the best of evaluations every N epochs and the final one."""
+    if not groups or groups[0].metric == "final":
+        return "final test top-1 (%, after the last epoch)"
+    every = sorted({e for g in groups for e in g.eval_every})
+    interval = "/".join(str(e) for e in every) or "?"
+    return f"best test top-1 (%, highest of the evaluations every {interval} epochs and the final one)"
 
 
 def settings(groups: Sequence[Group]) -> dict[tuple[str, str, str], list[Group]]:
@@ -108,7 +137,7 @@ def markdown_table(
         methods += sorted({g.method for g in members} - set(methods))
         cells = {(g.method, g.ipc): g.cell() for g in members}
         lines = [
-            f"**{dataset}**, student `{student}`, `{labels}` labels — test top-1 (%), mean ± std over seeds",
+            f"**{dataset}**, student `{student}`, `{labels}` labels — {metric_phrase(members)}, mean ± std over seeds",
             "",
             "| method | " + " | ".join(f"IPC {i}" for i in ipcs) + " |",
             "|---|" + "---|" * len(ipcs),
@@ -154,7 +183,7 @@ def plot(groups: Sequence[Group], path: Path, title: str = "", reference: Refere
     ax.set_xscale("log")
     ax.set_xticks(ipcs, [str(i) for i in ipcs])
     ax.set_xlabel("images per class (IPC)")
-    ax.set_ylabel("student test top-1 (%)")
+    ax.set_ylabel(f"student test top-1 (%, {groups[0].metric if groups else 'final'})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     if title:
@@ -165,9 +194,11 @@ def plot(groups: Sequence[Group], path: Path, title: str = "", reference: Refere
     return path
 
 
-def write_report(folder: Path, out: Path | None = None, title: str = "", method_order: Sequence[str] = ()) -> str:
+def write_report(
+    folder: Path, out: Path | None = None, title: str = "", method_order: Sequence[str] = (), metric: str = "final"
+) -> str:
     """Summarise ``folder``; with ``out``, also write ``summary.md`` and ``summary.png`` there."""
-    groups = summarise(load_results(folder))
+    groups = summarise(load_results(folder), metric)
     table = markdown_table(groups, method_order)
     if out is not None and groups:
         out.mkdir(parents=True, exist_ok=True)
@@ -182,8 +213,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("folder", type=Path, help="folder holding evaluate results (*.json), searched recursively")
     parser.add_argument("--out", type=Path, default=None, help="write summary.md and summary.png here")
     parser.add_argument("--title", default="", help="title of the markdown file and the plot")
+    parser.add_argument(
+        "--metric", choices=sorted(METRICS), default="final", help="final top-1 (default) or the best evaluation"
+    )
     args = parser.parse_args(argv)
-    print(write_report(args.folder, args.out, args.title), end="")
+    print(write_report(args.folder, args.out, args.title, metric=args.metric), end="")
 
 
 if __name__ == "__main__":

@@ -26,11 +26,29 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     )
 
 
+def decay_groups(net: nn.Module, weight_decay: float, decay_all: bool = False) -> list[dict]:
+    """AdamW parameter groups: weight decay on weight matrices and kernels only (``ndim > 1``), none on
+    BatchNorm/LayerNorm parameters and biases, as the released SRe2L/CV-DD post-training does;
+    ``decay_all`` decays every parameter."""
+    params = [p for p in net.parameters() if p.requires_grad]
+    if decay_all:
+        return [{"params": params, "weight_decay": weight_decay}]
+    return [
+        {"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+    ]
+
+
 class StudentModule(L.LightningModule):
     """Each Lightning epoch is one plan epoch; batch ``b`` of it is the plan's ``b``-th augmented batch.
 
     With ``soft_labels`` the loss is the KL divergence to the teachers' logits for that exact batch;
     without, cross-entropy on the class labels mixed by the batch's CutMix/MixUp λ (hard-label baseline).
+    A planned batch is forwarded as ``micro_batches`` slices of ``batch_size / micro_batches`` images
+    (student BatchNorm sees each slice alone), each slice's loss divided by ``micro_batches``, and the
+    optimiser steps once per planned batch: the released code's "gradient accumulation".
+    Every test evaluation is kept in ``evaluations`` (epochs trained so far, top-1 %), so the best can be
+    reported beside the final one.
     """
 
     def __init__(
@@ -45,14 +63,22 @@ class StudentModule(L.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 0.01,
         stretch: float = 1.0,
+        micro_batches: int = 1,
+        decay_all: bool = False,
     ):
         super().__init__()
+        if micro_batches < 1 or plan.batch_size % micro_batches:
+            raise ValueError(
+                f"validate.micro_batches={micro_batches} must be >= 1 and divide the planned batch "
+                f"(relabel.batch_size={plan.batch_size})"
+            )
         self.save_hyperparameters(ignore=["net", "images", "targets", "plan", "soft_labels"])
         self.net = net
         self.register_buffer("images", images, persistent=False)
         self.register_buffer("targets", targets, persistent=False)
         self.plan, self.soft_labels = plan, soft_labels
         self.val_top1 = topk_accuracy(num_classes, 1)
+        self.evaluations: list[tuple[int, float]] = []
         self._epoch: tuple[int, list[BatchPlan]] | None = None
 
     def planned(self, epoch: int, batch_index: int) -> BatchPlan:
@@ -64,22 +90,40 @@ class StudentModule(L.LightningModule):
         epoch, b = self.current_epoch, int(batch_index)
         plan = self.planned(epoch, b)
         x = apply_batch(self.images, plan)
-        logits = self.net(x)
         if self.soft_labels is not None:
-            loss = kd_loss(logits, self.soft_labels(epoch, b, plan, x).to(logits.device), self.hparams.temperature)
+            teacher = self.soft_labels(epoch, b, plan, x).to(x.device)
         else:
             y = self.targets[plan.indices.to(self.targets.device)]
-            loss = plan.lam * F.cross_entropy(logits, y) + (1 - plan.lam) * F.cross_entropy(logits, y[plan.permutation])
+            y_mix = y[plan.permutation.to(y.device)]
+        micro = self.hparams.micro_batches
+        size = self.plan.batch_size // micro
+        loss = x.new_zeros(())
+        for start in range(0, len(x), size):
+            part = slice(start, start + size)
+            logits = self.net(x[part])
+            if self.soft_labels is not None:
+                term = kd_loss(logits, teacher[part], self.hparams.temperature)
+            else:
+                term = plan.lam * F.cross_entropy(logits, y[part]) + (1 - plan.lam) * F.cross_entropy(
+                    logits, y_mix[part]
+                )
+            loss = loss + term / micro
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
     def validation_step(self, batch, _: int) -> None:
         images, labels = batch
-        self.val_top1(self.net(images), labels)
-        self.log("val/top1", self.val_top1, prog_bar=True)
+        self.val_top1.update(self.net(images), labels)
+
+    def on_validation_epoch_end(self) -> None:
+        top1 = 100.0 * float(self.val_top1.compute())
+        self.val_top1.reset()
+        self.evaluations.append((int(self.current_epoch) + 1, top1))
+        self.log("val/top1", top1, prog_bar=True)
 
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.net.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        groups = decay_groups(self.net, self.hparams.weight_decay, self.hparams.decay_all)
+        optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr)
         total = int(self.trainer.estimated_stepping_batches)
         scheduler = cosine_schedule(optimizer, total_steps=total, stretch=self.hparams.stretch)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

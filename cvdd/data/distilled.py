@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -25,11 +26,26 @@ def safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "class"
 
 
+IMAGE_FORMATS = ("png", "float")
+
+
 def to_pixels(images: torch.Tensor, mean, std) -> torch.Tensor:
-    """Normalised (N, C, H, W) → uint8 pixels."""
+    """Normalised (N, C, H, W) → uint8 pixels (rounded to the nearest level, not truncated)."""
     mean = torch.tensor(mean).view(1, -1, 1, 1)
     std = torch.tensor(std).view(1, -1, 1, 1)
     return ((images.float().cpu() * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def from_pixels(pixels: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 (N, C, H, W) → normalised float32, the inverse of :func:`to_pixels` up to rounding."""
+    mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    return (pixels.float() / 255 - mean) / std
+
+
+def png_path(folder: Path, label: int, ipc_index: int, class_names: list[str]) -> Path:
+    """``<class idx>_<class name>/<ipc idx>.png``: the ImageFolder layout of an exported set."""
+    return folder / f"{label:04d}_{safe_name(class_names[label])}" / f"{ipc_index:04d}.png"
 
 
 @dataclass(frozen=True)
@@ -54,15 +70,30 @@ class DistilledArtifact(NamedArtifact):
 def write_pngs(
     folder: Path, pixels: torch.Tensor, labels: torch.Tensor, ipc_index: torch.Tensor, class_names: list[str]
 ) -> None:
-    """Images as ``<class idx>_<class name>/<ipc idx>.png`` (grey or RGB)."""
-    for img, label, i in zip(pixels, labels.tolist(), ipc_index.tolist(), strict=False):
-        sub = folder / f"{label:04d}_{safe_name(class_names[label])}"
-        sub.mkdir(parents=True, exist_ok=True)
+    """Images as ``<class idx>_<class name>/<ipc idx>.png`` (grey or RGB), each written atomically."""
+    for img, label, i in zip(pixels, labels.tolist(), ipc_index.tolist(), strict=True):
+        path = png_path(folder, label, i, class_names)
+        path.parent.mkdir(parents=True, exist_ok=True)
         array = img.permute(1, 2, 0).numpy()
-        mode_image = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
-        tmp = sub / f".{i:04d}.png.tmp"
-        mode_image.save(tmp, format="PNG")
-        tmp.replace(sub / f"{i:04d}.png")
+        tmp = path.with_name(f".{path.name}.tmp")
+        Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(tmp, format="PNG")
+        tmp.replace(path)
+
+
+def read_pngs(folder: Path, labels: torch.Tensor, ipc_index: torch.Tensor, class_names: list[str]) -> torch.Tensor:
+    """The exported PNGs of a set as uint8 (N, C, H, W), in the order of ``labels``/``ipc_index``."""
+    images = []
+    for label, i in zip(labels.tolist(), ipc_index.tolist(), strict=True):
+        path = png_path(folder, label, i, class_names)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} is missing from the distilled set; distilled.format=png reads the exported PNGs. "
+                f"Restore it (python distill.py ... overwrite=true rewrites the set) or use distilled.format=float"
+            )
+        with Image.open(path) as image:
+            array = torch.from_numpy(np.array(image))
+        images.append(array.unsqueeze(0) if array.ndim == 2 else array.permute(2, 0, 1))
+    return torch.stack(images)
 
 
 def save_set(artifact: DistilledArtifact, images: torch.Tensor, labels: torch.Tensor, ipc_index: torch.Tensor) -> None:
@@ -77,11 +108,20 @@ class DistilledSet:
     manifest: dict
 
 
-def read_distilled(artifact: DistilledArtifact) -> DistilledSet:
+def read_distilled(artifact: DistilledArtifact, image_format: str, mean, std) -> DistilledSet:
+    """The set's images as a student will see them: ``png`` = the exported uint8 files, normalised with
+    ``mean``/``std``; ``float`` = ``images.pt`` exactly as recover left it."""
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"distilled.format={image_format!r}; choose from {', '.join(IMAGE_FORMATS)}")
     if not artifact.complete():
         raise FileNotFoundError(
             f"distilled set {artifact.folder} is missing or incomplete (no manifest.json); produce it with: "
             f"python distill.py dataset={artifact.dataset} name={artifact.name} ..."
         )
     data = torch.load(artifact.tensors, weights_only=True)
-    return DistilledSet(data["images"], data["labels"], data["ipc_index"], load_json(artifact.manifest))
+    manifest = load_json(artifact.manifest)
+    images = data["images"]
+    if image_format == "png":
+        pixels = read_pngs(artifact.folder, data["labels"], data["ipc_index"], manifest["class_names"])
+        images = from_pixels(pixels, mean, std)
+    return DistilledSet(images, data["labels"], data["ipc_index"], manifest)

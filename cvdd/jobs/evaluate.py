@@ -23,15 +23,22 @@ from cvdd.metrics import evaluate_classifier
 from cvdd.student import StudentModule
 
 
-def offline_labels(cfg: DictConfig, root: Path, name: str, checksum: str):
+def offline_labels(cfg: DictConfig, root: Path, name: str, checksum: str, images_fingerprint: str | None = None):
     artifact = label_artifact(cfg, root, name)
     if not artifact.manifest.is_file():
         raise FileNotFoundError(
             f"no soft labels at {artifact.folder}; make them with:\n  python relabel.py "
-            f"dataset={cfg.dataset.name} ipc={cfg.ipc} seed={cfg.seed} distilled={cfg.distilled} name={name}\n"
+            f"dataset={cfg.dataset.name} ipc={cfg.ipc} seed={cfg.seed} distilled={cfg.distilled.kind} "
+            f"distilled.format={cfg.distilled.format} name={name}\n"
             f"(with the same relabel.* settings) or use labels=online"
         )
     manifest = load_json(artifact.manifest)
+    if images_fingerprint is not None and manifest.get("images_fingerprint") != images_fingerprint:
+        raise ValueError(
+            f"labels in {artifact.folder} were computed on other images (distilled.format="
+            f"{manifest.get('images_format')} or an older set) than the {cfg.distilled.format} images read here; "
+            f"relabel them: python relabel.py ... distilled.format={cfg.distilled.format} overwrite=true"
+        )
     if manifest["plan_checksum"] != checksum:
         raise ValueError(
             f"labels in {artifact.folder} were made for another epoch plan (checksum "
@@ -64,7 +71,7 @@ def method_label(cfg: DictConfig) -> str:
     """What the report groups by: ``cfg.method`` if set, else ``random_real`` or the committee's name."""
     if cfg.get("method"):
         return str(cfg.method)
-    return "random_real" if cfg.distilled == "random_real" else str(cfg.committee.name)
+    return "random_real" if cfg.distilled.kind == "random_real" else str(cfg.committee.name)
 
 
 def result_filename(cfg: DictConfig, name: str, topk: int | None) -> str:
@@ -74,6 +81,7 @@ def result_filename(cfg: DictConfig, name: str, topk: int | None) -> str:
     recipe = {
         "validate": OmegaConf.to_container(cfg.validate, resolve=True),
         "relabel": OmegaConf.to_container(cfg.relabel, resolve=True),
+        "distilled": OmegaConf.to_container(cfg.distilled, resolve=True),
         "student": cfg.student,
         "labels": cfg.labels,
         "seed": int(cfg.seed),
@@ -91,7 +99,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if cfg.validate.epochs > plan.epochs:
         raise ValueError(f"validate.epochs={cfg.validate.epochs} exceeds the label plan's relabel.epochs={plan.epochs}")
     if cfg.labels == "offline":
-        soft, label_info = offline_labels(cfg, root, name, plan.checksum())
+        soft, label_info = offline_labels(cfg, root, name, plan.checksum(), chosen.fingerprint)
     elif cfg.labels == "online":
         soft, label_info = online_labels(cfg, root, data.classes)
     elif cfg.labels == "hard":
@@ -104,7 +112,18 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     net = instantiate(model_cfg.net, num_classes=spec.num_classes, image_size=spec.image_size, in_chans=spec.channels)
     v = cfg.validate
     module = StudentModule(
-        net, images, targets, plan, spec.num_classes, soft, v.temperature, v.lr, v.weight_decay, v.stretch
+        net,
+        images,
+        targets,
+        plan,
+        spec.num_classes,
+        soft,
+        v.temperature,
+        v.lr,
+        v.weight_decay,
+        v.stretch,
+        int(v.micro_batches),
+        bool(v.decay_all),
     )
     test_set = data.view("test")
     test_loader = DataLoader(test_set, batch_size=256, num_workers=cfg.hardware.num_workers)
@@ -119,16 +138,23 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         if not trainer.is_global_zero:
             return {}
         test = evaluate_classifier(net, test_loader, spec.num_classes, trainer.strategy.root_device)
+        curve = [*module.evaluations, (int(v.epochs), test["top1"])]
+        best_epoch, best = max(curve, key=lambda point: point[1])
         result = {
             "name": name,
             "method": method_label(cfg),
             "dataset": cfg.dataset.name,
-            "distilled": cfg.distilled,
+            "distilled": cfg.distilled.kind,
+            "images_format": chosen.image_format,
             "ipc": int(cfg.ipc),
             "student": cfg.student,
             "labels": cfg.labels,
             "seed": int(cfg.seed),
             "test_top1": test["top1"],
+            "test_top1_best": best,
+            "test_top1_best_epoch": best_epoch,
+            "eval_every": int(v.eval_every),
+            "test_top1_curve": [[epoch, top1] for epoch, top1 in module.evaluations],
             "test_top5": test["top5"],
             "test_samples": test["samples"],
             "epochs": int(v.epochs),
@@ -143,7 +169,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         save_json(out, result)
         save_json(Path(cfg.paths.output_dir) / "result.json", result)  # this run's (and sweep's) record
         log.info(
-            "student %s on %s (%s labels): test top-1 %.2f%% -> %s", cfg.student, name, cfg.labels, test["top1"], out
+            "student %s on %s (%s labels, %s images): test top-1 %.2f%% final, %.2f%% best (after %d epochs) -> %s",
+            cfg.student,
+            name,
+            cfg.labels,
+            chosen.image_format,
+            test["top1"],
+            best,
+            best_epoch,
+            out,
         )
         return result
     finally:

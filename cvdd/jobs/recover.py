@@ -23,7 +23,7 @@ from cvdd.data import get_spec, load_dataset
 from cvdd.data.distilled import DistilledArtifact, save_set, to_pixels, write_pngs
 from cvdd.distributed import HydraDDPStrategy
 from cvdd.grid import distilled_grid, save_image_atomic
-from cvdd.init import Initializer, PatchSettings
+from cvdd.init import INIT_MODES, Initializer, PatchSettings
 from cvdd.jobs.common import build_trainer, finish_loggers, log
 from cvdd.jobs.squeeze import dataset_identity
 from cvdd.recover import RecoverModule, RecoverSettings, Unit, class_blocks, plan_waves
@@ -124,8 +124,19 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def patch_settings(cfg: DictConfig) -> PatchSettings | None:
+    """``recover.init`` checked before any work starts (mode, and for patches difficulty/factor/candidates)."""
+    init = cfg.recover.init
+    if init.mode not in INIT_MODES:
+        raise ValueError(f"recover.init.mode={init.mode!r}; choose from {', '.join(INIT_MODES)}")
+    if init.mode != "patches":
+        return None
+    return PatchSettings(int(cfg.ipc), str(init.difficulty), int(init.factor), int(init.candidates), tuple(init.scale))
+
+
 def distill(cfg: DictConfig) -> dict[str, Any]:
     """Run recover for ``cfg`` and return the manifest (empty on ranks other than 0)."""
+    patches = patch_settings(cfg)
     spec = get_spec(cfg.dataset.name)
     data = load_dataset(cfg.dataset)
     ensure_teachers(cfg)
@@ -170,7 +181,7 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
         int(cfg.seed),
         (spec.channels, spec.image_size, spec.image_size),
         real=real,
-        patches=PatchSettings(init.difficulty, int(init.factor), int(init.candidates), tuple(init.scale)),
+        patches=patches,
         committee=committee,
         cache_dir=root / cfg.dataset.name / "patches",
         cache_identity={"dataset": dataset_identity(cfg.dataset), "teachers": teacher_hashes},

@@ -47,9 +47,11 @@ class LabelArtifact(NamedArtifact):
 
 
 def label_artifact(cfg: DictConfig, root: Path, set_name: str) -> LabelArtifact:
-    """Labels live under the set's name; top-k storage gets its own folder (``<set>_top<k>``) beside dense ones."""
+    """Labels live under the set's name; labels of the full-precision images (``<set>_float``) and top-k
+    storage (``<set>_top<k>``) get their own folders beside the default ones."""
+    name = set_name + ("_float" if cfg.distilled.format == "float" else "")
     topk = cfg.relabel.get("topk")
-    return LabelArtifact(root, cfg.dataset.name, f"{set_name}_top{topk}" if topk else set_name)
+    return LabelArtifact(root, cfg.dataset.name, f"{name}_top{topk}" if topk else name)
 
 
 def relabel_teachers(cfg: DictConfig) -> list[str]:
@@ -150,6 +152,8 @@ def relabel(cfg: DictConfig) -> dict[str, Any]:
             "name": name,
             "dataset": cfg.dataset.name,
             "classes": classes,
+            "images_format": chosen.image_format,
+            "images_fingerprint": chosen.fingerprint,
             "teachers": weights,
             "plan_seed": int(cfg.seed),
             "plan_checksum": plan.checksum(),

@@ -13,8 +13,8 @@ import torch
 from omegaconf import DictConfig
 
 from cvdd.artifacts import fingerprint
-from cvdd.data import load_dataset
-from cvdd.data.distilled import DistilledArtifact, read_distilled
+from cvdd.data import get_spec, load_dataset
+from cvdd.data.distilled import IMAGE_FORMATS, DistilledArtifact, from_pixels, read_distilled, to_pixels
 from cvdd.jobs.recover import distilled_name
 from cvdd.jobs.squeeze import dataset_identity
 from cvdd.seeding import derive_seed
@@ -28,7 +28,8 @@ class StudentSet:
     images: torch.Tensor  # normalised (N, C, H, W), class-major
     labels: torch.Tensor
     classes: list[str]
-    fingerprint: str  # identifies the images; label files record it
+    fingerprint: str  # identifies the images (set and format); label files record it
+    image_format: str  # png (uint8 pixels, as shipped) or float (full precision)
 
 
 def random_real_images(cfg: DictConfig, data) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,15 +48,29 @@ def random_real_images(cfg: DictConfig, data) -> tuple[torch.Tensor, torch.Tenso
 
 
 def student_set(cfg: DictConfig, root: Path, data=None) -> StudentSet:
-    """``cfg.distilled``: ``synthetic`` (the set named as distill.py names it) or ``random_real``."""
-    if cfg.distilled == "synthetic":
+    """``cfg.distilled.kind``: ``synthetic`` (the set named as distill.py names it) or ``random_real``, in
+    ``cfg.distilled.format``: ``png`` (uint8 pixels, what a shipped set holds) or ``float``."""
+    kind, image_format = cfg.distilled.kind, cfg.distilled.format
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"distilled.format={image_format!r}; choose from {', '.join(IMAGE_FORMATS)}")
+    spec = get_spec(cfg.dataset.name)
+    if kind == "synthetic":
         name = distilled_name(cfg)
-        found = read_distilled(DistilledArtifact(root, cfg.dataset.name, name))
+        found = read_distilled(DistilledArtifact(root, cfg.dataset.name, name), image_format, spec.mean, spec.std)
         manifest = found.manifest
-        return StudentSet(name, found.images, found.labels, manifest["classes"], manifest["fingerprint"])
-    if cfg.distilled == "random_real":
+        identity = fingerprint({"set": manifest["fingerprint"], "format": image_format})
+        return StudentSet(name, found.images, found.labels, manifest["classes"], identity, image_format)
+    if kind == "random_real":
         data = data if data is not None else load_dataset(cfg.dataset)
         images, labels = random_real_images(cfg, data)
-        recipe = {"random_real": int(cfg.ipc), "seed": int(cfg.seed), "dataset": dataset_identity(cfg.dataset)}
-        return StudentSet(f"random_real_ipc{cfg.ipc}_s{cfg.seed}", images, labels, data.classes, fingerprint(recipe))
-    raise ValueError(f"distilled={cfg.distilled!r}; choose one of {', '.join(KINDS)}")
+        if image_format == "png":
+            images = from_pixels(to_pixels(images, spec.mean, spec.std), spec.mean, spec.std)
+        recipe = {
+            "random_real": int(cfg.ipc),
+            "seed": int(cfg.seed),
+            "dataset": dataset_identity(cfg.dataset),
+            "format": image_format,
+        }
+        name = f"random_real_ipc{cfg.ipc}_s{cfg.seed}"
+        return StudentSet(name, images, labels, data.classes, fingerprint(recipe), image_format)
+    raise ValueError(f"distilled={kind!r}; choose one of {', '.join(KINDS)} (conf/distilled/)")

@@ -1,0 +1,87 @@
+"""Patch initialisation: every image of a class starts from its own candidates, in the difficulty's band."""
+
+from __future__ import annotations
+
+from itertools import combinations
+from pathlib import Path
+
+import pytest
+import torch
+
+from cvdd.committee import load_committee
+from cvdd.data import load_dataset
+from cvdd.init import DIFFICULTIES, Initializer, PatchSettings, difficulty_band
+from cvdd.jobs.recover import distill
+from cvdd.recover import Unit, class_blocks
+
+IPC = 10
+
+
+@pytest.mark.parametrize("factor", [1, 2])
+@pytest.mark.parametrize("ipc", [1, 10, 50])
+def test_difficulty_bands_are_distinct_and_ordered(ipc: int, factor: int):
+    scores = torch.rand(400, generator=torch.Generator().manual_seed(ipc * 10 + factor))
+    mean = {}
+    for difficulty in DIFFICULTIES:
+        band = difficulty_band(scores, PatchSettings(ipc, difficulty, factor, candidates=400))
+        assert band.shape == (ipc, factor * factor)
+        assert len(band.flatten().unique()) == ipc * factor * factor, "a candidate is used twice"
+        mean[difficulty] = scores[band].mean()
+    assert mean["easy"] < mean["medium"] < mean["hard"]
+
+
+@pytest.fixture(scope="module")
+def digits_committee(teachers: Path):
+    data = load_dataset({"name": "digits", "test_fraction": 0.2, "split_seed": 0})
+    members = sorted(p.stem for p in teachers.glob("*.ckpt"))
+    committee = load_committee(teachers.parents[1], "digits", members, data.classes, None, 10.0)
+    return data, committee
+
+
+@pytest.mark.parametrize("factor", [1, 2])
+def test_every_image_of_a_class_starts_from_its_own_patches(digits_committee, tmp_path: Path, factor: int):
+    """With the committee's real scores: IPC indices of one class never share a candidate (nor pixels),
+    and the easy band scores lower than the medium band, which scores lower than the hard band."""
+    data, committee = digits_committee
+    units = [Unit(i, b, classes, (), (), i) for i in range(IPC) for b, classes in enumerate(class_blocks(10, 10))]
+    mean_score = {}
+    for difficulty in DIFFICULTIES:
+        init = Initializer(
+            "patches",
+            0,
+            (1, 16, 16),
+            real=data.view("train"),
+            patches=PatchSettings(IPC, difficulty, factor, candidates=100),
+            committee=committee,
+            cache_dir=tmp_path,  # scored once, reused by the other difficulties
+        )
+        images = init(units)  # (IPC, classes, C, H, W)
+        scores = init._candidate_bank()["scores"]
+        used = []
+        for c in range(10):
+            chosen = [init.patch_candidates(c, i) for i in range(IPC)]
+            flat = torch.cat(chosen)
+            assert len(flat.unique()) == IPC * factor * factor, f"class {c}: a candidate starts two images"
+            for a, b in combinations(range(IPC), 2):
+                assert not torch.equal(images[a, c], images[b, c]), f"class {c}: IPC {a} and {b} start alike"
+            used.append(scores[c, flat])
+        mean_score[difficulty] = torch.cat(used).mean()
+    assert mean_score["easy"] < mean_score["medium"] < mean_score["hard"]
+
+
+def test_patch_settings_are_checked_with_the_key_to_fix():
+    with pytest.raises(ValueError, match=r"recover\.init\.difficulty='medum'.*easy, medium, hard"):
+        PatchSettings(10, "medum")
+    with pytest.raises(ValueError, match=r"raise recover\.init\.candidates to at least 200"):
+        PatchSettings(50, "medium", factor=2, candidates=100)
+    with pytest.raises(ValueError, match=r"recover\.init\.factor=0"):
+        PatchSettings(10, "medium", factor=0)
+
+
+def test_distill_rejects_a_bad_difficulty_before_any_work(make_cfg, tmp_path: Path):
+    """No teachers exist here: the config error must come first, not a squeeze or a missing-teacher error."""
+    with pytest.raises(ValueError, match=r"recover\.init\.difficulty"):
+        distill(make_cfg("distill", "recover.init.difficulty=medum", "committee.train_missing=false"))
+    with pytest.raises(ValueError, match=r"recover\.init\.mode='noise'"):
+        distill(make_cfg("distill", "recover.init.mode=noise", "committee.train_missing=false"))
+    assert not (tmp_path / "artifacts").exists()
