@@ -19,10 +19,10 @@ from cvdd.jobs.common import instantiate_named
 from cvdd.squeeze import TeacherModule
 
 GROUPS = {
-    "train": ["dataset", "model", "hardware", "logger"],
+    "train": ["dataset", "model", "hardware", "logger", "experiment"],
     "distill": ["dataset", "committee", "hardware", "logger", "experiment"],
-    "relabel": ["dataset", "committee", "hardware", "logger"],
-    "evaluate": ["dataset", "committee", "hardware", "logger"],
+    "relabel": ["dataset", "committee", "hardware", "logger", "distilled", "experiment"],
+    "evaluate": ["dataset", "committee", "hardware", "logger", "distilled", "experiment"],
 }
 
 

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from cvdd.augment import apply_batch
+from cvdd.data import get_spec
+from cvdd.data.distilled import DistilledArtifact, read_distilled, to_pixels
 from cvdd.jobs.evaluate import evaluate, offline_labels, online_labels
 from cvdd.jobs.recover import distill
 from cvdd.jobs.relabel import build_plan, relabel
@@ -55,6 +57,11 @@ def test_chain_on_digits_writes_results_and_checks_the_plan(make_cfg, labelled: 
     on_disk = json.loads(out.read_text())
     assert on_disk["test_samples"] == 360 and on_disk["epochs"] == 3 and on_disk["labels"] == "offline"
     assert on_disk["test_top1"] == result["test_top1"] and 0 <= result["test_top1"] <= 100
+    curve = result["test_top1_curve"]
+    assert [epoch for epoch, _ in curve] == [1, 2, 3] and curve[-1][1] == pytest.approx(result["test_top1"])
+    assert result["test_top1_best"] == max(top1 for _, top1 in curve) and result["eval_every"] == 1
+    assert curve[result["test_top1_best_epoch"] - 1][1] == result["test_top1_best"]
+    assert result["images_format"] == "png"
     with pytest.raises(ValueError, match="another epoch plan"):
         evaluate(make_cfg("evaluate", *PLAN, "seed=1", "name=small_ipc2_real_s0", "logger=none"))
     (labelled / "artifacts/digits/labels/small_ipc2_real_s0/manifest.json").unlink()
@@ -105,3 +112,24 @@ def test_random_real_gets_the_same_offline_soft_labels(make_cfg, workdir: Path):
     assert result["method"] == "random_real" and result["labels"] == "offline" and result["label_bytes"] > 20
     again = evaluate(make_cfg("evaluate", *PLAN, "distilled=random_real", "logger=none"))
     assert again["test_top1"] == result["test_top1"], "same seed, same student"
+
+
+def test_png_images_are_the_exported_pixels_and_labels_follow_the_format(make_cfg, labelled: Path):
+    spec = get_spec("digits")
+    artifact = DistilledArtifact(labelled / "artifacts", "digits", "small_ipc2_real_s0")
+    stored = torch.load(artifact.tensors, weights_only=True)["images"]
+    png = read_distilled(artifact, "png", spec.mean, spec.std).images
+    assert torch.equal(to_pixels(png, spec.mean, spec.std), to_pixels(stored, spec.mean, spec.std))
+    assert 0 < (png - stored).abs().max() <= 0.5 / 255 / spec.std[0] + 1e-6, "rounded to the nearest level"
+
+    floats = relabel(make_cfg("relabel", *PLAN, "distilled.format=float"))
+    assert (
+        floats["images_format"] == "float" and (labelled / "artifacts/digits/labels/small_ipc2_real_s0_float").is_dir()
+    )
+    result = evaluate(make_cfg("evaluate", *PLAN, "distilled.format=float", "logger=none"))
+    assert result["images_format"] == "float" and result["config"]["distilled"]["format"] == "float"
+
+    # the set changes under its labels (distilled again with other settings): the labels are refused
+    distill(make_cfg("distill", *DISTILL, "recover.iterations=3", "overwrite=true"))
+    with pytest.raises(ValueError, match="computed on other images"):
+        evaluate(make_cfg("evaluate", *PLAN, "logger=none"))

@@ -13,6 +13,8 @@ from hydra.core.global_hydra import GlobalHydra
 from cvdd.augment import apply_batch
 from cvdd.bssl import soft_label_logits
 from cvdd.committee import load_committee
+from cvdd.data import get_spec
+from cvdd.data.distilled import DistilledArtifact, read_distilled
 from cvdd.jobs.recover import distill
 from cvdd.jobs.relabel import build_plan, relabel
 
@@ -42,7 +44,9 @@ def test_relabel_writes_planned_soft_labels_per_epoch(make_cfg, distilled: Path)
     assert sum(manifest["teachers"].values()) == pytest.approx(1.0) and len(manifest["teachers"]) == 5
 
     # the stored labels are the weighted BSSL logits of the planned, augmented batch
-    images = torch.load(distilled / "artifacts/digits/distilled/small_ipc2_real_s0/images.pt")["images"]
+    spec = get_spec("digits")
+    artifact = DistilledArtifact(distilled / "artifacts", "digits", "small_ipc2_real_s0")
+    images = read_distilled(artifact, "png", spec.mean, spec.std).images  # relabel reads the exported PNGs
     classes = json.loads((folder / "manifest.json").read_text())["classes"]
     committee = load_committee(distilled / "artifacts", "digits", list(manifest["teachers"]), classes, None, 1.0)
     batch = plan.epoch(0)[0]

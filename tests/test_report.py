@@ -86,3 +86,18 @@ def test_cli_prints_the_table_and_writes_markdown_and_plot(results: Path, tmp_pa
 def test_missing_folder_names_the_folder(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         write_report(tmp_path / "nowhere")
+
+
+def test_best_metric_reports_the_best_evaluation_and_says_so(tmp_path: Path):
+    rows = [
+        result("cvdd", 10, 0, 80.0, test_top1_best=82.0, eval_every=10),
+        result("cvdd", 10, 1, 78.0, test_top1_best=81.0, eval_every=10),
+        result("cvdd", 10, 2, 77.0),  # written before best was recorded: only in the final table
+    ]
+    final, best = summarise(rows, "final"), summarise(rows, "best")
+    assert final[0].top1 == (80.0, 78.0, 77.0) and best[0].top1 == (82.0, 81.0)
+    assert "final test top-1 (%, after the last epoch)" in markdown_table(final)
+    assert "best test top-1 (%, highest of the evaluations every 10 epochs and the final one)" in markdown_table(best)
+    assert "| cvdd | 81.50 ± 0.71 (n=2) |" in markdown_table(best)
+    with pytest.raises(ValueError, match="metric='top5'"):
+        summarise(rows, "top5")

@@ -25,7 +25,7 @@ from cvdd.artifacts import (
     save_tensors,
 )
 from cvdd.augment import EpochPlan
-from cvdd.committee import Committee, load_committee
+from cvdd.committee import Committee, load_committee, voting_weights
 from cvdd.data import get_spec
 from cvdd.distributed import HydraDDPStrategy
 from cvdd.jobs.common import build_trainer, finish_loggers, log
@@ -70,9 +70,8 @@ def relabel_committee(cfg: DictConfig, root: Path, classes: list[str]) -> tuple[
             )
     priors = OmegaConf.to_container(cfg.committee.priors) if cfg.committee.get("priors") else None
     committee = load_committee(root, cfg.dataset.name, members, classes, priors, first_bn_multiplier=1.0)
-    alpha = torch.tensor([committee.priors[m] for m in members], dtype=torch.float64)
-    weights = dict(zip(members, torch.softmax(alpha / cfg.relabel.temperature, 0).tolist(), strict=True))
-    return committee, weights
+    weights = voting_weights(members, committee.priors, "prior", float(cfg.relabel.temperature), ())
+    return committee, dict(zip(members, weights, strict=True))
 
 
 def build_plan(cfg: DictConfig, num_images: int) -> EpochPlan:

@@ -27,6 +27,7 @@ from cvdd.artifacts import (
 )
 from cvdd.jobs.common import build_trainer, finish_loggers, log
 from cvdd.metrics import evaluate_classifier
+from cvdd.models.pretrained import load_imagenet_weights
 
 LOCATION_KEYS = ("root", "download", "download_root")
 
@@ -44,6 +45,7 @@ def squeeze_recipe(cfg: DictConfig) -> dict[str, Any]:
     return {
         "dataset": dataset_identity(cfg.dataset),
         "model": OmegaConf.to_container(cfg.model.net, resolve=True),
+        "pretrained": bool(cfg.model.get("pretrained", False)),
         "squeeze": OmegaConf.to_container(cfg.squeeze, resolve=True),
         "module": module,
         "seed": int(cfg.seed),
@@ -79,10 +81,22 @@ def squeeze_teacher(cfg: DictConfig) -> dict[str, Any]:
         )
         return existing
 
+    epochs = int(cfg.squeeze.epochs)
+    if epochs < 0 or (epochs == 0 and not recipe["pretrained"]):
+        raise ValueError(
+            f"squeeze.epochs={epochs} trains nothing; give squeeze.epochs > 0, or model.pretrained=true to "
+            f"publish torchvision's ImageNet weights as they are"
+        )
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     spec = datamodule.spec
     net = instantiate(cfg.model.net, num_classes=spec.num_classes, image_size=spec.image_size, in_chans=spec.channels)
+    pretrained = None
+    if recipe["pretrained"]:
+        pretrained = load_imagenet_weights(
+            net, cfg.model.net.name, spec.image_size, spec.channels, cfg.model.net.get("width")
+        )
+        log.info("%s starts from %s (%s)", cfg.model.id, pretrained["weights"], pretrained["file"])
     module = instantiate(cfg.module, net=net)
     work_dir = artifact.work_dir(recipe_hash)
     # monitor=None, save_top_k=1: one rolling checkpoint of the latest epoch, named last.ckpt
@@ -94,7 +108,8 @@ def squeeze_teacher(cfg: DictConfig) -> dict[str, Any]:
 
     started = time.time()
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.is_file() else None)
+        if epochs > 0:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.is_file() else None)
         if trainer.interrupted:
             raise RuntimeError(f"training of {cfg.model.id} was interrupted; run the same command to resume")
         if not trainer.is_global_zero:
@@ -116,6 +131,7 @@ def squeeze_teacher(cfg: DictConfig) -> dict[str, Any]:
             "test_top5": test["top5"],
             "test_samples": test["samples"],
             "epochs": int(trainer.current_epoch),
+            "pretrained": pretrained,
             "seed": int(cfg.seed),
             "wall_seconds": round(time.time() - started, 2),
             "fingerprint": recipe_hash,

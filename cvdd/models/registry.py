@@ -122,8 +122,11 @@ SHUFFLENETV2_CHANNELS = {  # torchvision / Ma et al. 2018 channel tables per wid
 
 
 @register("shufflenetv2")
-def shufflenetv2(num_classes: int, image_size: int, in_chans: int, width: float = 0.5) -> nn.Module:
-    """ShuffleNetV2 at ``width`` (0.5 = the paper's 0.5×); other widths scale the 0.5× table."""
+def shufflenetv2(num_classes: int, image_size: int, in_chans: int, width: float | None = None) -> nn.Module:
+    """ShuffleNetV2 at ``width``; ``None`` is the released CV-DD choice: 0.5× for inputs ≤ 64 px, 1.0× above.
+    Widths without a torchvision table scale the 0.5× table."""
+    if width is None:
+        width = 0.5 if image_size <= SMALL_INPUT_MAX else 1.0
     if width in SHUFFLENETV2_CHANNELS:
         channels = SHUFFLENETV2_CHANNELS[width]
     else:
