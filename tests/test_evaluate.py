@@ -14,6 +14,7 @@ from cvdd.data.distilled import DistilledArtifact, read_distilled, to_pixels
 from cvdd.jobs.evaluate import evaluate, offline_labels, online_labels
 from cvdd.jobs.recover import distill
 from cvdd.jobs.relabel import build_plan, relabel
+from cvdd.jobs.sets import student_set
 from cvdd.student import kd_loss
 
 DISTILL = ("ipc=2", "recover.iterations=2", "recover.init.mode=real", "logger=none")
@@ -40,9 +41,10 @@ def labelled(make_cfg, workdir: Path) -> Path:
 
 def test_offline_labels_equal_online_labels(make_cfg, labelled: Path):
     cfg = make_cfg("evaluate", *PLAN)
-    images = torch.load(labelled / "artifacts/digits/distilled/small_ipc2_real_s0/images.pt")["images"]
+    chosen = student_set(cfg, labelled / "artifacts")
+    images = chosen.images
     plan = build_plan(cfg, len(images))
-    offline, _ = offline_labels(cfg, labelled / "artifacts", "small_ipc2_real_s0", plan.checksum())
+    offline, _ = offline_labels(cfg, labelled / "artifacts", chosen.name, plan.checksum(), chosen.fingerprint)
     online, _ = online_labels(cfg, labelled / "artifacts", [str(i) for i in range(10)])
     for epoch in range(3):
         for b, batch in enumerate(plan.epoch(epoch)):

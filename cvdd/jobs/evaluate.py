@@ -23,7 +23,7 @@ from cvdd.metrics import evaluate_classifier
 from cvdd.student import StudentModule
 
 
-def offline_labels(cfg: DictConfig, root: Path, name: str, checksum: str, images_fingerprint: str | None = None):
+def offline_labels(cfg: DictConfig, root: Path, name: str, checksum: str, images_fingerprint: str):
     artifact = label_artifact(cfg, root, name)
     if not artifact.manifest.is_file():
         raise FileNotFoundError(
@@ -33,7 +33,7 @@ def offline_labels(cfg: DictConfig, root: Path, name: str, checksum: str, images
             f"(with the same relabel.* settings) or use labels=online"
         )
     manifest = load_json(artifact.manifest)
-    if images_fingerprint is not None and manifest.get("images_fingerprint") != images_fingerprint:
+    if manifest.get("images_fingerprint") != images_fingerprint:
         raise ValueError(
             f"labels in {artifact.folder} were computed on other images (distilled.format="
             f"{manifest.get('images_format')} or an older set) than the {cfg.distilled.format} images read here; "
