@@ -134,6 +134,19 @@ def test_train_missing_squeezes_the_committee_first(make_cfg, tmp_path: Path):
     assert manifest["units"][0]["members"] == ["resnet18_small"] and manifest["units"][0]["weights"] == [1.0]
 
 
+def test_squeeze_inside_distill_gets_the_runs_paths_dataset_and_seed(make_cfg, tmp_path: Path):
+    """`distill.py paths.artifacts=<dir>` squeezes into <dir> too, with the run's dataset options and seed."""
+    elsewhere = tmp_path / "elsewhere"
+    cfg = make_cfg(
+        "distill", *FAST, "committee=sre2l_small", "dataset.squeeze.epochs=1", "seed=3", f"paths.artifacts={elsewhere}"
+    )
+    manifest = distill(cfg)
+    record = json.loads((elsewhere / "digits/teachers/resnet18_small.json").read_text())
+    assert record["epochs"] == 1 and record["seed"] == 3
+    assert manifest["name"] == "sre2l_small_ipc2_real_s3"
+    assert {p.name for p in tmp_path.iterdir()} <= {"elsewhere", "run", "wandb"}, "no artifacts outside <dir>"
+
+
 def test_class_order_mismatch_stops_recover(make_cfg, workdir: Path):
     record_path = workdir / "artifacts/digits/teachers/resnet18_small.json"
     record = json.loads(record_path.read_text())

@@ -58,23 +58,45 @@ def ensure_teachers(cfg: DictConfig) -> None:
         squeeze_teacher(compose_train_config(cfg, member))
 
 
+SQUEEZE_KEYS = ("dataset", "paths", "hardware", "seed", "experiment", "trainer.accelerator", "trainer.precision")
+SINGLE_DEVICE = {"ddp": "gpu", "ddp_cpu": "cpu"}  # members are squeezed one at a time, on one device
+
+
+def squeeze_overrides(task_overrides: list[str]) -> list[str]:
+    """The user's overrides of this run that ``train.py`` understands: dataset, paths, hardware (on one
+    device), seed, the preset, precision. Recover's own keys (ipc, recover.*, committee.*) are left out."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    kept = []
+    for text, override in zip(task_overrides, OverridesParser.create().parse_overrides(task_overrides), strict=True):
+        key = override.key_or_group
+        if not any(key == k or key.startswith(k + ".") for k in SQUEEZE_KEYS):
+            continue
+        if key == "hardware":
+            text = f"hardware={SINGLE_DEVICE.get(override.value(), override.value())}"
+        kept.append(text)
+    return kept
+
+
 def compose_train_config(cfg: DictConfig, member: str) -> DictConfig:
-    """The ``train.py`` config for one member, on this run's dataset, paths and (single-device) hardware."""
+    """The ``train.py`` config for one member: this run's dataset, paths, hardware, seed and preset as the
+    user gave them, then ``committee.train_overrides``."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
 
     from cvdd.compose import CONF
 
-    hardware = {"ddp": "gpu", "ddp_cpu": "cpu"}.get(cfg.hardware.name, cfg.hardware.name)
+    if HydraConfig.initialized():
+        task = list(HydraConfig.get().overrides.task)
+    else:  # a config built without Hydra's command line: what names the data and the device
+        task = [f"dataset={cfg.dataset.name}", f"hardware={cfg.hardware.name}", f"paths.root={cfg.paths.root}"]
     overrides = [
-        f"dataset={cfg.dataset.name}",
+        *squeeze_overrides(task),
         f"model={member}",
-        f"hardware={hardware}",
-        f"seed={cfg.seed}",
-        f"paths.root={cfg.paths.root}",
         "logger=none",
-    ] + [f"dataset.{k}={v}" for k, v in cfg.dataset.items() if k in ("root", "download") and v is not None]
-    overrides += list(cfg.committee.get("train_overrides") or [])
+        *(cfg.committee.get("train_overrides") or []),
+    ]
     if GlobalHydra.instance().is_initialized():
         return compose(config_name="train", overrides=overrides)
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
