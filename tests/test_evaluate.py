@@ -13,7 +13,7 @@ from cvdd.data import get_spec
 from cvdd.data.distilled import DistilledArtifact, read_distilled, to_pixels
 from cvdd.jobs.evaluate import evaluate, offline_labels, online_labels
 from cvdd.jobs.recover import distill
-from cvdd.jobs.relabel import build_plan, relabel
+from cvdd.jobs.relabel import build_plan, label_settings, relabel, teacher_weights
 from cvdd.jobs.sets import student_set
 from cvdd.student import kd_loss
 
@@ -44,7 +44,8 @@ def test_offline_labels_equal_online_labels(make_cfg, labelled: Path):
     chosen = student_set(cfg, labelled / "artifacts")
     images = chosen.images
     plan = build_plan(cfg, len(images))
-    offline, _ = offline_labels(cfg, labelled / "artifacts", chosen.name, plan.checksum(), chosen.fingerprint)
+    expected = label_settings(cfg, teacher_weights(cfg, labelled / "artifacts"), plan, chosen)
+    offline, _ = offline_labels(cfg, labelled / "artifacts", chosen.name, expected)
     online, _ = online_labels(cfg, labelled / "artifacts", [str(i) for i in range(10)])
     for epoch in range(3):
         for b, batch in enumerate(plan.epoch(epoch)):
@@ -64,10 +65,10 @@ def test_chain_on_digits_writes_results_and_checks_the_plan(make_cfg, labelled: 
     assert result["test_top1_best"] == max(top1 for _, top1 in curve) and result["eval_every"] == 1
     assert curve[result["test_top1_best_epoch"] - 1][1] == result["test_top1_best"]
     assert result["images_format"] == "png"
-    with pytest.raises(ValueError, match="another epoch plan"):
+    with pytest.raises(ValueError, match="the epoch plan"):
         evaluate(make_cfg("evaluate", *PLAN, "seed=1", "name=small_ipc2_real_s0", "logger=none"))
     (labelled / "artifacts/digits/labels/small_ipc2_real_s0/manifest.json").unlink()
-    with pytest.raises(FileNotFoundError, match=r"python relabel\.py dataset=digits ipc=2"):
+    with pytest.raises(FileNotFoundError, match=r"make them with:\n  python relabel\.py paths\.root=\S+ ipc=2"):
         evaluate(make_cfg("evaluate", *PLAN, "logger=none"))
 
 
@@ -133,5 +134,26 @@ def test_png_images_are_the_exported_pixels_and_labels_follow_the_format(make_cf
 
     # the set changes under its labels (distilled again with other settings): the labels are refused
     distill(make_cfg("distill", *DISTILL, "recover.iterations=3", "overwrite=true"))
-    with pytest.raises(ValueError, match="computed on other images"):
+    with pytest.raises(ValueError, match="the images .the set was distilled again"):
         evaluate(make_cfg("evaluate", *PLAN, "logger=none"))
+
+
+@pytest.mark.parametrize(
+    ("setting", "named"),
+    [
+        ("relabel.teachers=resnet18_small", "relabel.teachers and their weights"),
+        ("relabel.bssl=false", "relabel.bssl: True in the labels, False asked here"),
+        ("relabel.halves=true", "relabel.halves: False in the labels, True asked here"),
+        ("relabel.temperature=5", "relabel.temperature: 10.0 in the labels, 5.0 asked here"),
+        ("relabel.dtype=float32", "relabel.dtype: 'float16' in the labels, 'float32' asked here"),
+    ],
+)
+def test_labels_made_with_other_settings_are_refused(make_cfg, labelled: Path, setting: str, named: str):
+    with pytest.raises(ValueError) as err:
+        evaluate(make_cfg("evaluate", *PLAN, setting, "validate.epochs=2", "logger=none"))
+    message = str(err.value)
+    assert named in message
+    command = message.split("Make matching labels: ")[1].splitlines()[0]
+    assert command.startswith("python relabel.py ") and setting in command and command.endswith("overwrite=true")
+    assert "validate.epochs" not in command and "logger=none" in command
+    assert not (labelled / "artifacts/digits/results").exists(), "refused before training"

@@ -6,12 +6,18 @@ import logging
 from collections.abc import Mapping
 
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("cvdd")
+
+
+def task_overrides() -> list[str] | None:
+    """The overrides this job was started with (the command line, or a sweep job's own), ``None`` outside Hydra."""
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None
 
 
 def instantiate_named(group: Mapping | None) -> list:

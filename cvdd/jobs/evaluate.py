@@ -16,35 +16,59 @@ from cvdd.artifacts import fingerprint, load_json, save_json
 from cvdd.bssl import soft_label_logits
 from cvdd.compose import CONF
 from cvdd.data import get_spec, load_dataset
-from cvdd.jobs.common import build_trainer, finish_loggers, log
-from cvdd.jobs.relabel import build_plan, label_artifact, relabel_committee
+from cvdd.jobs.common import build_trainer, finish_loggers, log, task_overrides
+from cvdd.jobs.relabel import build_plan, label_artifact, label_settings, relabel_committee, teacher_weights
 from cvdd.jobs.sets import student_set
 from cvdd.metrics import evaluate_classifier
 from cvdd.student import StudentModule
 
+LABEL_SETTING_KEYS = {  # label manifest field → the setting a user changes
+    "teachers": "relabel.teachers and their weights (committee.priors, relabel.temperature)",
+    "bssl": "relabel.bssl",
+    "halves": "relabel.halves",
+    "temperature": "relabel.temperature",
+    "plan_seed": "seed (of the epoch plan)",
+    "plan_checksum": "the epoch plan (seed, relabel.epochs, relabel.batch_size, relabel.mix, relabel.crop_scale)",
+    "dtype": "relabel.dtype",
+    "topk": "relabel.topk",
+    "images_format": "distilled.format",
+    "images_fingerprint": "the images (the set was distilled again, or read in another format)",
+}
+EVALUATE_ONLY = ("validate", "student", "labels", "method", "trainer")
 
-def offline_labels(cfg: DictConfig, root: Path, name: str, checksum: str, images_fingerprint: str):
+
+def relabel_command(overwrite: bool) -> str:
+    """``python relabel.py`` with this run's overrides that relabel understands (evaluate's own left out)."""
+    kept = [o for o in task_overrides() or [] if not any(o.lstrip("+~").startswith(k) for k in EVALUATE_ONLY)]
+    return " ".join(["python relabel.py", *kept, *(["overwrite=true"] if overwrite else [])])
+
+
+def check_label_settings(manifest: dict, expected: dict, folder: Path) -> None:
+    """Refuse labels whose recorded settings differ from what this run asks for, naming both sides."""
+    differ = [key for key, value in expected.items() if manifest.get(key) != value]
+    if not differ:
+        return
+    lines = [
+        f"  {LABEL_SETTING_KEYS[key]}: {manifest.get(key)!r} in the labels, {expected[key]!r} asked here"
+        for key in differ
+    ]
+    raise ValueError(
+        f"the soft labels in {folder} were made with other settings than this run asks for:\n"
+        + "\n".join(lines)
+        + f"\nMake matching labels: {relabel_command(overwrite=True)}\nor evaluate with the settings the labels record."
+    )
+
+
+def offline_labels(cfg: DictConfig, root: Path, name: str, expected: dict):
+    """Reader of the stored labels of set ``name``, after checking every label-defining setting."""
     artifact = label_artifact(cfg, root, name)
     if not artifact.manifest.is_file():
         raise FileNotFoundError(
-            f"no soft labels at {artifact.folder}; make them with:\n  python relabel.py "
-            f"dataset={cfg.dataset.name} ipc={cfg.ipc} seed={cfg.seed} distilled={cfg.distilled.kind} "
-            f"distilled.format={cfg.distilled.format} name={name}\n"
-            f"(with the same relabel.* settings) or use labels=online"
+            f"no soft labels at {artifact.folder}; make them with:\n  {relabel_command(overwrite=False)}\n"
+            f"or use labels=online"
         )
     manifest = load_json(artifact.manifest)
-    if manifest.get("images_fingerprint") != images_fingerprint:
-        raise ValueError(
-            f"labels in {artifact.folder} were computed on other images (distilled.format="
-            f"{manifest.get('images_format')} or an older set) than the {cfg.distilled.format} images read here; "
-            f"relabel them: python relabel.py ... distilled.format={cfg.distilled.format} overwrite=true"
-        )
-    if manifest["plan_checksum"] != checksum:
-        raise ValueError(
-            f"labels in {artifact.folder} were made for another epoch plan (checksum "
-            f"{manifest['plan_checksum'][:12]} vs {checksum[:12]} here): use the same seed and "
-            f"relabel.* settings as relabel.py did, or relabel again"
-        )
+    check_label_settings(manifest, expected, artifact.folder)
     cache: dict[int, torch.Tensor] = {}
     batch_size = int(cfg.relabel.batch_size)
 
@@ -99,7 +123,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if cfg.validate.epochs > plan.epochs:
         raise ValueError(f"validate.epochs={cfg.validate.epochs} exceeds the label plan's relabel.epochs={plan.epochs}")
     if cfg.labels == "offline":
-        soft, label_info = offline_labels(cfg, root, name, plan.checksum(), chosen.fingerprint)
+        expected = label_settings(cfg, teacher_weights(cfg, root), plan, chosen)
+        soft, label_info = offline_labels(cfg, root, name, expected)
     elif cfg.labels == "online":
         soft, label_info = online_labels(cfg, root, data.classes)
     elif cfg.labels == "hard":

@@ -24,7 +24,7 @@ from cvdd.data.distilled import DistilledArtifact, save_set, to_pixels, write_pn
 from cvdd.distributed import HydraDDPStrategy
 from cvdd.grid import distilled_grid, save_image_atomic
 from cvdd.init import INIT_MODES, Initializer, PatchSettings
-from cvdd.jobs.common import build_trainer, finish_loggers, log
+from cvdd.jobs.common import build_trainer, finish_loggers, log, task_overrides
 from cvdd.jobs.squeeze import dataset_identity
 from cvdd.recover import RecoverModule, RecoverSettings, Unit, class_blocks, plan_waves
 from cvdd.seeding import derive_seed
@@ -83,13 +83,11 @@ def compose_train_config(cfg: DictConfig, member: str) -> DictConfig:
     user gave them, then ``committee.train_overrides``."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
 
     from cvdd.compose import CONF
 
-    if HydraConfig.initialized():
-        task = list(HydraConfig.get().overrides.task)
-    else:  # a config built without Hydra's command line: what names the data and the device
+    task = task_overrides()
+    if task is None:  # a config built without Hydra's command line: what names the data and the device
         task = [f"dataset={cfg.dataset.name}", f"hardware={cfg.hardware.name}", f"paths.root={cfg.paths.root}"]
     overrides = [
         *squeeze_overrides(task),

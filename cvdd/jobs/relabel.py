@@ -26,10 +26,11 @@ from cvdd.artifacts import (
 )
 from cvdd.augment import EpochPlan
 from cvdd.committee import Committee, load_committee, voting_weights
+from cvdd.compose import CONF
 from cvdd.data import get_spec
 from cvdd.distributed import HydraDDPStrategy
 from cvdd.jobs.common import build_trainer, finish_loggers, log
-from cvdd.jobs.sets import student_set
+from cvdd.jobs.sets import StudentSet, student_set
 from cvdd.label_store import check_storage, pack_logits, payload_bytes, unpack_logits
 from cvdd.relabel import RelabelModule
 
@@ -59,19 +60,51 @@ def relabel_teachers(cfg: DictConfig) -> list[str]:
     return list(cfg.committee.members) if choice == "committee" else [str(choice)]
 
 
-def relabel_committee(cfg: DictConfig, root: Path, classes: list[str]) -> tuple[Committee, dict[str, float]]:
-    """The relabelling teachers and their weights ``softmax(prior / relabel.temperature)``."""
+def teacher_weights(cfg: DictConfig, root: Path) -> dict[str, float]:
+    """The relabelling teachers and their weights ``softmax(prior / relabel.temperature)``; priors from the
+    config (paper presets) or each teacher's recorded test top-1. Reads records only, no weights."""
     members = relabel_teachers(cfg)
+    priors = cfg.committee.get("priors") or {}
+    scores = {}
     for member in members:
-        if not TeacherArtifact(root, cfg.dataset.name, member).exists():
-            raise FileNotFoundError(
-                f"teacher {member} for relabelling is missing; squeeze it: "
-                f"python train.py dataset={cfg.dataset.name} model={member}"
+        if not (CONF / "model" / f"{member}.yaml").is_file():
+            known = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+            raise ValueError(
+                f"relabel.teachers={member!r} is neither 'committee' nor a model id; choose from {', '.join(known)}"
             )
-    priors = OmegaConf.to_container(cfg.committee.priors) if cfg.committee.get("priors") else None
-    committee = load_committee(root, cfg.dataset.name, members, classes, priors, first_bn_multiplier=1.0)
-    weights = voting_weights(members, committee.priors, "prior", float(cfg.relabel.temperature), ())
-    return committee, dict(zip(members, weights, strict=True))
+        artifact = TeacherArtifact(root, cfg.dataset.name, member)
+        if not artifact.exists():
+            raise FileNotFoundError(
+                f"teacher {member} for relabelling is missing from {artifact.folder}; squeeze it: "
+                f"{artifact.train_command()}"
+            )
+        scores[member] = float(priors[member]) if member in priors else float(load_json(artifact.record)["test_top1"])
+    weights = voting_weights(members, scores, "prior", float(cfg.relabel.temperature), ())
+    return dict(zip(members, weights, strict=True))
+
+
+def relabel_committee(cfg: DictConfig, root: Path, classes: list[str]) -> tuple[Committee, dict[str, float]]:
+    """The relabelling teachers, loaded and checked against the class order, with their weights."""
+    weights = teacher_weights(cfg, root)
+    committee = load_committee(root, cfg.dataset.name, list(weights), classes, None, first_bn_multiplier=1.0)
+    return committee, weights
+
+
+def label_settings(cfg: DictConfig, weights: dict[str, float], plan: EpochPlan, chosen: StudentSet) -> dict[str, Any]:
+    """Everything that defines a label set: relabel records it in the manifest, evaluate refuses labels whose
+    record differs from what it is asked for."""
+    return {
+        "teachers": weights,
+        "bssl": bool(cfg.relabel.bssl),
+        "halves": bool(cfg.relabel.halves),
+        "temperature": float(cfg.relabel.temperature),
+        "plan_seed": int(cfg.seed),
+        "plan_checksum": plan.checksum(),
+        "dtype": str(cfg.relabel.dtype),
+        "topk": cfg.relabel.get("topk"),
+        "images_format": chosen.image_format,
+        "images_fingerprint": chosen.fingerprint,
+    }
 
 
 def build_plan(cfg: DictConfig, num_images: int) -> EpochPlan:
@@ -98,6 +131,7 @@ def relabel(cfg: DictConfig) -> dict[str, Any]:
     check_storage(cfg.relabel.dtype, topk)
     committee, weights = relabel_committee(cfg, root, classes)
     plan = build_plan(cfg, len(chosen.images))
+    settings = label_settings(cfg, weights, plan, chosen)
     recipe = {
         "distilled": chosen.fingerprint,
         "teachers": weights,
@@ -151,18 +185,10 @@ def relabel(cfg: DictConfig) -> dict[str, Any]:
             "name": name,
             "dataset": cfg.dataset.name,
             "classes": classes,
-            "images_format": chosen.image_format,
-            "images_fingerprint": chosen.fingerprint,
-            "teachers": weights,
-            "plan_seed": int(cfg.seed),
-            "plan_checksum": plan.checksum(),
+            **settings,
             "epochs": plan.epochs,
             "batch_size": plan.batch_size,
             "mix": plan.mix,
-            "dtype": cfg.relabel.dtype,
-            "topk": topk,
-            "bssl": bool(cfg.relabel.bssl),
-            "halves": bool(cfg.relabel.halves),
             "fingerprint": recipe_hash,
             "bytes_per_image_per_epoch": bytes_per_epoch / len(chosen.images),
             "payload_bytes_per_image_per_epoch": payload / len(chosen.images),
