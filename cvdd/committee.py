@@ -30,11 +30,16 @@ class ClassOrderMismatchError(ValueError):
 def load_teacher(artifact: TeacherArtifact, classes: Sequence[str]) -> tuple[nn.Module, dict]:
     """Rebuild a squeezed teacher from its record, load its weights, and check its class order."""
     record = load_json(artifact.record)
-    if record["num_classes"] != len(classes) or list(record["classes"]) != list(classes):
+    trained, now = list(record["classes"]), list(classes)
+    if record["num_classes"] != len(classes) or trained != now:
+        where = next(
+            (i for i, (a, b) in enumerate(zip(trained, now, strict=False)) if a != b), min(len(trained), len(now))
+        )
         raise ClassOrderMismatchError(
-            f"teacher {artifact.weights} was trained on {record['num_classes']} classes in the order "
-            f"{record['classes'][:5]}..., but dataset '{artifact.dataset}' now has {len(classes)} classes in the "
-            f"order {list(classes)[:5]}...; retrain it: {artifact.train_command()} overwrite=true"
+            f"teacher {artifact.weights} was trained on {len(trained)} classes and dataset '{artifact.dataset}' "
+            f"now has {len(now)}; they first differ at class index {where}: the teacher's is "
+            f"{trained[where] if where < len(trained) else '(none)'!r}, the dataset's "
+            f"{now[where] if where < len(now) else '(none)'!r}. Retrain it: {artifact.train_command()} overwrite=true"
         )
     net = instantiate(
         record["net"], num_classes=record["num_classes"], image_size=record["image_size"], in_chans=record["in_chans"]

@@ -32,3 +32,12 @@ def compose_job(config_name: str, overrides: Sequence[str], output_dir: Path | s
     with open_dict(cfg):
         del cfg["hydra"]
     return cfg
+
+
+def model_config(model_id: str, key: str) -> Path:
+    """``conf/model/<model_id>.yaml``; an unknown id is an error naming ``key`` and listing the ids."""
+    path = CONF / "model" / f"{model_id}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+        raise ValueError(f"{key}={model_id!r} is not a model id; choose from {', '.join(known)}")
+    return path

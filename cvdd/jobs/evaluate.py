@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from cvdd.artifacts import fingerprint, load_json, save_json
 from cvdd.bssl import soft_label_logits
-from cvdd.compose import CONF
+from cvdd.compose import model_config
 from cvdd.data import get_spec, load_dataset
 from cvdd.jobs.common import build_trainer, finish_loggers, log, task_overrides
 from cvdd.jobs.relabel import build_plan, label_artifact, label_settings, relabel_committee, teacher_weights
@@ -114,6 +114,7 @@ def result_filename(cfg: DictConfig, name: str, topk: int | None) -> str:
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    model_cfg = OmegaConf.load(model_config(str(cfg.student), "student"))
     spec = get_spec(cfg.dataset.name)
     data = load_dataset(cfg.dataset)
     root = Path(cfg.paths.artifacts)
@@ -133,7 +134,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"labels={cfg.labels!r}; choose offline, online or hard")
 
     torch.manual_seed(cfg.seed)
-    model_cfg = OmegaConf.load(CONF / "model" / f"{cfg.student}.yaml")
     net = instantiate(model_cfg.net, num_classes=spec.num_classes, image_size=spec.image_size, in_chans=spec.channels)
     v = cfg.validate
     module = StudentModule(

@@ -7,6 +7,7 @@ Units are sharded across ranks; rank 0 assembles the set once every unit is on d
 
 from __future__ import annotations
 
+import re
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,10 +30,27 @@ from cvdd.jobs.squeeze import dataset_identity
 from cvdd.recover import RecoverModule, RecoverSettings, Unit, class_blocks, plan_waves
 from cvdd.seeding import derive_seed
 
+SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
 
 def distilled_name(cfg: DictConfig) -> str:
-    """``<committee>_ipc<n>_<init>_s<seed>`` unless ``name`` is given: every stage derives the same name."""
-    return cfg.get("name") or f"{cfg.committee.name}_ipc{cfg.ipc}_{cfg.recover.init.mode}_s{cfg.seed}"
+    """``<committee>_ipc<n>_<init>_s<seed>`` unless ``name`` is given: every stage derives the same name.
+
+    A given name is one folder name (letters, digits, ``._-``), so a set never lands outside ``distilled/``."""
+    name = cfg.get("name")
+    if name is None:
+        return f"{cfg.committee.name}_ipc{cfg.ipc}_{cfg.recover.init.mode}_s{cfg.seed}"
+    if not SET_NAME.fullmatch(str(name)):
+        raise ValueError(
+            f"name={name!r} must be a plain folder name (letters, digits, '.', '_', '-'; no '/' or leading '.')"
+        )
+    return str(name)
+
+
+def check_ipc(cfg: DictConfig) -> int:
+    if int(cfg.ipc) < 1:
+        raise ValueError(f"ipc={cfg.ipc} must be at least 1 (images per class)")
+    return int(cfg.ipc)
 
 
 def train_command(dataset: str, members: list[str]) -> str:
@@ -145,7 +163,10 @@ def _barrier() -> None:
 
 
 def patch_settings(cfg: DictConfig) -> PatchSettings | None:
-    """``recover.init`` checked before any work starts (mode, and for patches difficulty/factor/candidates)."""
+    """``ipc``, ``recover.iterations`` and ``recover.init`` checked before any work starts."""
+    check_ipc(cfg)
+    if int(cfg.recover.iterations) < 1:
+        raise ValueError(f"recover.iterations={cfg.recover.iterations} must be at least 1")
     init = cfg.recover.init
     if init.mode not in INIT_MODES:
         raise ValueError(f"recover.init.mode={init.mode!r}; choose from {', '.join(INIT_MODES)}")
@@ -154,11 +175,25 @@ def patch_settings(cfg: DictConfig) -> PatchSettings | None:
     return PatchSettings(int(cfg.ipc), str(init.difficulty), int(init.factor), int(init.candidates), tuple(init.scale))
 
 
+def check_real_images(targets: torch.Tensor, ipc: int, classes: list[str]) -> None:
+    """Real-image initialisation gives every image of a class its own real image: refuse to repeat them."""
+    counts = torch.bincount(targets, minlength=len(classes))
+    short = [(classes[c], int(n)) for c, n in enumerate(counts.tolist()) if n < ipc]
+    if short:
+        raise ValueError(
+            f"recover.init.mode=real needs ipc={ipc} distinct real images per class, but class {short[0][0]!r} has "
+            f"{short[0][1]} ({len(short)} classes are short); lower ipc or use recover.init.mode=patches"
+        )
+
+
 def distill(cfg: DictConfig) -> dict[str, Any]:
     """Run recover for ``cfg`` and return the manifest (empty on ranks other than 0)."""
     patches = patch_settings(cfg)
+    name = distilled_name(cfg)
     spec = get_spec(cfg.dataset.name)
     data = load_dataset(cfg.dataset)
+    if cfg.recover.init.mode == "real":
+        check_real_images(data.view("train").targets, int(cfg.ipc), data.classes)
     ensure_teachers(cfg)
     root = Path(cfg.paths.artifacts)
     comm = cfg.committee
@@ -171,7 +206,7 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     }
     recipe = recover_recipe(cfg, committee.priors, teacher_hashes)
     recipe_hash = fingerprint(recipe)
-    artifact = DistilledArtifact(root, cfg.dataset.name, distilled_name(cfg))
+    artifact = DistilledArtifact(root, cfg.dataset.name, name)
     if artifact.complete() and not cfg.get("overwrite", False):
         manifest = load_json(artifact.manifest)
         if manifest["fingerprint"] == recipe_hash:

@@ -26,7 +26,7 @@ from cvdd.artifacts import (
 )
 from cvdd.augment import EpochPlan
 from cvdd.committee import Committee, load_committee, voting_weights
-from cvdd.compose import CONF
+from cvdd.compose import model_config
 from cvdd.data import get_spec
 from cvdd.distributed import HydraDDPStrategy
 from cvdd.jobs.common import build_trainer, finish_loggers, log
@@ -67,11 +67,7 @@ def teacher_weights(cfg: DictConfig, root: Path) -> dict[str, float]:
     priors = cfg.committee.get("priors") or {}
     scores = {}
     for member in members:
-        if not (CONF / "model" / f"{member}.yaml").is_file():
-            known = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
-            raise ValueError(
-                f"relabel.teachers={member!r} is neither 'committee' nor a model id; choose from {', '.join(known)}"
-            )
+        model_config(member, "relabel.teachers ('committee' or a model id)")
         artifact = TeacherArtifact(root, cfg.dataset.name, member)
         if not artifact.exists():
             raise FileNotFoundError(

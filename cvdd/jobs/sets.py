@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from cvdd.artifacts import fingerprint
 from cvdd.data import get_spec, load_dataset
 from cvdd.data.distilled import IMAGE_FORMATS, DistilledArtifact, from_pixels, read_distilled, to_pixels
-from cvdd.jobs.recover import distilled_name
+from cvdd.jobs.recover import check_ipc, distilled_name
 from cvdd.jobs.squeeze import dataset_identity
 from cvdd.seeding import derive_seed
 
@@ -50,6 +50,7 @@ def random_real_images(cfg: DictConfig, data) -> tuple[torch.Tensor, torch.Tenso
 def student_set(cfg: DictConfig, root: Path, data=None) -> StudentSet:
     """``cfg.distilled.kind``: ``synthetic`` (the set named as distill.py names it) or ``random_real``, in
     ``cfg.distilled.format``: ``png`` (uint8 pixels, what a shipped set holds) or ``float``."""
+    check_ipc(cfg)
     kind, image_format = cfg.distilled.kind, cfg.distilled.format
     if image_format not in IMAGE_FORMATS:
         raise ValueError(f"distilled.format={image_format!r}; choose from {', '.join(IMAGE_FORMATS)}")

@@ -1,0 +1,80 @@
+"""Bad input is refused before any work, with a message that names the key and the fix, and no stack trace."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+from cvdd.jobs.evaluate import evaluate
+from cvdd.jobs.recover import distill
+from cvdd.jobs.relabel import relabel
+
+NO_SQUEEZE = ("committee.train_missing=false", "logger=none")
+
+
+def run_failing(script: str, *args: str, cwd: Path, full_error: bool = False) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    if full_error:
+        env["HYDRA_FULL_ERROR"] = "1"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    return proc
+
+
+def test_entry_points_print_the_reason_without_a_stack_trace(tmp_path: Path):
+    proc = run_failing("distill.py", "ipc=0", cwd=tmp_path)
+    assert proc.stderr.startswith("error: ipc=0 must be at least 1") and "Traceback" not in proc.stderr
+    proc = run_failing("evaluate.py", "student=nope", cwd=tmp_path)
+    assert proc.stderr.startswith("error: student='nope' is not a model id; choose from ") and "resnet18" in proc.stderr
+    proc = run_failing("distill.py", "ipc=0", cwd=tmp_path, full_error=True)
+    assert "Traceback" in proc.stderr and "ValueError: ipc=0" in proc.stderr
+    assert not (tmp_path / "artifacts").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("ipc=0", r"ipc=0 must be at least 1"),
+        ("recover.iterations=0", r"recover\.iterations=0 must be at least 1"),
+        ("name=../../x", r"name='\.\./\.\./x' must be a plain folder name"),
+        ("name=sub/set", r"name='sub/set' must be a plain folder name"),
+        ("recover.init.candidates=19", r"raise recover\.init\.candidates to at least 20"),
+    ],
+)
+def test_distill_refuses_bad_settings_before_any_work(make_cfg, tmp_path: Path, override: str, message: str):
+    with pytest.raises(ValueError, match=message):
+        distill(make_cfg("distill", "ipc=20", override, *NO_SQUEEZE))
+    assert not (tmp_path / "artifacts").exists()
+
+
+def test_real_initialisation_never_repeats_an_image(make_cfg, workdir: Path):
+    """digits has 141-146 training images per class: IPC 150 of distinct real images cannot exist."""
+    with pytest.raises(ValueError, match=r"needs ipc=150 distinct real images per class, but class '\d' has 14\d"):
+        distill(make_cfg("distill", "ipc=150", "recover.init.mode=real", "logger=none"))
+
+
+def test_unknown_teacher_and_student_ids_list_the_choices(make_cfg, workdir: Path):
+    with pytest.raises(ValueError, match=r"relabel\.teachers .*='nope' is not a model id; choose from .*resnet18"):
+        relabel(make_cfg("relabel", "relabel.teachers=nope", "distilled=random_real", "logger=none"))
+    with pytest.raises(ValueError, match=r"student='nope' is not a model id"):
+        evaluate(make_cfg("evaluate", "student=nope", "logger=none"))
+    with pytest.raises(ValueError, match=r"ipc=-1 must be at least 1"):
+        relabel(make_cfg("relabel", "ipc=-1", "distilled=random_real", "logger=none"))
+
+
+def test_class_order_mismatch_names_the_first_differing_class(make_cfg, workdir: Path):
+    record_path = workdir / "artifacts/digits/teachers/resnet50_small.json"
+    record = json.loads(record_path.read_text())
+    record["classes"] = ["0", "1", "2", "7", "4", "5", "6", "3", "8", "9"]
+    record_path.write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=r"first differ at class index 3: the teacher's is '7', the dataset's '3'"):
+        distill(make_cfg("distill", "ipc=1", "recover.init.mode=real", "logger=none"))
