@@ -68,6 +68,26 @@ class ArtifactConflictError(RuntimeError):
     """An artifact exists but was made by a different recipe."""
 
 
+class ArtifactNotWritableError(RuntimeError):
+    """A stage's output folder cannot take new files (read-only, not a folder, disk full)."""
+
+
+def ensure_writable(*folders: Path | str) -> None:
+    """Create ``folders`` and write (then remove) a probe file in each, so a stage fails before its work, not
+    after it. A probe rather than ``os.access``: that says yes to root on a read-only mount."""
+    for folder in map(Path, folders):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=folder)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as err:
+            raise ArtifactNotWritableError(
+                f"cannot write to {folder} ({err.strerror or err}); make it writable, or point paths.artifacts "
+                f"(paths.logs for run folders) at a writable folder"
+            ) from err
+
+
 @dataclass(frozen=True)
 class TeacherArtifact:
     """``<root>/<dataset>/teachers/<model>.{ckpt,json}`` plus a resumable work folder per recipe."""

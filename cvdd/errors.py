@@ -12,9 +12,9 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from cvdd.artifacts import ArtifactConflictError
+from cvdd.artifacts import ArtifactConflictError, ArtifactNotWritableError
 
-USER_ERRORS = (ValueError, FileNotFoundError, ArtifactConflictError, KeyError)
+USER_ERRORS = (ValueError, FileNotFoundError, ArtifactConflictError, ArtifactNotWritableError, KeyError)
 
 
 @contextmanager

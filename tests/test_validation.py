@@ -78,3 +78,31 @@ def test_class_order_mismatch_names_the_first_differing_class(make_cfg, workdir:
     record_path.write_text(json.dumps(record))
     with pytest.raises(ValueError, match=r"first differ at class index 3: the teacher's is '7', the dataset's '3'"):
         distill(make_cfg("distill", "ipc=1", "recover.init.mode=real", "logger=none"))
+
+
+@pytest.mark.parametrize(
+    ("stage", "blocked", "overrides"),
+    [
+        ("train", "teachers", ()),
+        ("distill", "distilled", NO_SQUEEZE),
+        ("relabel", "labels", ("distilled=random_real", "logger=none")),
+        ("evaluate", "results", ("distilled=random_real", "labels=hard", "logger=none")),
+    ],
+)
+def test_unwritable_outputs_fail_before_the_work(make_cfg, tmp_path: Path, monkeypatch, stage, blocked, overrides):
+    """A file where the output folder should be cannot be written even by root (unlike a chmod)."""
+    from cvdd.artifacts import ArtifactNotWritableError
+    from cvdd.jobs import evaluate as evaluate_job
+    from cvdd.jobs import squeeze as squeeze_job
+    from cvdd.jobs.squeeze import squeeze_teacher
+
+    def no_training(*_args, **_kwargs):
+        raise AssertionError("training started before the outputs were checked")
+
+    monkeypatch.setattr(squeeze_job, "build_trainer", no_training)
+    monkeypatch.setattr(evaluate_job, "build_trainer", no_training)
+    (tmp_path / "artifacts" / "digits").mkdir(parents=True)
+    (tmp_path / "artifacts" / "digits" / blocked).write_text("not a folder")
+    job = {"train": squeeze_teacher, "distill": distill, "relabel": relabel, "evaluate": evaluate}[stage]
+    with pytest.raises(ArtifactNotWritableError, match=rf"cannot write to {tmp_path}/artifacts/digits/{blocked}"):
+        job(make_cfg(stage, *overrides))

@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from cvdd.artifacts import fingerprint, load_json, save_json
+from cvdd.artifacts import ensure_writable, fingerprint, load_json, save_json
 from cvdd.bssl import soft_label_logits
 from cvdd.compose import model_config
 from cvdd.data import get_spec, load_dataset
@@ -133,6 +133,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     else:
         raise ValueError(f"labels={cfg.labels!r}; choose offline, online or hard")
 
+    results = root / cfg.dataset.name / "results"
+    ensure_writable(results, cfg.paths.output_dir)
     torch.manual_seed(cfg.seed)
     net = instantiate(model_cfg.net, num_classes=spec.num_classes, image_size=spec.image_size, in_chans=spec.channels)
     v = cfg.validate
@@ -190,7 +192,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "config": OmegaConf.to_container(cfg, resolve=True),
         }
-        out = root / cfg.dataset.name / "results" / result_filename(cfg, name, label_info.get("topk"))
+        out = results / result_filename(cfg, name, label_info.get("topk"))
         save_json(out, result)
         save_json(Path(cfg.paths.output_dir) / "result.json", result)  # this run's (and sweep's) record
         log.info(

@@ -18,7 +18,15 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from cvdd.artifacts import ArtifactConflictError, TeacherArtifact, fingerprint, load_json, save_json, save_tensors
+from cvdd.artifacts import (
+    ArtifactConflictError,
+    TeacherArtifact,
+    ensure_writable,
+    fingerprint,
+    load_json,
+    save_json,
+    save_tensors,
+)
 from cvdd.committee import load_committee, select_members, voting_weights
 from cvdd.data import get_spec, load_dataset
 from cvdd.data.distilled import DistilledArtifact, save_set, to_pixels, write_pngs
@@ -190,12 +198,13 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     """Run recover for ``cfg`` and return the manifest (empty on ranks other than 0)."""
     patches = patch_settings(cfg)
     name = distilled_name(cfg)
+    root = Path(cfg.paths.artifacts)
+    ensure_writable(DistilledArtifact(root, cfg.dataset.name, name).folder)
     spec = get_spec(cfg.dataset.name)
     data = load_dataset(cfg.dataset)
     if cfg.recover.init.mode == "real":
         check_real_images(data.view("train").targets, int(cfg.ipc), data.classes)
     ensure_teachers(cfg)
-    root = Path(cfg.paths.artifacts)
     comm = cfg.committee
     priors_cfg = OmegaConf.to_container(comm.priors, resolve=True) if comm.get("priors") else None
     committee = load_committee(

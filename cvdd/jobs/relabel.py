@@ -19,6 +19,7 @@ from cvdd.artifacts import (
     ArtifactConflictError,
     NamedArtifact,
     TeacherArtifact,
+    ensure_writable,
     fingerprint,
     load_json,
     save_json,
@@ -125,6 +126,7 @@ def relabel(cfg: DictConfig) -> dict[str, Any]:
     name, classes = chosen.name, chosen.classes
     topk = cfg.relabel.get("topk")
     check_storage(cfg.relabel.dtype, topk)
+    ensure_writable(label_artifact(cfg, root, name).folder)
     committee, weights = relabel_committee(cfg, root, classes)
     plan = build_plan(cfg, len(chosen.images))
     settings = label_settings(cfg, weights, plan, chosen)

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from cvdd.artifacts import (
     ArtifactConflictError,
     TeacherArtifact,
+    ensure_writable,
     fingerprint,
     load_json,
     save_json,
@@ -87,6 +88,7 @@ def squeeze_teacher(cfg: DictConfig) -> dict[str, Any]:
             f"squeeze.epochs={epochs} trains nothing; give squeeze.epochs > 0, or model.pretrained=true to "
             f"publish torchvision's ImageNet weights as they are"
         )
+    ensure_writable(artifact.folder)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     spec = datamodule.spec
