@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -51,7 +52,58 @@ def save_json(path: Path | str, obj: Any) -> Path:
 
 
 def load_json(path: Path | str) -> Any:
-    return json.loads(Path(path).read_text())
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ArtifactCorruptError(f"{path} is not valid JSON ({err}); it is damaged: rebuild it") from err
+
+
+def file_digest(path: Path | str) -> dict[str, Any]:
+    """``{"bytes": size, "sha256": hex}`` of a file, as manifests record their files."""
+    data = Path(path).read_bytes()
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def damaged_files(folder: Path, recorded: Mapping[str, Mapping[str, Any]], hashes: bool = True) -> list[str]:
+    """The recorded files (relative to ``folder``) that are missing, of another size or, with ``hashes``,
+    of other content. Manifests written before files were recorded have nothing to check against."""
+
+    def intact(path: Path, digest: Mapping[str, Any]) -> bool:
+        if not path.is_file() or path.stat().st_size != digest["bytes"]:
+            return False
+        return not hashes or file_digest(path)["sha256"] == digest["sha256"]
+
+    return [name for name, digest in recorded.items() if not intact(folder / name, digest)]
+
+
+def check_files(folder: Path, recorded: Mapping[str, Mapping[str, Any]], rebuild: str, hashes: bool = False) -> None:
+    """Refuse an artifact whose recorded files are missing or altered, before any work uses it."""
+    bad = damaged_files(folder, recorded, hashes)
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise ArtifactCorruptError(
+            f"{folder / bad[0]}{more} is missing or damaged (its size or content differs from the manifest); "
+            f"rebuild it: {rebuild}"
+        )
+
+
+def load_tensors(path: Path | str, rebuild: str, digest: Mapping[str, Any] | None = None) -> Any:
+    """``torch.load`` (weights only) of an artifact file; a missing, altered (``digest``) or unreadable file is an
+    :class:`ArtifactCorruptError` naming the file and the command that rebuilds it."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as err:
+        raise ArtifactCorruptError(f"{path} is missing; rebuild it: {rebuild}") from err
+    if digest is not None and (len(data) != digest["bytes"] or hashlib.sha256(data).hexdigest() != digest["sha256"]):
+        raise ArtifactCorruptError(f"{path} differs from the file its manifest records; rebuild it: {rebuild}")
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises RuntimeError, EOFError, UnpicklingError... for a damaged file
+        raise ArtifactCorruptError(
+            f"{path} cannot be read ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+            f"it is damaged or truncated; rebuild it: {rebuild}"
+        ) from err
 
 
 def save_tensors(path: Path | str, obj: Any) -> Path:
@@ -62,6 +114,10 @@ def fingerprint(obj: Mapping[str, Any]) -> str:
     """Stable short hash of a JSON-able recipe (key order does not matter)."""
     blob = json.dumps(obj, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class ArtifactCorruptError(ValueError):
+    """An artifact file is missing, truncated, altered or unreadable."""
 
 
 class ArtifactConflictError(RuntimeError):

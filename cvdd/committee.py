@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import nn
 
-from cvdd.artifacts import TeacherArtifact, load_json
+from cvdd.artifacts import TeacherArtifact, load_json, load_tensors
 
 SCHEDULES = ("fixed", "cycle", "random", "auto")
 WEIGHTINGS = ("prior", "equal", "random")
@@ -44,7 +44,8 @@ def load_teacher(artifact: TeacherArtifact, classes: Sequence[str]) -> tuple[nn.
     net = instantiate(
         record["net"], num_classes=record["num_classes"], image_size=record["image_size"], in_chans=record["in_chans"]
     )
-    net.load_state_dict(torch.load(artifact.weights, map_location="cpu", weights_only=True))
+    digest = record.get("files", {}).get(artifact.weights.name)
+    net.load_state_dict(load_tensors(artifact.weights, f"{artifact.train_command()} (it retrains)", digest))
     return net, record
 
 

@@ -6,6 +6,7 @@ processed in, so a unit starts from the same pixels on any rank, in any wave.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,13 +14,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from cvdd.artifacts import fingerprint, save_tensors
+from cvdd.artifacts import ArtifactCorruptError, fingerprint, load_tensors, save_tensors
 from cvdd.augment import crop_flip_theta, resized_crop, sample_crop_box
 from cvdd.committee import Committee
 from cvdd.data.images import ImageSplit
 from cvdd.recover import Unit
 from cvdd.seeding import derive_seed
 
+log = logging.getLogger("cvdd")
 INIT_MODES = ("gaussian", "real", "patches")
 DIFFICULTIES = ("easy", "medium", "hard")
 
@@ -145,8 +147,11 @@ class Initializer:
         key = fingerprint({**self.cache_identity, "seed": self.seed, "candidates": p.candidates, "scale": p.scale})
         path = self.cache_dir / f"{key}.pt" if self.cache_dir else None
         if path is not None and path.is_file():
-            self._bank = torch.load(path, weights_only=True)
-            return self._bank
+            try:
+                self._bank = load_tensors(path, "it is rescored")
+                return self._bank
+            except ArtifactCorruptError:  # a cache: score the candidates again and replace it
+                log.warning("patch cache %s is damaged; scoring the candidates again", path)
         if self.committee is None:
             raise ValueError("patch initialisation needs the committee to score candidates")
         num_classes = int(self.real.targets.max()) + 1

@@ -11,6 +11,8 @@ Layout of ``<artifacts>/<dataset>/distilled/<name>/``::
 
 from __future__ import annotations
 
+import hashlib
+import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +21,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cvdd.artifacts import NamedArtifact, load_json, save_tensors
+from cvdd.artifacts import (
+    ArtifactCorruptError,
+    NamedArtifact,
+    check_files,
+    file_digest,
+    load_json,
+    load_tensors,
+    save_tensors,
+)
 
 
 def safe_name(text: str) -> str:
@@ -80,20 +90,36 @@ def write_pngs(
         tmp.replace(path)
 
 
-def read_pngs(folder: Path, labels: torch.Tensor, ipc_index: torch.Tensor, class_names: list[str]) -> torch.Tensor:
-    """The exported PNGs of a set as uint8 (N, C, H, W), in the order of ``labels``/``ipc_index``."""
+def read_pngs(
+    folder: Path,
+    labels: torch.Tensor,
+    ipc_index: torch.Tensor,
+    class_names: list[str],
+    recorded: dict[str, dict],
+    rebuild: str,
+) -> torch.Tensor:
+    """The exported PNGs of a set as uint8 (N, C, H, W), in the order of ``labels``/``ipc_index``; each file is
+    checked against its ``recorded`` digest as it is read (one read per file)."""
     images = []
     for label, i in zip(labels.tolist(), ipc_index.tolist(), strict=True):
         path = png_path(folder, label, i, class_names)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{path} is missing from the distilled set; distilled.format=png reads the exported PNGs. "
-                f"Restore it (python distill.py ... overwrite=true rewrites the set) or use distilled.format=float"
-            )
-        with Image.open(path) as image:
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError as err:
+            raise ArtifactCorruptError(f"{path} is missing from the distilled set; rebuild it: {rebuild}") from err
+        digest = recorded.get(path.relative_to(folder).as_posix())
+        if digest is not None and hashlib.sha256(data).hexdigest() != digest["sha256"]:
+            raise ArtifactCorruptError(f"{path} differs from the PNG the manifest records; rebuild it: {rebuild}")
+        with Image.open(io.BytesIO(data)) as image:
             array = torch.from_numpy(np.array(image))
         images.append(array.unsqueeze(0) if array.ndim == 2 else array.permute(2, 0, 1))
     return torch.stack(images)
+
+
+def set_files(artifact: DistilledArtifact) -> dict[str, dict]:
+    """Digests of every file a finished set is read from (``images.pt``, the PNGs, the grid)."""
+    paths = [artifact.tensors, artifact.grid, *sorted(artifact.folder.glob("[0-9]*_*/*.png"))]
+    return {path.relative_to(artifact.folder).as_posix(): file_digest(path) for path in paths}
 
 
 def save_set(artifact: DistilledArtifact, images: torch.Tensor, labels: torch.Tensor, ipc_index: torch.Tensor) -> None:
@@ -113,15 +139,22 @@ def read_distilled(artifact: DistilledArtifact, image_format: str, mean, std) ->
     ``mean``/``std``; ``float`` = ``images.pt`` exactly as recover left it."""
     if image_format not in IMAGE_FORMATS:
         raise ValueError(f"distilled.format={image_format!r}; choose from {', '.join(IMAGE_FORMATS)}")
+    rebuild = (
+        f"python distill.py dataset={artifact.dataset} name={artifact.name} ... (with the settings that made it; "
+        f"it repairs a set from its finished units)"
+    )
     if not artifact.complete():
         raise FileNotFoundError(
-            f"distilled set {artifact.folder} is missing or incomplete (no manifest.json); produce it with: "
-            f"python distill.py dataset={artifact.dataset} name={artifact.name} ..."
+            f"distilled set {artifact.folder} is missing or incomplete (no manifest.json); produce it with: {rebuild}"
         )
-    data = torch.load(artifact.tensors, weights_only=True)
     manifest = load_json(artifact.manifest)
+    recorded = manifest.get("files", {})
+    check_files(artifact.folder, recorded, rebuild)  # every file there, at its size, before anything is read
+    data = load_tensors(artifact.tensors, rebuild, recorded.get(artifact.tensors.name))
     images = data["images"]
     if image_format == "png":
-        pixels = read_pngs(artifact.folder, data["labels"], data["ipc_index"], manifest["class_names"])
+        pixels = read_pngs(
+            artifact.folder, data["labels"], data["ipc_index"], manifest["class_names"], recorded, rebuild
+        )
         images = from_pixels(pixels, mean, std)
     return DistilledSet(images, data["labels"], data["ipc_index"], manifest)

@@ -20,6 +20,10 @@ from torchvision.transforms.v2 import functional as TF
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
 
+class DatasetImageError(ValueError):
+    """An image file of a dataset cannot be decoded (truncated, not an image)."""
+
+
 class _TransformableImages(Dataset):
     """Shared behaviour: a transform slot and a cheap copy with another transform."""
 
@@ -67,8 +71,12 @@ class FileImages(_TransformableImages):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        with Image.open(self.paths[index]) as img:
-            image = TF.pil_to_tensor(img.convert(self.mode))
+        path = self.paths[index]
+        try:
+            with Image.open(path) as img:
+                image = TF.pil_to_tensor(img.convert(self.mode))
+        except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for truncated or foreign files
+            raise DatasetImageError(f"cannot read image {path} ({err}); replace the file or delete it") from err
         return self._apply(image), int(self.targets[index])
 
 

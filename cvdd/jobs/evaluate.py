@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from cvdd.artifacts import ensure_writable, fingerprint, load_json, save_json
+from cvdd.artifacts import check_files, ensure_writable, fingerprint, load_json, save_json
 from cvdd.bssl import soft_label_logits
 from cvdd.compose import model_config
 from cvdd.data import get_spec, load_dataset
@@ -69,13 +69,16 @@ def offline_labels(cfg: DictConfig, root: Path, name: str, expected: dict):
         )
     manifest = load_json(artifact.manifest)
     check_label_settings(manifest, expected, artifact.folder)
+    recorded = manifest.get("files", {})
+    rebuild = f"{relabel_command(overwrite=False)} (it recomputes damaged epochs)"
+    check_files(artifact.folder, recorded, rebuild)  # every epoch there at its size, before training starts
     cache: dict[int, torch.Tensor] = {}
     batch_size = int(cfg.relabel.batch_size)
 
     def labels(epoch: int, b: int, plan, _x) -> torch.Tensor:
         if epoch not in cache:
             cache.clear()
-            cache[epoch] = artifact.read_epoch(epoch)
+            cache[epoch] = artifact.read_epoch(epoch, recorded, rebuild)
         return cache[epoch][b * batch_size : b * batch_size + len(plan.indices)]
 
     return labels, manifest

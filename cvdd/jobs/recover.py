@@ -20,16 +20,19 @@ from torch.utils.data import DataLoader
 
 from cvdd.artifacts import (
     ArtifactConflictError,
+    ArtifactCorruptError,
     TeacherArtifact,
+    damaged_files,
     ensure_writable,
     fingerprint,
     load_json,
+    load_tensors,
     save_json,
     save_tensors,
 )
 from cvdd.committee import load_committee, select_members, voting_weights
 from cvdd.data import get_spec, load_dataset
-from cvdd.data.distilled import DistilledArtifact, save_set, to_pixels, write_pngs
+from cvdd.data.distilled import DistilledArtifact, save_set, set_files, to_pixels, write_pngs
 from cvdd.distributed import HydraDDPStrategy
 from cvdd.grid import distilled_grid, save_image_atomic
 from cvdd.init import INIT_MODES, Initializer, PatchSettings
@@ -157,12 +160,31 @@ def recover_recipe(cfg: DictConfig, priors: dict[str, float], teacher_hashes: di
 
 
 def _finished(artifact: DistilledArtifact, units: list[Unit], recipe_hash: str) -> set[str]:
+    """Units already on disk for this recipe; a damaged unit file is left to be recomputed."""
     done = set()
     for unit in units:
         path = artifact.unit_path(unit.key)
-        if path.is_file() and torch.load(path, weights_only=True)["recipe"] == recipe_hash:
+        if not path.is_file():
+            continue
+        try:
+            saved = load_tensors(path, "the run recomputes it")
+        except ArtifactCorruptError:
+            log.warning("unit file %s is damaged; recomputing that unit", path)
+            continue
+        if saved["recipe"] == recipe_hash:
             done.add(unit.key)
     return done
+
+
+def finished_manifest(artifact: DistilledArtifact) -> dict | None:
+    """The manifest of a finished set, ``None`` if there is none or it is damaged (then the set is rebuilt)."""
+    if not artifact.complete():
+        return None
+    try:
+        return load_json(artifact.manifest)
+    except ArtifactCorruptError:
+        log.warning("manifest %s is damaged; rebuilding the set from its finished units", artifact.manifest)
+        return None
 
 
 def _barrier() -> None:
@@ -216,17 +238,22 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     recipe = recover_recipe(cfg, committee.priors, teacher_hashes)
     recipe_hash = fingerprint(recipe)
     artifact = DistilledArtifact(root, cfg.dataset.name, name)
-    if artifact.complete() and not cfg.get("overwrite", False):
-        manifest = load_json(artifact.manifest)
+    manifest = finished_manifest(artifact) if not cfg.get("overwrite", False) else None
+    if manifest is not None:
         if manifest["fingerprint"] == recipe_hash:
-            log.info(
-                "distilled set %s exists with the same recipe; nothing to do (overwrite=true redoes it)",
-                artifact.folder,
+            damaged = damaged_files(artifact.folder, manifest.get("files", {}))
+            if not damaged:
+                log.info(
+                    "distilled set %s exists with the same recipe; nothing to do (overwrite=true redoes it)",
+                    artifact.folder,
+                )
+                return manifest
+            log.warning("distilled set %s has damaged files (%s); rebuilding it", artifact.folder, damaged[0])
+        else:
+            raise ArtifactConflictError(
+                f"{artifact.folder} was distilled with a different recipe; choose another name=... or add "
+                f"overwrite=true"
             )
-            return manifest
-        raise ArtifactConflictError(
-            f"{artifact.folder} was distilled with a different recipe; choose another name=... or add overwrite=true"
-        )
 
     units = plan_units(cfg, spec.num_classes, committee.priors)
     done = set() if cfg.get("overwrite", False) else _finished(artifact, units, recipe_hash)
@@ -326,7 +353,7 @@ def assemble(
         path = artifact.unit_path(unit.key)
         if not path.is_file():
             raise RuntimeError(f"unit {unit.key} is missing from {path.parent}; run the same command again to finish")
-        saved = torch.load(path, weights_only=True)
+        saved = load_tensors(path, "run the same command again: it recomputes damaged units")
         images.append(saved["images"])
         labels += saved["classes"]
         ipc_index += [unit.ipc_index] * len(saved["classes"])
@@ -340,6 +367,7 @@ def assemble(
     write_pngs(artifact.folder, pixels, labels_t, ipc_t, class_names)
     save_image_atomic(distilled_grid(pixels, labels_t, ipc_t, class_names, int(cfg.seed)), artifact.grid)
     manifest = {
+        "files": set_files(artifact),
         "name": artifact.name,
         "dataset": cfg.dataset.name,
         "classes": classes,

@@ -19,9 +19,12 @@ from cvdd.artifacts import (
     ArtifactConflictError,
     NamedArtifact,
     TeacherArtifact,
+    damaged_files,
     ensure_writable,
+    file_digest,
     fingerprint,
     load_json,
+    load_tensors,
     save_json,
     save_tensors,
 )
@@ -43,9 +46,10 @@ class LabelArtifact(NamedArtifact):
     def epoch_path(self, epoch: int) -> Path:
         return self.folder / f"epoch_{epoch:04d}.pt"
 
-    def read_epoch(self, epoch: int) -> torch.Tensor:
-        """Dense float32 logits of one epoch, whatever the stored format."""
-        return unpack_logits(torch.load(self.epoch_path(epoch), weights_only=True))
+    def read_epoch(self, epoch: int, recorded: dict[str, dict], rebuild: str) -> torch.Tensor:
+        """Dense float32 logits of one epoch, whatever the stored format, checked against its recorded digest."""
+        path = self.epoch_path(epoch)
+        return unpack_logits(load_tensors(path, rebuild, recorded.get(path.name)))
 
 
 def label_artifact(cfg: DictConfig, root: Path, set_name: str) -> LabelArtifact:
@@ -140,10 +144,18 @@ def relabel(cfg: DictConfig) -> dict[str, Any]:
     artifact = label_artifact(cfg, root, name)
     if artifact.manifest.is_file() and not cfg.overwrite:
         manifest = load_json(artifact.manifest)
-        if manifest["fingerprint"] == recipe_hash:
+        if manifest["fingerprint"] != recipe_hash:
+            raise ArtifactConflictError(f"{artifact.folder} holds labels of another recipe; add overwrite=true")
+        damaged = damaged_files(artifact.folder, manifest.get("files", {}))
+        if not damaged:
             log.info("labels %s exist with the same recipe; nothing to do", artifact.folder)
             return manifest
-        raise ArtifactConflictError(f"{artifact.folder} holds labels of another recipe; add overwrite=true")
+        log.warning(
+            "labels %s: %d damaged file(s), %s first; recomputing them", artifact.folder, len(damaged), damaged[0]
+        )
+        for damaged_name in damaged:  # every rank, before any starts work: the others only find them gone
+            (artifact.folder / damaged_name).unlink(missing_ok=True)
+        artifact.manifest.unlink(missing_ok=True)
     stamp = artifact.folder / "recipe.json"
     if stamp.is_file() and load_json(stamp)["fingerprint"] != recipe_hash and not cfg.overwrite:
         raise ArtifactConflictError(f"{artifact.folder} holds partial labels of another recipe; add overwrite=true")
@@ -177,6 +189,7 @@ def relabel(cfg: DictConfig) -> dict[str, Any]:
             dist.barrier()
         if trainer.global_rank != 0:
             return {}
+        files = {artifact.epoch_path(e).name: file_digest(artifact.epoch_path(e)) for e in range(plan.epochs)}
         bytes_per_epoch = artifact.epoch_path(0).stat().st_size
         payload = payload_bytes(torch.load(artifact.epoch_path(0), weights_only=True))
         manifest = {
@@ -188,6 +201,7 @@ def relabel(cfg: DictConfig) -> dict[str, Any]:
             "batch_size": plan.batch_size,
             "mix": plan.mix,
             "fingerprint": recipe_hash,
+            "files": files,
             "bytes_per_image_per_epoch": bytes_per_epoch / len(chosen.images),
             "payload_bytes_per_image_per_epoch": payload / len(chosen.images),
             "config": OmegaConf.to_container(cfg, resolve=True),

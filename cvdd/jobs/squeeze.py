@@ -19,8 +19,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from cvdd.artifacts import (
     ArtifactConflictError,
+    ArtifactCorruptError,
     TeacherArtifact,
+    damaged_files,
     ensure_writable,
+    file_digest,
     fingerprint,
     load_json,
     save_json,
@@ -54,10 +57,18 @@ def squeeze_recipe(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _existing_record(artifact: TeacherArtifact, recipe_hash: str, overwrite: bool) -> dict | None:
+    """The finished teacher of this recipe, or ``None`` to train (none yet, ``overwrite``, or damaged files)."""
     if overwrite or not artifact.exists():
         return None
-    record = load_json(artifact.record)
+    try:
+        record = load_json(artifact.record)
+    except ArtifactCorruptError:
+        log.warning("teacher record %s is damaged; training %s again", artifact.record, artifact.model)
+        return None
     if record.get("fingerprint") == recipe_hash:
+        if damaged_files(artifact.folder, record.get("files", {})):
+            log.warning("teacher weights %s are damaged; training %s again", artifact.weights, artifact.model)
+            return None
         return record
     raise ArtifactConflictError(
         f"{artifact.weights} exists but was trained with a different recipe "
@@ -144,6 +155,7 @@ def squeeze_teacher(cfg: DictConfig) -> dict[str, Any]:
         }
         state = {k: v.detach().cpu() for k, v in module.net.state_dict().items()}
         save_tensors(artifact.weights, state)
+        record["files"] = {artifact.weights.name: file_digest(artifact.weights)}
         save_json(artifact.record, record)
         artifact.remove_work_dir(recipe_hash)
         log.info(
