@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cvdd.metrics import topk_accuracy
+from cvdd.seeding import derive_seed
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
@@ -30,6 +31,7 @@ class TeacherModule(L.LightningModule):
         scheduler: SchedulerFactory | None = None,
         label_smoothing: float = 0.0,
         channels_last: bool = False,
+        seed: int = 0,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
@@ -44,6 +46,11 @@ class TeacherModule(L.LightningModule):
         if self.hparams.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x)
+
+    def on_train_epoch_start(self) -> None:
+        # Dropout draws from the global RNG: reseed it from (seed, epoch, rank), so a run resumed at an epoch
+        # boundary replays the same epochs (the data's own randomness is keyed per sample, see the datamodule).
+        torch.manual_seed(derive_seed(self.hparams.seed, self.current_epoch, self.global_rank))
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels = batch

@@ -90,6 +90,32 @@ def test_killed_run_resumes_from_last_checkpoint(make_cfg, tmp_path: Path):
     assert record["epochs"] == 3 and art.exists() and not (art.folder / ".work").exists()
 
 
+class CrashAtBatch(Callback):
+    """Simulates a kill in the middle of an epoch."""
+
+    def __init__(self, epoch: int, batch: int):
+        self.epoch, self.batch = epoch, batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            raise RuntimeError("simulated kill")
+
+
+def test_resumed_run_equals_an_uninterrupted_one_bitwise(make_cfg, tmp_path: Path):
+    """Killed mid-epoch, resumed from the last epoch boundary: the same data order, augmentation and weights."""
+    squeeze_teacher(make_cfg("train", *FAST, f"paths.artifacts={tmp_path}/a"))
+    crash = (
+        "+callbacks.crash._target_=test_squeeze.CrashAtBatch",
+        "+callbacks.crash.epoch=1",
+        "+callbacks.crash.batch=5",
+    )
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        squeeze_teacher(make_cfg("train", *FAST, f"paths.artifacts={tmp_path}/b", *crash))
+    squeeze_teacher(make_cfg("train", *FAST, f"paths.artifacts={tmp_path}/b"))
+    a, b = (torch.load(tmp_path / x / "digits/teachers/convnet_small.ckpt", weights_only=True) for x in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_channels_last_path_trains(make_cfg):
     record = squeeze_teacher(make_cfg("train", *FAST, "squeeze.epochs=1", "hardware.channels_last=true"))
     assert record["test_top1"] > 20.0
