@@ -144,7 +144,8 @@ class Initializer:
         if self._bank is not None:
             return self._bank
         p = self.patches
-        key = fingerprint({**self.cache_identity, "seed": self.seed, "candidates": p.candidates, "scale": p.scale})
+        identity = {"seed": self.seed, "candidates": p.candidates, "scale": p.scale, "sources": "distinct"}
+        key = fingerprint({**self.cache_identity, **identity})
         path = self.cache_dir / f"{key}.pt" if self.cache_dir else None
         if path is not None and path.is_file():
             try:
@@ -163,7 +164,9 @@ class Initializer:
         for c in range(num_classes):
             gen = class_generator(self.seed, c, 2)
             idx = torch.nonzero(self.real.targets == c).flatten()
-            sources[c] = idx[torch.randint(0, len(idx), (p.candidates,), generator=gen)]
+            # distinct source images (cycled only when the class has fewer images than candidates)
+            shuffled = idx[torch.randperm(len(idx), generator=gen)]
+            sources[c] = shuffled[torch.arange(p.candidates) % len(shuffled)]
             boxes[c] = torch.tensor([sample_crop_box(gen, h, w, p.scale) for _ in range(p.candidates)])
             pairs = zip(sources[c].tolist(), boxes[c].tolist(), strict=True)
             crops = torch.stack([self._patch_pixels(s, b, (h, w)) for s, b in pairs])

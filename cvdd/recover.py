@@ -91,19 +91,55 @@ class UnitAugmenter:
 UnitCallback = Callable[[Unit, torch.Tensor, dict[str, dict[str, float]]], None]
 
 
-class RecoverModule(L.LightningModule):
-    """Optimises a rank's units wave by wave; each step is one Adam step on every unit of the wave.
+class GroupState:
+    """One group of units being optimised: its own images parameter, Adam, augmentation streams and forward
+    passes, so nothing it computes depends on which other groups share its wave or its rank."""
 
-    The committee is a frozen sub-module kept out of checkpoints. Adam (β = 0.5, 0.9) is
-    element-wise and every unit's loss touches only its own images, so stacking units changes
-    nothing but speed. ``waves`` is the same count on every rank (idle ranks take no-op steps), so
-    distributed ranks stay in step.
+    def __init__(self, units: Sequence[Unit], images: torch.Tensor, settings: RecoverSettings, grouping: bool):
+        device = images.device
+        self.units = list(units)
+        self.batches = member_batches(self.units, grouping)
+        self.augment = UnitAugmenter(self.units, settings)
+        self.images = nn.Parameter(images)
+        self.labels = torch.tensor([u.classes for u in self.units], device=device)
+        self.optimizer = torch.optim.Adam([self.images], lr=settings.lr, betas=(0.5, 0.9), eps=1e-8)
+        members = sorted({m for u in self.units for m in u.members})
+        self.last_losses = {m: torch.zeros(len(self.units), 2, device=device) for m in members}
+        # voting weight of each member in each unit (0 where the unit did not choose it)
+        self.weights = {
+            m: torch.tensor(
+                [u.weights[u.members.index(m)] if m in u.members else 0.0 for u in self.units], device=device
+            )
+            for m in members
+        }
+        self.index = torch.arange(len(self.units), device=device)
+
+    def loss(self, committee: Committee, r_bn: float) -> torch.Tensor:
+        """``Σ_units Σ_m w_m (CE_m + r_bn · R_m)`` on this step's augmentation of the group's images."""
+        count, batch_size = self.images.shape[:2]
+        augmented = self.augment(self.images, range(count)).reshape(count, batch_size, *self.images.shape[2:])
+        unit_loss = torch.zeros(count, device=self.images.device)
+        for member, ids in self.batches:
+            x = augmented[ids].flatten(0, 1)
+            ce, bn = committee.losses(member, x, self.labels[ids].reshape(-1), units=len(ids))
+            unit_loss = unit_loss.index_add(0, self.index[ids], self.weights[member][ids] * (ce + r_bn * bn))
+            self.last_losses[member][ids] = torch.stack([ce, bn], dim=1).detach()
+        return unit_loss.sum()
+
+
+class RecoverModule(L.LightningModule):
+    """Optimises a rank's groups of units wave by wave; each step is one Adam step on every group of the wave.
+
+    The committee is a frozen sub-module kept out of checkpoints. Every group has its own parameter and
+    Adam, and its loss touches only its own images, so a group's result is the same whichever wave or rank
+    it runs in. ``waves`` is the same count on every rank (idle ranks take no-op steps), so distributed
+    ranks stay in step.
     """
 
     def __init__(
         self,
         committee: Committee,
-        waves: Sequence[Sequence[Unit]],
+        waves: Sequence[Sequence[Sequence[Unit]]],
         init_images: Callable[[Sequence[Unit]], torch.Tensor],
         settings: RecoverSettings,
         pixel_range: tuple[Sequence[float], Sequence[float]],
@@ -114,7 +150,7 @@ class RecoverModule(L.LightningModule):
         self.automatic_optimization = False
         self.strict_loading = False
         self.committee = committee
-        self.waves = [list(w) for w in waves]
+        self.waves = [[list(group) for group in wave] for wave in waves]
         self.init_images = init_images
         self.settings = settings
         self.grouping = grouping
@@ -122,7 +158,7 @@ class RecoverModule(L.LightningModule):
         low, high = (torch.tensor(v, dtype=torch.float32).view(1, 1, -1, 1, 1) for v in pixel_range)
         self.register_buffer("low", low, persistent=False)
         self.register_buffer("high", high, persistent=False)
-        self.images: nn.Parameter | None = None
+        self.groups: list[GroupState] = []
         self._wave = -1
 
     def state_dict(self, *args, **kwargs):
@@ -130,91 +166,93 @@ class RecoverModule(L.LightningModule):
         return {k: v for k, v in state.items() if not k.startswith("committee.")}
 
     def configure_optimizers(self):
-        return None  # one Adam per wave, created in _start_wave
+        return None  # one Adam per group, created in _start_wave
 
     def _start_wave(self, wave: int) -> None:
         self._wave = wave
-        self.units = self.waves[wave] if wave < len(self.waves) else []
-        if not self.units:
-            self.images = None
-            return
-        self.batches = member_batches(self.units, self.grouping)
-        self.augment = UnitAugmenter(self.units, self.settings)
-        self.images = nn.Parameter(self.init_images(self.units).to(self.device))
-        self.labels = torch.tensor([u.classes for u in self.units], device=self.device)
-        self.optimizer = torch.optim.Adam([self.images], lr=self.settings.lr, betas=(0.5, 0.9), eps=1e-8)
-        members = sorted({m for u in self.units for m in u.members})
-        self.last_losses = {m: torch.zeros(len(self.units), 2, device=self.device) for m in members}
-        # voting weight of each member in each unit (0 where the unit did not choose it)
-        self.weights = {
-            m: torch.tensor(
-                [u.weights[u.members.index(m)] if m in u.members else 0.0 for u in self.units], device=self.device
-            )
-            for m in members
-        }
-        self.index = torch.arange(len(self.units), device=self.device)
+        groups = self.waves[wave] if wave < len(self.waves) else []
+        self.groups = [
+            GroupState(units, self.init_images(units).to(self.device), self.settings, self.grouping) for units in groups
+        ]
 
     def training_step(self, batch, batch_idx: int) -> None:
         iters = self.settings.iterations
         wave, step = divmod(batch_idx, iters)
         if wave != self._wave:
             self._start_wave(wave)
-        if self.images is None:
+        if not self.groups:
             return None
         self.committee.assert_frozen()
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.settings.lr * cosine_factor(step / iters)
-        self.optimizer.zero_grad(set_to_none=True)
-        count, batch_size = self.images.shape[:2]
-        augmented = self.augment(self.images, range(count)).reshape(count, batch_size, *self.images.shape[2:])
-        unit_loss = torch.zeros(count, device=self.device)
-        logged = {}
-        for member, ids in self.batches:
-            x = augmented[ids].flatten(0, 1)
-            ce, bn = self.committee.losses(member, x, self.labels[ids].reshape(-1), units=len(ids))
-            unit_loss = unit_loss.index_add(
-                0, self.index[ids], self.weights[member][ids] * (ce + self.settings.r_bn * bn)
-            )
-            self.last_losses[member][ids] = torch.stack([ce, bn], dim=1).detach()
-        for member, losses in self.last_losses.items():
-            used = self.weights[member] > 0
-            logged[f"recover/{member}/ce"] = losses[used, 0].mean()
-            logged[f"recover/{member}/bn"] = losses[used, 1].mean()
-            logged[f"recover/{member}/weight"] = self.weights[member][used].mean()
-        self.manual_backward(unit_loss.sum())
-        self.optimizer.step()
-        with torch.no_grad():
-            self.images.copy_(torch.maximum(torch.minimum(self.images, self.high), self.low))
-        self.log_dict(logged, on_step=True)
-        self.log("recover/lr", self.optimizer.param_groups[0]["lr"], on_step=True)
+        lr = self.settings.lr * cosine_factor(step / iters)
+        for group in self.groups:
+            for param_group in group.optimizer.param_groups:
+                param_group["lr"] = lr
+            group.optimizer.zero_grad(set_to_none=True)
+        total = torch.stack([group.loss(self.committee, self.settings.r_bn) for group in self.groups]).sum()
+        self.manual_backward(total)  # the groups' graphs are disjoint: each gets exactly its own gradient
+        for group in self.groups:
+            group.optimizer.step()
+            with torch.no_grad():
+                group.images.copy_(torch.maximum(torch.minimum(group.images, self.high), self.low))
+        self.log_dict(self._member_losses(), on_step=True)
+        self.log("recover/lr", lr, on_step=True)
         if step == iters - 1:
             self._finish_wave()
         return None
 
+    def _member_losses(self) -> dict[str, torch.Tensor]:
+        """Mean CE, BN term and voting weight of each member over the units of the wave that chose it."""
+        logged = {}
+        for member in sorted({m for g in self.groups for m in g.last_losses}):
+            parts = [(g.last_losses[member], g.weights[member]) for g in self.groups if member in g.last_losses]
+            losses = torch.cat([loss[weight > 0] for loss, weight in parts])
+            logged[f"recover/{member}/ce"] = losses[:, 0].mean()
+            logged[f"recover/{member}/bn"] = losses[:, 1].mean()
+            logged[f"recover/{member}/weight"] = torch.cat([weight[weight > 0] for _, weight in parts]).mean()
+        return logged
+
     def _finish_wave(self) -> None:
-        images = self.images.detach().cpu()
-        losses = {m: t.cpu() for m, t in self.last_losses.items()}
-        for i, unit in enumerate(self.units):
-            per_member = {m: {"ce": float(losses[m][i, 0]), "bn": float(losses[m][i, 1])} for m in unit.members}
-            self.on_unit_done(unit, images[i], per_member)
-        self.images = None
+        for group in self.groups:
+            images = group.images.detach().cpu()
+            losses = {m: t.cpu() for m, t in group.last_losses.items()}
+            for i, unit in enumerate(group.units):
+                per_member = {m: {"ce": float(losses[m][i, 0]), "bn": float(losses[m][i, 1])} for m in unit.members}
+                self.on_unit_done(unit, images[i], per_member)
+        self.groups = []
 
 
-def plan_waves(units: Sequence[Unit], max_images: int, grouping: bool) -> list[list[Unit]]:
-    """Split units into waves of at most ``max_images`` images, keeping same-member units together.
+def plan_groups(units: Sequence[Unit], group_images: int, grouping: bool) -> list[list[Unit]]:
+    """A fixed partition of the whole set's units into groups that are optimised together.
 
-    A wave holds units of one size only (a last, smaller class block gets its own waves), because
-    a wave's images are one (units, classes, C, H, W) parameter.
+    With ``grouping`` units are ordered by their members (so a group shares forward passes) and cut into
+    groups of at most ``group_images`` images of one unit size; without, every unit is its own group. The
+    partition depends on the units and these two settings only, never on waves, ranks or what a resumed run
+    has already finished, so every unit is computed in the same company every time.
     """
-    key = (lambda u: (-len(u.classes), u.members, u.ipc_index, u.block)) if grouping else (lambda u: -len(u.classes))
-    waves: list[list[Unit]] = []
+    if not grouping:
+        return [[u] for u in sorted(units, key=lambda u: (u.ipc_index, u.block))]
+    groups: list[list[Unit]] = []
     count = 0
-    for unit in sorted(units, key=key):
+    for unit in sorted(units, key=lambda u: (-len(u.classes), u.members, u.ipc_index, u.block)):
         size = len(unit.classes)
-        if not waves or count + size > max_images or len(waves[-1][0].classes) != size:
+        if not groups or count + size > group_images or len(groups[-1][0].classes) != size:
+            groups.append([])
+            count = 0
+        groups[-1].append(unit)
+        count += size
+    return groups
+
+
+def plan_waves(groups: Sequence[Sequence[Unit]], max_images: int) -> list[list[list[Unit]]]:
+    """Consecutive groups packed into waves of at most ``max_images`` images (a larger group is a wave alone)."""
+    waves: list[list[list[Unit]]] = []
+    count = 0
+    for group in groups:
+        size = sum(len(u.classes) for u in group)
+        if not waves or count + size > max_images:
             waves.append([])
             count = 0
-        waves[-1].append(unit)
+        waves[-1].append(list(group))
         count += size
     return waves
 

@@ -123,17 +123,22 @@ def test_class_order_mismatch_names_the_first_differing_class(tmp_path):
         load_teacher(art, [*classes, "n05"])
 
 
-def test_waves_respect_the_image_budget_and_unit_sizes():
-    from cvdd.recover import Unit, class_blocks, plan_waves
+def test_groups_are_a_fixed_partition_and_waves_pack_whole_groups():
+    from cvdd.recover import Unit, class_blocks, plan_groups, plan_waves
 
     blocks = class_blocks(25, 10)
     assert [len(b) for b in blocks] == [10, 10, 5]
     units = [Unit(i, b, blk, ("a",), (1.0,), i * 10 + b) for i in range(4) for b, blk in enumerate(blocks)]
-    waves = plan_waves(units, max_images=30, grouping=True)
-    assert sorted((u.ipc_index, u.block) for w in waves for u in w) == sorted((u.ipc_index, u.block) for u in units)
-    for wave in waves:
-        assert len({len(u.classes) for u in wave}) == 1
-        assert sum(len(u.classes) for u in wave) <= 30
+    groups = plan_groups(units, group_images=30, grouping=True)
+    assert sorted((u.ipc_index, u.block) for g in groups for u in g) == sorted((u.ipc_index, u.block) for u in units)
+    for group in groups:
+        assert len({len(u.classes) for u in group}) == 1 and sum(len(u.classes) for u in group) <= 30
+    assert plan_groups(units[::-1], 30, True) == groups, "the partition does not depend on the order units come in"
+    for max_images in (30, 60, 1000):
+        waves = plan_waves(groups, max_images)
+        assert [g for w in waves for g in w] == groups, "waves keep groups whole and in order"
+        assert all(sum(len(u.classes) for g in w for u in g) <= max_images for w in waves)
+    assert plan_groups(units, 30, grouping=False) == [[u] for u in sorted(units, key=lambda u: (u.ipc_index, u.block))]
 
 
 def test_recover_module_keeps_the_committee_out_of_checkpoints():

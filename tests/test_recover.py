@@ -23,11 +23,12 @@ def images_of(root: Path, name: str) -> torch.Tensor:
 
 
 def assert_same_images(a: torch.Tensor, b: torch.Tensor) -> None:
-    """Equal up to float noise. Stacked convolutions round differently from single ones (~1e-7), and
-    Adam divides by sqrt(v) + 1e-8, so on the rare pixel whose gradient is near zero that noise can
-    grow to a visible step; everywhere else the images agree to 1e-4."""
+    """Equal up to float noise, for two recipes that are the same maths (grouped vs sequential units, one
+    process vs DDP ranks with their own thread counts). Stacked convolutions round differently from single
+    ones (~1e-7), and Adam divides by sqrt(v) + 1e-8, so on the rare pixel whose gradient is near zero that
+    noise can grow to a visible step (measured: up to 0.05 on 0.7 % of pixels after 5 steps, mean 3e-5)."""
     diff = (a - b).abs()
-    assert diff.mean() < 1e-5, diff.mean()
+    assert diff.mean() < 1e-4, diff.mean()
     assert (diff > 1e-4).float().mean() < 0.01, (diff > 1e-4).float().mean()
     assert diff.max() < 0.1, diff.max()
 
@@ -107,7 +108,7 @@ def test_one_grouped_step_equals_one_sequential_step_elementwise(make_cfg, workd
 
 
 def test_killed_run_resumes_to_the_same_result(make_cfg, workdir: Path):
-    common = (*FAST, "ipc=3", "recover.wave_images=10")  # one unit per wave: 3 waves of 4 steps
+    common = (*FAST, "ipc=3", "recover.group_images=10", "recover.wave_images=10")  # 3 waves of one unit, 4 steps
     distill(make_cfg("distill", *common, "name=reference"))
     crash = ("+callbacks.crash._target_=test_recover.CrashAtStep", "+callbacks.crash.step=6")
     with pytest.raises(RuntimeError, match="simulated kill"):
@@ -116,7 +117,23 @@ def test_killed_run_resumes_to_the_same_result(make_cfg, workdir: Path):
     assert not (folder / "manifest.json").exists()
     assert len(list((folder / "units").glob("*.pt"))) == 1, "the unit finished before the kill was kept"
     distill(make_cfg("distill", *common, "name=resumed"))
-    assert_same_images(images_of(workdir, "reference"), images_of(workdir, "resumed"))
+    assert torch.equal(images_of(workdir, "reference"), images_of(workdir, "resumed"))
+
+
+def test_images_do_not_depend_on_wave_size_or_on_resuming_bitwise(make_cfg, workdir: Path):
+    """Groups are a fixed partition of the set (2 units each here); waves only decide how many run at once."""
+    common = (*FAST, "ipc=6", "recover.iterations=3", "recover.group_images=20", "committee.schedule=random")
+    distill(make_cfg("distill", *common, "name=one_wave"))
+    distill(make_cfg("distill", *common, "name=three_waves", "recover.wave_images=20"))
+    crash = ("+callbacks.crash._target_=test_recover.CrashAtStep", "+callbacks.crash.step=4")
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        distill(make_cfg("distill", *common, "name=resumed", "recover.wave_images=20", *crash))
+    distill(make_cfg("distill", *common, "name=resumed"))  # resumed with another wave size: same recipe
+    reference = images_of(workdir, "one_wave")
+    assert torch.equal(reference, images_of(workdir, "three_waves"))
+    assert torch.equal(reference, images_of(workdir, "resumed"))
+    with pytest.raises(ValueError, match=r"recover\.wave_images=10 is below recover\.group_images=20"):
+        distill(make_cfg("distill", *common, "name=bad", "recover.wave_images=10"))
 
 
 def test_missing_teachers_error_prints_the_train_command(make_cfg, tmp_path: Path):

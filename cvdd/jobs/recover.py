@@ -38,7 +38,7 @@ from cvdd.grid import distilled_grid, save_image_atomic
 from cvdd.init import INIT_MODES, Initializer, PatchSettings
 from cvdd.jobs.common import build_trainer, finish_loggers, log, task_overrides
 from cvdd.jobs.squeeze import dataset_identity
-from cvdd.recover import RecoverModule, RecoverSettings, Unit, class_blocks, plan_waves
+from cvdd.recover import RecoverModule, RecoverSettings, Unit, class_blocks, plan_groups, plan_waves
 from cvdd.seeding import derive_seed
 
 SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -143,8 +143,7 @@ def plan_units(cfg: DictConfig, num_classes: int, priors: dict[str, float]) -> l
 
 def recover_recipe(cfg: DictConfig, priors: dict[str, float], teacher_hashes: dict[str, str]) -> dict[str, Any]:
     recover = OmegaConf.to_container(cfg.recover, resolve=True)
-    for key in ("grouping", "wave_images"):  # change speed, not results
-        recover.pop(key, None)
+    recover.pop("wave_images", None)  # changes memory and speed, not results (groups are fixed by the recipe)
     committee = OmegaConf.to_container(cfg.committee, resolve=True)
     committee.pop("train_missing", None)
     committee.pop("train_overrides", None)
@@ -197,6 +196,11 @@ def patch_settings(cfg: DictConfig) -> PatchSettings | None:
     check_ipc(cfg)
     if int(cfg.recover.iterations) < 1:
         raise ValueError(f"recover.iterations={cfg.recover.iterations} must be at least 1")
+    if int(cfg.recover.wave_images) < int(cfg.recover.group_images):
+        raise ValueError(
+            f"recover.wave_images={cfg.recover.wave_images} is below recover.group_images={cfg.recover.group_images}: "
+            f"a group is optimised at once; raise wave_images, or lower group_images (which changes the results)"
+        )
     init = cfg.recover.init
     if init.mode not in INIT_MODES:
         raise ValueError(f"recover.init.mode={init.mode!r}; choose from {', '.join(INIT_MODES)}")
@@ -257,7 +261,8 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
 
     units = plan_units(cfg, spec.num_classes, committee.priors)
     done = set() if cfg.get("overwrite", False) else _finished(artifact, units, recipe_hash)
-    todo = [u for u in units if u.key not in done]
+    groups = plan_groups(units, int(cfg.recover.group_images), bool(cfg.recover.grouping))
+    todo = [g for g in groups if not all(u.key in done for u in g)]  # groups are redone whole: same company
     if done:
         log.info("resuming %s: %d of %d units already finished", artifact.folder, len(done), len(units))
 
@@ -299,7 +304,7 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
         if isinstance(trainer.strategy, HydraDDPStrategy):
             trainer.strategy.wrap_model = False  # each rank owns its images: no broadcast, no gradient averaging
         world, rank = trainer.world_size, trainer.global_rank
-        per_rank = [plan_waves(todo[r::world], int(rec.wave_images), bool(rec.grouping)) for r in range(world)]
+        per_rank = [plan_waves(todo[r::world], int(rec.wave_images)) for r in range(world)]
         n_waves = max((len(w) for w in per_rank), default=0)
         if n_waves:
             module = RecoverModule(
