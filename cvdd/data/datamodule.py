@@ -56,7 +56,7 @@ class EpochKeyedImages(Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
-        torch.manual_seed(derive_seed(self.seed, epoch, index))  # torchvision transforms draw from the global RNG
+        torch.default_generator.manual_seed(derive_seed(self.seed, epoch, index))  # CPU transforms draw from it
         return self.images[index]
 
 
