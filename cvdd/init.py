@@ -70,9 +70,7 @@ def difficulty_band(scores: torch.Tensor, settings: PatchSettings) -> torch.Tens
     ``settings.needed`` of them in the difficulty's band are taken; IPC index ``i`` gets the ``i``-th run
     of ``factor²`` inside the band.
     """
-    n, needed = len(scores), settings.needed
-    if needed > n:
-        raise ValueError(f"recover.init.candidates={n} is too few; raise it to at least {needed}")
+    n, needed = len(scores), settings.needed  # PatchSettings guarantees needed <= candidates == n
     start = {"easy": 0, "medium": (n - needed) // 2, "hard": n - needed}[settings.difficulty]
     order = torch.argsort(scores, stable=True)
     return order[start : start + needed].reshape(settings.ipc, settings.factor**2)

@@ -58,10 +58,9 @@ def distilled_name(cfg: DictConfig) -> str:
     return str(name)
 
 
-def check_ipc(cfg: DictConfig) -> int:
+def check_ipc(cfg: DictConfig) -> None:
     if int(cfg.ipc) < 1:
         raise ValueError(f"ipc={cfg.ipc} must be at least 1 (images per class)")
-    return int(cfg.ipc)
 
 
 def train_command(dataset: str, members: list[str]) -> str:
@@ -191,8 +190,9 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def patch_settings(cfg: DictConfig) -> PatchSettings | None:
-    """``ipc``, ``recover.iterations`` and ``recover.init`` checked before any work starts."""
+def check_recover_settings(cfg: DictConfig) -> PatchSettings | None:
+    """``ipc``, ``recover.*`` and ``recover.init`` checked before any work starts; the patch settings if
+    the initialisation is ``patches``."""
     check_ipc(cfg)
     if int(cfg.recover.iterations) < 1:
         raise ValueError(f"recover.iterations={cfg.recover.iterations} must be at least 1")
@@ -222,10 +222,10 @@ def check_real_images(targets: torch.Tensor, ipc: int, classes: list[str]) -> No
 
 def distill(cfg: DictConfig) -> dict[str, Any]:
     """Run recover for ``cfg`` and return the manifest (empty on ranks other than 0)."""
-    patches = patch_settings(cfg)
-    name = distilled_name(cfg)
+    patches = check_recover_settings(cfg)
     root = Path(cfg.paths.artifacts)
-    ensure_writable(DistilledArtifact(root, cfg.dataset.name, name).folder)
+    artifact = DistilledArtifact(root, cfg.dataset.name, distilled_name(cfg))
+    ensure_writable(artifact.folder)
     spec = get_spec(cfg.dataset.name)
     data = load_dataset(cfg.dataset)
     if cfg.recover.init.mode == "real":
@@ -241,7 +241,6 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     }
     recipe = recover_recipe(cfg, committee.priors, teacher_hashes)
     recipe_hash = fingerprint(recipe)
-    artifact = DistilledArtifact(root, cfg.dataset.name, name)
     manifest = finished_manifest(artifact) if not cfg.get("overwrite", False) else None
     if manifest is not None:
         if manifest["fingerprint"] == recipe_hash:

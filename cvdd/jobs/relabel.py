@@ -130,7 +130,8 @@ def relabel(cfg: DictConfig) -> dict[str, Any]:
     name, classes = chosen.name, chosen.classes
     topk = cfg.relabel.get("topk")
     check_storage(cfg.relabel.dtype, topk)
-    ensure_writable(label_artifact(cfg, root, name).folder)
+    artifact = label_artifact(cfg, root, name)
+    ensure_writable(artifact.folder)
     committee, weights = relabel_committee(cfg, root, classes)
     plan = build_plan(cfg, len(chosen.images))
     settings = label_settings(cfg, weights, plan, chosen)
@@ -141,7 +142,6 @@ def relabel(cfg: DictConfig) -> dict[str, Any]:
         "relabel": OmegaConf.to_container(cfg.relabel, resolve=True),
     }
     recipe_hash = fingerprint(recipe)
-    artifact = label_artifact(cfg, root, name)
     if artifact.manifest.is_file() and not cfg.overwrite:
         manifest = load_json(artifact.manifest)
         if manifest["fingerprint"] != recipe_hash:
