@@ -70,8 +70,8 @@ class UnitAugmenter:
         self.generators = [torch.Generator().manual_seed(u.seed) for u in units]
 
     def __call__(self, images: torch.Tensor, unit_ids: Sequence[int]) -> torch.Tensor:
-        unit_ids = list(unit_ids)
         """``images``: (g, B, C, H, W) for units ``unit_ids`` → augmented (g·B, C, H, W)."""
+        unit_ids = list(unit_ids)
         g, b, c, h, w = images.shape
         boxes, flips, shifts = [], [], []
         for uid in unit_ids:

@@ -23,10 +23,10 @@ def images_of(root: Path, name: str) -> torch.Tensor:
 
 
 def assert_same_images(a: torch.Tensor, b: torch.Tensor) -> None:
-    """Equal up to float noise, for two recipes that are the same maths (grouped vs sequential units, one
-    process vs DDP ranks with their own thread counts). Stacked convolutions round differently from single
-    ones (~1e-7), and Adam divides by sqrt(v) + 1e-8, so on the rare pixel whose gradient is near zero that
-    noise can grow to a visible step (measured: up to 0.05 on 0.7 % of pixels after 5 steps, mean 3e-5)."""
+    """Equal up to float noise, for two recipes that are the same maths (grouped vs sequential units).
+    Stacked convolutions round differently from single ones (~1e-7), and Adam divides by sqrt(v) + 1e-8,
+    so on the rare pixel whose gradient is near zero that noise can grow to a visible step (measured: up
+    to 0.05 on 0.7 % of pixels after 5 steps, mean 3e-5)."""
     diff = (a - b).abs()
     assert diff.mean() < 1e-4, diff.mean()
     assert (diff > 1e-4).float().mean() < 0.01, (diff > 1e-4).float().mean()
@@ -174,8 +174,21 @@ def test_class_order_mismatch_stops_recover(make_cfg, workdir: Path):
 
 
 @pytest.mark.slow
-def test_ddp_cpu_gives_the_same_images_as_one_process(make_cfg, workdir: Path):
-    distill(make_cfg("distill", *FAST, "name=single"))
+def test_ddp_cpu_gives_bitwise_the_images_of_one_process_at_the_same_thread_count(make_cfg, workdir: Path):
+    split = (*FAST, "recover.group_images=10", "hardware.threads=1")  # two groups of one unit: one per rank
+    distill(make_cfg("distill", *split, "name=single"))
     GlobalHydra.instance().clear()
-    run_cli("distill.py", *FAST, "name=ddp", "hardware=ddp_cpu", cwd=workdir)
-    assert_same_images(images_of(workdir, "single"), images_of(workdir, "ddp"))
+    run_cli("distill.py", *split, "name=ddp", "hardware=ddp_cpu", cwd=workdir)
+    assert torch.equal(images_of(workdir, "single"), images_of(workdir, "ddp"))
+    manifest = json.loads((workdir / "artifacts/digits/distilled/ddp/manifest.json").read_text())
+    assert [u["cpu_threads"] for u in manifest["units"]] == [1, 1], "each rank ran the thread count it was given"
+
+
+def test_resuming_at_another_thread_count_is_refused(make_cfg, workdir: Path):
+    common = (*FAST, "recover.group_images=10")
+    distill(make_cfg("distill", *common, "hardware.threads=1"))
+    folder = workdir / "artifacts/digits/distilled/small_ipc2_real_s0"
+    (folder / "manifest.json").unlink()  # as if killed after its units were written
+    with pytest.raises(ArtifactConflictError, match=r"begun with 1 CPU thread.*has 2.*hardware\.threads=1"):
+        distill(make_cfg("distill", *common, "hardware.threads=2"))
+    assert distill(make_cfg("distill", *common, "hardware.threads=1"))["units"][0]["cpu_threads"] == 1

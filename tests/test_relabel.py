@@ -10,6 +10,7 @@ import torch
 from conftest import run_cli
 from hydra.core.global_hydra import GlobalHydra
 
+from cvdd.artifacts import ArtifactConflictError
 from cvdd.augment import apply_batch
 from cvdd.bssl import soft_label_logits
 from cvdd.committee import load_committee
@@ -72,11 +73,21 @@ def test_relabel_resumes_per_epoch_and_fp32_doubles_the_payload(make_cfg, distil
 
 
 @pytest.mark.slow
-def test_ddp_relabel_equals_single_process(make_cfg, distilled: Path):
-    relabel(make_cfg("relabel", *RELABEL))
+def test_ddp_relabel_equals_single_process_at_the_same_thread_count(make_cfg, distilled: Path):
+    relabel(make_cfg("relabel", *RELABEL, "hardware.threads=1"))
     single = [torch.load(p, weights_only=True)["logits"] for p in sorted(labels_dir(distilled).glob("epoch_*.pt"))]
     GlobalHydra.instance().clear()
-    run_cli("relabel.py", *RELABEL, "hardware=ddp_cpu", "overwrite=true", cwd=distilled)
+    run_cli("relabel.py", *RELABEL, "hardware=ddp_cpu", "hardware.threads=1", "overwrite=true", cwd=distilled)
     ddp = [torch.load(p, weights_only=True)["logits"] for p in sorted(labels_dir(distilled).glob("epoch_*.pt"))]
     assert len(ddp) == len(single) == 3
     assert all(torch.equal(a, b) for a, b in zip(single, ddp, strict=True))
+
+
+def test_relabel_resumed_at_another_thread_count_is_refused(make_cfg, distilled: Path):
+    relabel(make_cfg("relabel", *RELABEL, "hardware.threads=2"))
+    folder = labels_dir(distilled)
+    (folder / "epoch_0002.pt").unlink()
+    (folder / "manifest.json").unlink()  # as if killed after two epochs
+    with pytest.raises(ArtifactConflictError, match=r"begun with 2 CPU thread.*has 1.*hardware\.threads=2"):
+        relabel(make_cfg("relabel", *RELABEL, "hardware.threads=1"))
+    assert relabel(make_cfg("relabel", *RELABEL, "hardware.threads=2"))["cpu_threads"] == 2

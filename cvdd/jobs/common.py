@@ -12,6 +12,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
+from cvdd.hardware import configure_threads
+
 log = logging.getLogger("cvdd")
 
 
@@ -28,10 +30,12 @@ def instantiate_named(group: Mapping | None) -> list:
 
 
 def build_trainer(cfg: DictConfig, extra_callbacks: list[Callback] | None = None) -> tuple[L.Trainer, list[Logger]]:
-    """The Trainer from ``cfg.trainer`` with ``cfg.callbacks`` and ``cfg.logger`` attached."""
+    """The Trainer from ``cfg.trainer`` with ``cfg.callbacks`` and ``cfg.logger`` attached; every process of it
+    runs ``hardware.threads`` CPU threads (``null``: its share of the cores)."""
     loggers: list[Logger] = instantiate_named(cfg.get("logger"))
     callbacks: list[Callback] = instantiate_named(cfg.get("callbacks")) + list(extra_callbacks or [])
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer.callbacks.append(configure_threads(cfg.hardware.get("threads"), trainer.num_devices))
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     return trainer, loggers

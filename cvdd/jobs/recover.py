@@ -35,6 +35,7 @@ from cvdd.data import get_spec, load_dataset
 from cvdd.data.distilled import DistilledArtifact, save_set, set_files, to_pixels, write_pngs
 from cvdd.distributed import HydraDDPStrategy
 from cvdd.grid import distilled_grid, save_image_atomic
+from cvdd.hardware import check_same_threads, cpu_threads
 from cvdd.init import INIT_MODES, Initializer, PatchSettings
 from cvdd.jobs.common import build_trainer, finish_loggers, log, task_overrides
 from cvdd.jobs.squeeze import dataset_identity
@@ -157,8 +158,9 @@ def recover_recipe(cfg: DictConfig, priors: dict[str, float], teacher_hashes: di
     }
 
 
-def _finished(artifact: DistilledArtifact, units: list[Unit], recipe_hash: str) -> set[str]:
-    """Units already on disk for this recipe; a damaged unit file is left to be recomputed."""
+def _finished(artifact: DistilledArtifact, units: list[Unit], recipe_hash: str, threads: int | None) -> set[str]:
+    """Units already on disk for this recipe; a damaged unit file is left to be recomputed. Units computed at
+    another CPU thread count are refused (:func:`check_same_threads`)."""
     done = set()
     for unit in units:
         path = artifact.unit_path(unit.key)
@@ -170,6 +172,7 @@ def _finished(artifact: DistilledArtifact, units: list[Unit], recipe_hash: str) 
             log.warning("unit file %s is damaged; recomputing that unit", path)
             continue
         if saved["recipe"] == recipe_hash:
+            check_same_threads(saved.get("cpu_threads"), threads, f"distilled set {artifact.folder}")
             done.add(unit.key)
     return done
 
@@ -258,50 +261,52 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
                 f"overwrite=true"
             )
 
-    units = plan_units(cfg, spec.num_classes, committee.priors)
-    done = set() if cfg.get("overwrite", False) else _finished(artifact, units, recipe_hash)
-    groups = plan_groups(units, int(cfg.recover.group_images), bool(cfg.recover.grouping))
-    todo = [g for g in groups if not all(u.key in done for u in g)]  # groups are redone whole: same company
-    if done:
-        log.info("resuming %s: %d of %d units already finished", artifact.folder, len(done), len(units))
-
-    rec = cfg.recover
-    settings = RecoverSettings(
-        int(rec.iterations), float(rec.lr), float(rec.r_bn), int(rec.jitter), tuple(rec.crop_scale), spec.hflip
-    )
-    init = rec.init
-    real = data.view("train")
-    initializer = Initializer(
-        init.mode,
-        int(cfg.seed),
-        (spec.channels, spec.image_size, spec.image_size),
-        real=real,
-        patches=patches,
-        committee=committee,
-        cache_dir=root / cfg.dataset.name / "patches",
-        cache_identity={"dataset": dataset_identity(cfg.dataset), "teachers": teacher_hashes},
-    )
-
-    def save_unit(unit: Unit, images: torch.Tensor, losses: dict) -> None:
-        save_tensors(
-            artifact.unit_path(unit.key),
-            {
-                "recipe": recipe_hash,
-                "images": images,
-                "classes": list(unit.classes),
-                "ipc_index": unit.ipc_index,
-                "block": unit.block,
-                "members": list(unit.members),
-                "weights": list(unit.weights),
-                "losses": losses,
-            },
-        )
-
     started = time.time()
     trainer, loggers = build_trainer(cfg)
     try:
         if isinstance(trainer.strategy, HydraDDPStrategy):
             trainer.strategy.wrap_model = False  # each rank owns its images: no broadcast, no gradient averaging
+        threads = cpu_threads(trainer)
+        units = plan_units(cfg, spec.num_classes, committee.priors)
+        done = set() if cfg.get("overwrite", False) else _finished(artifact, units, recipe_hash, threads)
+        groups = plan_groups(units, int(cfg.recover.group_images), bool(cfg.recover.grouping))
+        todo = [g for g in groups if not all(u.key in done for u in g)]  # groups are redone whole: same company
+        if done:
+            log.info("resuming %s: %d of %d units already finished", artifact.folder, len(done), len(units))
+
+        rec = cfg.recover
+        settings = RecoverSettings(
+            int(rec.iterations), float(rec.lr), float(rec.r_bn), int(rec.jitter), tuple(rec.crop_scale), spec.hflip
+        )
+        init = rec.init
+        real = data.view("train")
+        initializer = Initializer(
+            init.mode,
+            int(cfg.seed),
+            (spec.channels, spec.image_size, spec.image_size),
+            real=real,
+            patches=patches,
+            committee=committee,
+            cache_dir=root / cfg.dataset.name / "patches",
+            cache_identity={"dataset": dataset_identity(cfg.dataset), "teachers": teacher_hashes},
+        )
+
+        def save_unit(unit: Unit, images: torch.Tensor, losses: dict) -> None:
+            save_tensors(
+                artifact.unit_path(unit.key),
+                {
+                    "recipe": recipe_hash,
+                    "cpu_threads": threads,
+                    "images": images,
+                    "classes": list(unit.classes),
+                    "ipc_index": unit.ipc_index,
+                    "block": unit.block,
+                    "members": list(unit.members),
+                    "weights": list(unit.weights),
+                    "losses": losses,
+                },
+            )
+
         world, rank = trainer.world_size, trainer.global_rank
         per_rank = [plan_waves(todo[r::world], int(rec.wave_images)) for r in range(world)]
         n_waves = max((len(w) for w in per_rank), default=0)
@@ -362,6 +367,7 @@ def assemble(
         labels += saved["classes"]
         ipc_index += [unit.ipc_index] * len(saved["classes"])
         records.append({k: saved[k] for k in ("ipc_index", "block", "classes", "members", "weights", "losses")})
+        records[-1]["cpu_threads"] = saved.get("cpu_threads")
     images = torch.cat(images)
     labels_t, ipc_t = torch.tensor(labels), torch.tensor(ipc_index)
     order = torch.argsort(labels_t * (max(ipc_index) + 1) + ipc_t)  # class-major, then IPC index

@@ -33,6 +33,7 @@ from cvdd.committee import Committee, load_committee, voting_weights
 from cvdd.compose import model_config
 from cvdd.data import get_spec
 from cvdd.distributed import HydraDDPStrategy
+from cvdd.hardware import check_same_threads, cpu_threads
 from cvdd.jobs.common import build_trainer, finish_loggers, log
 from cvdd.jobs.sets import StudentSet, student_set
 from cvdd.label_store import check_storage, pack_logits, payload_bytes, unpack_logits
@@ -170,9 +171,12 @@ def relabel(cfg: DictConfig) -> dict[str, Any]:
     try:
         if isinstance(trainer.strategy, HydraDDPStrategy):
             trainer.strategy.wrap_model = False
+        threads = cpu_threads(trainer)
         todo = [e for e in range(plan.epochs) if not done(e)]
+        if len(todo) < plan.epochs:
+            check_same_threads(load_json(stamp).get("cpu_threads"), threads, f"labels {artifact.folder}")
         if trainer.global_rank == 0:
-            save_json(stamp, {"fingerprint": recipe_hash})
+            save_json(stamp, {"fingerprint": recipe_hash, "cpu_threads": threads})
         mine = todo[trainer.global_rank :: trainer.world_size]
         if todo:
             module = RelabelModule(
@@ -201,6 +205,7 @@ def relabel(cfg: DictConfig) -> dict[str, Any]:
             "batch_size": plan.batch_size,
             "mix": plan.mix,
             "fingerprint": recipe_hash,
+            "cpu_threads": threads,
             "files": files,
             "bytes_per_image_per_epoch": bytes_per_epoch / len(chosen.images),
             "payload_bytes_per_image_per_epoch": payload / len(chosen.images),
