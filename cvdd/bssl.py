@@ -13,6 +13,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from cvdd.precision import FP32, Numerics
+
 
 @contextmanager
 def batch_statistics(net: nn.Module) -> Iterator[nn.Module]:
@@ -37,17 +39,20 @@ def soft_label_logits(
     images: torch.Tensor,
     bssl: bool = True,
     halves: bool = False,
+    numerics: Mapping[str, Numerics] | None = None,
 ) -> torch.Tensor:
-    """``Σ_t w_t · logits_t`` on ``images``; with ``bssl`` BN uses batch statistics (of each half with ``halves``,
-    as the released SRe2L/CV-DD code forwards a batch as two halves)."""
+    """``Σ_t w_t · logits_t`` in fp32 on ``images``; with ``bssl`` BN uses batch statistics (of each half with
+    ``halves``, as the released SRe2L/CV-DD code forwards a batch as two halves). Teacher ``t`` runs in
+    ``numerics[t]`` (default fp32)."""
     chunks: Sequence[torch.Tensor] = images.chunk(2) if halves and len(images) > 1 else (images,)
     total = None
     for name, net in teachers.items():
+        run = (numerics or {}).get(name, FP32).forward
         if bssl:
             with batch_statistics(net):
-                logits = torch.cat([net(chunk) for chunk in chunks])
+                logits = torch.cat([run(net, chunk) for chunk in chunks])
         else:
-            logits = net(images)
-        term = weights[name] * logits.float()
+            logits = run(net, images)
+        term = weights[name] * logits
         total = term if total is None else total + term
     return total

@@ -7,7 +7,7 @@ weights ``w = softmax(α / T)`` over the chosen members' prior scores ``α``.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 from torch import nn
 
 from cvdd.artifacts import TeacherArtifact, load_json, load_tensors
+from cvdd.precision import FP32, Numerics
 
 SCHEDULES = ("fixed", "cycle", "random", "auto")
 WEIGHTINGS = ("prior", "equal", "random")
@@ -119,12 +120,20 @@ class Committee(nn.Module):
     A forward pass of a stacked batch of ``U`` units (unit-major) computes, in every
     ``_BatchNorm`` layer ``l``, the mean and biased variance of its input over each unit and
     accumulates ``s_l (‖μ_l − μ_l^run‖₂ + ‖σ²_l − σ²_l^run‖₂)`` per unit, ``s_1`` = first-BN multiplier.
-    Members stay in eval mode, so a unit's outputs do not depend on the other units in the batch.
+    Members stay in eval mode, so a unit's outputs do not depend on the other units in the batch. Each member
+    runs in its own ``numerics`` (:mod:`cvdd.precision`); statistics and losses are fp32.
     """
 
-    def __init__(self, members: dict[str, nn.Module], priors: dict[str, float], first_bn_multiplier: float = 10.0):
+    def __init__(
+        self,
+        members: dict[str, nn.Module],
+        priors: dict[str, float],
+        first_bn_multiplier: float = 10.0,
+        numerics: Mapping[str, Numerics] | None = None,
+    ):
         super().__init__()
-        self.members = nn.ModuleDict(members)
+        self.numerics = {name: (numerics or {}).get(name, FP32) for name in members}
+        self.members = nn.ModuleDict({name: self.numerics[name].prepare(net) for name, net in members.items()})
         self.priors = dict(priors)
         self.first_bn_multiplier = first_bn_multiplier
         self._capture: dict[str, _BNCapture] = {}
@@ -144,10 +153,11 @@ class Committee(nn.Module):
         def hook(module: nn.modules.batchnorm._BatchNorm, inputs: tuple[torch.Tensor], output: torch.Tensor) -> None:
             if not capture.active:
                 return
-            x = inputs[0]
-            per_unit = x.reshape(capture.units, -1, *x.shape[1:]).transpose(1, 2).flatten(2).float()  # U, C, N
-            mean = per_unit.mean(dim=2)
-            var = per_unit.var(dim=2, unbiased=False)
+            # (U, B, C, H, W) view of the input, reduced over B, H, W in place of a transposed copy: 1.3-2× faster,
+            # and this hook was a quarter of a recover step; fp32 whatever the member's own precision
+            per_unit = inputs[0].float().unflatten(0, (capture.units, -1))
+            mean = per_unit.mean(dim=(1, 3, 4))
+            var = (per_unit - mean[:, None, :, None, None]).square().mean(dim=(1, 3, 4))
             loss = torch.linalg.vector_norm(mean - module.running_mean, dim=1) + torch.linalg.vector_norm(
                 var - module.running_var, dim=1
             )
@@ -170,10 +180,10 @@ class Committee(nn.Module):
         capture = self._capture[name]
         capture.units, capture.losses, capture.active = units, [], True
         try:
-            logits = self.members[name](images)
+            logits = self.numerics[name].forward(self.members[name], images)
         finally:
             capture.active = False
-        ce = F.cross_entropy(logits.float(), labels, reduction="none").reshape(units, -1).mean(dim=1)
+        ce = F.cross_entropy(logits, labels, reduction="none").reshape(units, -1).mean(dim=1)
         bn = torch.stack(capture.losses).sum(dim=0)
         capture.losses = []
         return ce, bn
@@ -186,11 +196,14 @@ def load_committee(
     classes: Sequence[str],
     priors: dict[str, float] | None,
     first_bn_multiplier: float,
+    numerics: Callable[[str], Numerics] | None = None,
 ) -> Committee:
-    """The pool's teachers from ``<root>/<dataset>/teachers``; priors default to their test top-1."""
-    nets, scores = {}, {}
+    """The pool's teachers from ``<root>/<dataset>/teachers``; priors default to their test top-1; ``numerics``
+    maps a member's architecture (its ``build_model`` name) to the numerics it runs in (default fp32)."""
+    nets, scores, chosen = {}, {}, {}
     for name in members:
         net, record = load_teacher(TeacherArtifact(root, dataset, name), classes)
         nets[name] = net
         scores[name] = float(priors[name]) if priors and name in priors else float(record["test_top1"])
-    return Committee(nets, scores, first_bn_multiplier)
+        chosen[name] = numerics(record["net"]["name"]) if numerics else FP32
+    return Committee(nets, scores, first_bn_multiplier, chosen)

@@ -1,4 +1,5 @@
-"""How a job uses the machine's CPU cores, and what that means for bitwise results.
+"""How a job uses the machine: CPU threads per process (and what they mean for bitwise results), and the
+numerics each network runs in (:func:`numerics_for`, the policy in :mod:`cvdd.precision`).
 
 Each process of a job runs ``cores // processes`` intra-op threads (``hardware.threads`` or
 ``OMP_NUM_THREADS`` override it): two processes that each use every core of a small machine run
@@ -20,8 +21,10 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import Callback
+from omegaconf import DictConfig
 
 from cvdd.artifacts import ArtifactConflictError
+from cvdd.precision import Numerics, choose_numerics
 
 log = logging.getLogger("cvdd")
 
@@ -85,4 +88,25 @@ def check_same_threads(recorded: int | None, current: int | None, what: str) -> 
         f"{what} was begun with {recorded} CPU thread(s) per process and this run has {current}; on CPU the "
         f"thread count changes the rounding of some kernels, so the parts would not match. Resume with "
         f"hardware.threads={recorded}, or start over with overwrite=true"
+    )
+
+
+def device_type(accelerator: str) -> str:
+    """``cpu`` or ``cuda`` for a Trainer ``accelerator`` setting (``auto``: CUDA when one is visible)."""
+    if accelerator in ("gpu", "cuda"):
+        return "cuda"
+    if accelerator == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cpu"
+
+
+def numerics_for(cfg: DictConfig, arch: str, workload: str) -> Numerics:
+    """The numerics of network ``arch`` (a ``build_model`` name) for ``workload`` under ``cfg.hardware``."""
+    hardware = cfg.hardware
+    return choose_numerics(
+        arch,
+        workload,
+        hardware.get("precision", "auto"),
+        hardware.get("channels_last", "auto"),
+        device_type(str(cfg.trainer.accelerator)),
     )

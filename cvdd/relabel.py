@@ -10,13 +10,14 @@ from torch import nn
 
 from cvdd.augment import EpochPlan, apply_batch
 from cvdd.bssl import soft_label_logits
+from cvdd.precision import Numerics
 
 
 class RelabelModule(L.LightningModule):
     """``predict_step`` on an epoch index computes that epoch's labels and hands them to ``on_epoch_done``.
 
-    Teachers are frozen sub-modules; BSSL runs them with batch statistics and restores their
-    buffers, so they are bit-identical afterwards.
+    Teachers are frozen sub-modules, each in its own ``numerics``; BSSL runs them with batch statistics and
+    restores their buffers, so they are bit-identical afterwards. Labels are fp32 until stored.
     """
 
     def __init__(
@@ -28,6 +29,7 @@ class RelabelModule(L.LightningModule):
         on_epoch_done: Callable[[int, torch.Tensor], None],
         bssl: bool = True,
         halves: bool = False,
+        numerics: Mapping[str, Numerics] | None = None,
     ):
         super().__init__()
         self.teachers = nn.ModuleDict(dict(teachers))
@@ -36,11 +38,14 @@ class RelabelModule(L.LightningModule):
         self.register_buffer("images", images, persistent=False)
         self.plan, self.on_epoch_done = plan, on_epoch_done
         self.bssl, self.halves = bssl, halves
+        self.numerics = dict(numerics or {})
 
     def predict_step(self, epoch: torch.Tensor, batch_idx: int) -> None:
         self.teachers.eval()
         logits = [
-            soft_label_logits(self.teachers, self.weights, apply_batch(self.images, batch), self.bssl, self.halves)
+            soft_label_logits(
+                self.teachers, self.weights, apply_batch(self.images, batch), self.bssl, self.halves, self.numerics
+            )
             for batch in self.plan.epoch(int(epoch))
         ]
         self.on_epoch_done(int(epoch), torch.cat(logits).cpu())

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cvdd.metrics import topk_accuracy
+from cvdd.precision import FP32, Numerics
 from cvdd.seeding import derive_seed
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -17,7 +18,8 @@ SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
 
 
 class TeacherModule(L.LightningModule):
-    """Cross-entropy training of ``net`` with a per-step cosine schedule and micro top-1/top-5.
+    """Cross-entropy training of ``net`` with a per-step cosine schedule and micro top-1/top-5; ``net`` runs in
+    ``numerics`` (bf16 autocast and/or channels-last where that pays, :mod:`cvdd.precision`).
 
     ``optimizer`` and ``scheduler`` are partials from the config: the module supplies the
     parameters and the total number of optimiser steps, which only the Trainer knows.
@@ -30,12 +32,13 @@ class TeacherModule(L.LightningModule):
         optimizer: OptimizerFactory,
         scheduler: SchedulerFactory | None = None,
         label_smoothing: float = 0.0,
-        channels_last: bool = False,
+        numerics: Numerics = FP32,
         seed: int = 0,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
-        self.net = net.to(memory_format=torch.channels_last) if channels_last else net
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler", "numerics"])
+        self.numerics = numerics
+        self.net = numerics.prepare(net)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.train_top1 = topk_accuracy(num_classes, 1)
@@ -43,9 +46,7 @@ class TeacherModule(L.LightningModule):
         self.val_top5 = topk_accuracy(num_classes, 5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.hparams.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return self.net(x)
+        return self.numerics.forward(self.net, x)
 
     def on_train_epoch_start(self) -> None:
         # Dropout draws from the global RNG: reseed it from (seed, epoch, rank), so a run resumed at an epoch

@@ -12,6 +12,7 @@ from torch import nn
 from cvdd.augment import BatchPlan, EpochPlan, apply_batch
 from cvdd.metrics import topk_accuracy
 from cvdd.optim import cosine_schedule
+from cvdd.precision import FP32, Numerics
 
 SoftLabels = Callable[[int, int, BatchPlan, torch.Tensor], torch.Tensor]
 
@@ -47,6 +48,7 @@ class StudentModule(L.LightningModule):
     A planned batch is forwarded as ``micro_batches`` slices of ``batch_size / micro_batches`` images
     (student BatchNorm sees each slice alone), each slice's loss divided by ``micro_batches``, and the
     optimiser steps once per planned batch: the released code's "gradient accumulation".
+    The student runs in ``numerics`` (:mod:`cvdd.precision`); the loss is fp32.
     Every test evaluation is kept in ``evaluations`` (epochs trained so far, top-1 %), so the best can be
     reported beside the final one.
     """
@@ -65,6 +67,7 @@ class StudentModule(L.LightningModule):
         stretch: float = 1.0,
         micro_batches: int = 1,
         decay_all: bool = False,
+        numerics: Numerics = FP32,
     ):
         super().__init__()
         if micro_batches < 1 or plan.batch_size % micro_batches:
@@ -72,8 +75,9 @@ class StudentModule(L.LightningModule):
                 f"validate.micro_batches={micro_batches} must be >= 1 and divide the planned batch "
                 f"(relabel.batch_size={plan.batch_size})"
             )
-        self.save_hyperparameters(ignore=["net", "images", "targets", "plan", "soft_labels"])
-        self.net = net
+        self.save_hyperparameters(ignore=["net", "images", "targets", "plan", "soft_labels", "numerics"])
+        self.numerics = numerics
+        self.net = numerics.prepare(net)
         self.register_buffer("images", images, persistent=False)
         self.register_buffer("targets", targets, persistent=False)
         self.plan, self.soft_labels = plan, soft_labels
@@ -100,7 +104,7 @@ class StudentModule(L.LightningModule):
         loss = x.new_zeros(())
         for start in range(0, len(x), size):
             part = slice(start, start + size)
-            logits = self.net(x[part])
+            logits = self.numerics.forward(self.net, x[part])
             if self.soft_labels is not None:
                 term = kd_loss(logits, teacher[part], self.hparams.temperature)
             else:
@@ -113,7 +117,7 @@ class StudentModule(L.LightningModule):
 
     def validation_step(self, batch, _: int) -> None:
         images, labels = batch
-        self.val_top1.update(self.net(images), labels)
+        self.val_top1.update(self.numerics.forward(self.net, images), labels)
 
     def on_validation_epoch_end(self) -> None:
         top1 = 100.0 * float(self.val_top1.compute())

@@ -85,7 +85,8 @@ def test_grouped_units_equal_sequential_units(make_cfg, workdir: Path, init: str
         "recover.init.candidates=30",
         "logger=none",
         "committee.schedule=random",
-    )  # 12 units over the 10 pairs: some share both members
+        "hardware.precision=32",
+    )  # 12 units over the 10 pairs: some share both members; grouping is exact maths in fp32
     distill(make_cfg("distill", *common, "name=grouped", "recover.grouping=true"))
     distill(make_cfg("distill", *common, "name=sequential", "recover.grouping=false"))
     grouped, sequential = images_of(workdir, "grouped"), images_of(workdir, "sequential")
@@ -100,6 +101,7 @@ def test_one_grouped_step_equals_one_sequential_step_elementwise(make_cfg, workd
         "recover.init.mode=gaussian",
         "logger=none",
         "committee.schedule=random",
+        "hardware.precision=32",
     )
     distill(make_cfg("distill", *common, "name=grouped", "recover.grouping=true"))
     distill(make_cfg("distill", *common, "name=sequential", "recover.grouping=false"))
@@ -192,3 +194,21 @@ def test_resuming_at_another_thread_count_is_refused(make_cfg, workdir: Path):
     with pytest.raises(ArtifactConflictError, match=r"begun with 1 CPU thread.*has 2.*hardware\.threads=1"):
         distill(make_cfg("distill", *common, "hardware.threads=2"))
     assert distill(make_cfg("distill", *common, "hardware.threads=1"))["units"][0]["cpu_threads"] == 1
+
+
+def test_recipe_records_each_members_numerics(make_cfg, workdir: Path, monkeypatch):
+    import cvdd.precision
+
+    monkeypatch.setattr(cvdd.precision, "cpu_has_native_bf16", lambda: True)
+    exact = distill(make_cfg("distill", *FAST, "name=fp32", "hardware.precision=32"))
+    fast = distill(make_cfg("distill", *FAST, "name=auto"))
+    assert exact["recipe"]["numerics"] == dict.fromkeys(MEMBERS, "fp32")
+    assert fast["recipe"]["numerics"] == {
+        "resnet18_small": "bf16_cl",
+        "resnet50_small": "bf16_cl",
+        "shufflenetv2_small": "fp32",
+        "mobilenetv2_small": "fp32_cl",
+        "densenet_small": "bf16",
+    }
+    assert exact["fingerprint"] != fast["fingerprint"]
+    assert not torch.equal(images_of(workdir, "fp32"), images_of(workdir, "auto"))

@@ -16,10 +16,12 @@ from cvdd.artifacts import check_files, ensure_writable, fingerprint, load_json,
 from cvdd.bssl import soft_label_logits
 from cvdd.compose import model_config
 from cvdd.data import get_spec, load_dataset
+from cvdd.hardware import numerics_for
 from cvdd.jobs.common import build_trainer, finish_loggers, log, task_overrides
 from cvdd.jobs.relabel import build_plan, label_artifact, label_settings, relabel_committee, teacher_weights
 from cvdd.jobs.sets import student_set
 from cvdd.metrics import evaluate_classifier
+from cvdd.precision import Numerics
 from cvdd.student import StudentModule
 
 LABEL_SETTING_KEYS = {  # label manifest field → the setting a user changes
@@ -89,7 +91,9 @@ def online_labels(cfg: DictConfig, root: Path, classes: list[str]):
 
     def labels(_epoch: int, _b: int, _plan, x: torch.Tensor) -> torch.Tensor:
         committee.to(x.device)
-        return soft_label_logits(committee.members, weights, x, bool(cfg.relabel.bssl), bool(cfg.relabel.halves))
+        return soft_label_logits(
+            committee.members, weights, x, bool(cfg.relabel.bssl), bool(cfg.relabel.halves), committee.numerics
+        )
 
     return labels, {"teachers": weights}
 
@@ -112,8 +116,15 @@ def result_filename(cfg: DictConfig, name: str, topk: int | None) -> str:
         "student": cfg.student,
         "labels": cfg.labels,
         "seed": int(cfg.seed),
+        "numerics": student_numerics(cfg).tag,
     }
     return f"{name}__{cfg.student}__{labels_tag}__{method_label(cfg)}__{fingerprint(recipe)[:8]}.json"
+
+
+def student_numerics(cfg: DictConfig) -> Numerics:
+    """The numerics the student trains in (its test accuracy is always measured in fp32)."""
+    arch = OmegaConf.load(model_config(str(cfg.student), "student")).net.name
+    return numerics_for(cfg, arch, "student")
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -154,6 +165,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         v.stretch,
         int(v.micro_batches),
         bool(v.decay_all),
+        student_numerics(cfg),
     )
     test_set = data.view("test")
     test_loader = DataLoader(test_set, batch_size=256, num_workers=cfg.hardware.num_workers)
@@ -180,6 +192,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             "student": cfg.student,
             "labels": cfg.labels,
             "seed": int(cfg.seed),
+            "student_numerics": module.numerics.tag,
             "test_top1": test["top1"],
             "test_top1_best": best,
             "test_top1_best_epoch": best_epoch,

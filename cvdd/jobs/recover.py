@@ -35,7 +35,7 @@ from cvdd.data import get_spec, load_dataset
 from cvdd.data.distilled import DistilledArtifact, save_set, set_files, to_pixels, write_pngs
 from cvdd.distributed import HydraDDPStrategy
 from cvdd.grid import distilled_grid, save_image_atomic
-from cvdd.hardware import check_same_threads, cpu_threads
+from cvdd.hardware import check_same_threads, cpu_threads, numerics_for
 from cvdd.init import INIT_MODES, Initializer, PatchSettings
 from cvdd.jobs.common import build_trainer, finish_loggers, log, task_overrides
 from cvdd.jobs.squeeze import dataset_identity
@@ -141,7 +141,11 @@ def plan_units(cfg: DictConfig, num_classes: int, priors: dict[str, float]) -> l
     return units
 
 
-def recover_recipe(cfg: DictConfig, priors: dict[str, float], teacher_hashes: dict[str, str]) -> dict[str, Any]:
+def recover_recipe(
+    cfg: DictConfig, priors: dict[str, float], teacher_hashes: dict[str, str], numerics: dict[str, str]
+) -> dict[str, Any]:
+    """What decides the images: dataset, IPC, seed, recover and committee settings, priors, the teachers' own
+    fingerprints and each member's numerics (bf16/fp32, memory format); not the wave size or device count."""
     recover = OmegaConf.to_container(cfg.recover, resolve=True)
     recover.pop("wave_images", None)  # changes memory and speed, not results (groups are fixed by the recipe)
     committee = OmegaConf.to_container(cfg.committee, resolve=True)
@@ -155,6 +159,7 @@ def recover_recipe(cfg: DictConfig, priors: dict[str, float], teacher_hashes: di
         "committee": committee,
         "priors": priors,
         "teachers": teacher_hashes,
+        "numerics": numerics,
     }
 
 
@@ -237,12 +242,19 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     comm = cfg.committee
     priors_cfg = OmegaConf.to_container(comm.priors, resolve=True) if comm.get("priors") else None
     committee = load_committee(
-        root, cfg.dataset.name, comm.members, data.classes, priors_cfg, cfg.recover.first_bn_multiplier
+        root,
+        cfg.dataset.name,
+        comm.members,
+        data.classes,
+        priors_cfg,
+        cfg.recover.first_bn_multiplier,
+        numerics=lambda arch: numerics_for(cfg, arch, "recover"),
     )
+    numerics = {name: n.tag for name, n in committee.numerics.items()}
     teacher_hashes = {
         m: load_json(TeacherArtifact(root, cfg.dataset.name, m).record)["fingerprint"] for m in comm.members
     }
-    recipe = recover_recipe(cfg, committee.priors, teacher_hashes)
+    recipe = recover_recipe(cfg, committee.priors, teacher_hashes, numerics)
     recipe_hash = fingerprint(recipe)
     manifest = finished_manifest(artifact) if not cfg.get("overwrite", False) else None
     if manifest is not None:
@@ -288,7 +300,7 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
             patches=patches,
             committee=committee,
             cache_dir=root / cfg.dataset.name / "patches",
-            cache_identity={"dataset": dataset_identity(cfg.dataset), "teachers": teacher_hashes},
+            cache_identity={"dataset": dataset_identity(cfg.dataset), "teachers": teacher_hashes, "numerics": numerics},
         )
 
         def save_unit(unit: Unit, images: torch.Tensor, losses: dict) -> None:

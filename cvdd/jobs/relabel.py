@@ -33,7 +33,7 @@ from cvdd.committee import Committee, load_committee, voting_weights
 from cvdd.compose import model_config
 from cvdd.data import get_spec
 from cvdd.distributed import HydraDDPStrategy
-from cvdd.hardware import check_same_threads, cpu_threads
+from cvdd.hardware import check_same_threads, cpu_threads, numerics_for
 from cvdd.jobs.common import build_trainer, finish_loggers, log
 from cvdd.jobs.sets import StudentSet, student_set
 from cvdd.label_store import check_storage, pack_logits, payload_bytes, unpack_logits
@@ -86,9 +86,18 @@ def teacher_weights(cfg: DictConfig, root: Path) -> dict[str, float]:
 
 
 def relabel_committee(cfg: DictConfig, root: Path, classes: list[str]) -> tuple[Committee, dict[str, float]]:
-    """The relabelling teachers, loaded and checked against the class order, with their weights."""
+    """The relabelling teachers, loaded and checked against the class order, each in its relabelling numerics,
+    with their weights."""
     weights = teacher_weights(cfg, root)
-    committee = load_committee(root, cfg.dataset.name, list(weights), classes, None, first_bn_multiplier=1.0)
+    committee = load_committee(
+        root,
+        cfg.dataset.name,
+        list(weights),
+        classes,
+        None,
+        first_bn_multiplier=1.0,
+        numerics=lambda arch: numerics_for(cfg, arch, "relabel"),
+    )
     return committee, weights
 
 
@@ -141,6 +150,7 @@ def relabel(cfg: DictConfig) -> dict[str, Any]:
         "teachers": weights,
         "seed": int(cfg.seed),
         "relabel": OmegaConf.to_container(cfg.relabel, resolve=True),
+        "numerics": {name: n.tag for name, n in committee.numerics.items()},
     }
     recipe_hash = fingerprint(recipe)
     if artifact.manifest.is_file() and not cfg.overwrite:
@@ -187,6 +197,7 @@ def relabel(cfg: DictConfig) -> dict[str, Any]:
                 save_epoch,
                 bool(cfg.relabel.bssl),
                 bool(cfg.relabel.halves),
+                committee.numerics,
             )
             trainer.predict(module, DataLoader(mine, batch_size=None), return_predictions=False)
         if dist.is_available() and dist.is_initialized():
@@ -206,6 +217,7 @@ def relabel(cfg: DictConfig) -> dict[str, Any]:
             "mix": plan.mix,
             "fingerprint": recipe_hash,
             "cpu_threads": threads,
+            "numerics": recipe["numerics"],
             "files": files,
             "bytes_per_image_per_epoch": bytes_per_epoch / len(chosen.images),
             "payload_bytes_per_image_per_epoch": payload / len(chosen.images),

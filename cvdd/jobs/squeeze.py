@@ -29,6 +29,7 @@ from cvdd.artifacts import (
     save_json,
     save_tensors,
 )
+from cvdd.hardware import numerics_for
 from cvdd.jobs.common import build_trainer, finish_loggers, log
 from cvdd.metrics import evaluate_classifier
 from cvdd.models.pretrained import load_imagenet_weights
@@ -43,15 +44,16 @@ def dataset_identity(dataset: DictConfig) -> dict[str, Any]:
 
 
 def squeeze_recipe(cfg: DictConfig) -> dict[str, Any]:
-    """Everything that determines the trained weights; hardware, logging and paths excluded."""
+    """Everything that determines the trained weights, including the numerics the hardware settings resolve to
+    (bf16 or fp32, memory format); logging, paths and device counts excluded."""
     module = OmegaConf.to_container(cfg.module, resolve=True)
-    module.pop("channels_last", None)
     return {
         "dataset": dataset_identity(cfg.dataset),
         "model": OmegaConf.to_container(cfg.model.net, resolve=True),
         "pretrained": bool(cfg.model.get("pretrained", False)),
         "squeeze": OmegaConf.to_container(cfg.squeeze, resolve=True),
         "module": module,
+        "numerics": numerics_for(cfg, cfg.model.net.name, "squeeze").tag,
         "seed": int(cfg.seed),
     }
 
@@ -110,7 +112,8 @@ def squeeze_teacher(cfg: DictConfig) -> dict[str, Any]:
             net, cfg.model.net.name, spec.image_size, spec.channels, cfg.model.net.get("width")
         )
         log.info("%s starts from %s (%s)", cfg.model.id, pretrained["weights"], pretrained["file"])
-    module = instantiate(cfg.module, net=net)
+    # a partial, so the numerics reach the module as they are rather than as a config node
+    module = instantiate(cfg.module, _partial_=True)(net=net, numerics=numerics_for(cfg, cfg.model.net.name, "squeeze"))
     work_dir = artifact.work_dir(recipe_hash)
     # monitor=None, save_top_k=1: one rolling checkpoint of the latest epoch, named last.ckpt
     checkpoint = ModelCheckpoint(dirpath=work_dir, filename="last", save_top_k=1, enable_version_counter=False)
