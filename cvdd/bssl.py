@@ -1,8 +1,11 @@
 """Batch-specific soft labels (BSSL): teacher logits with BatchNorm normalising by each batch's own
 statistics, while the teacher's running statistics and weights stay bit-for-bit unchanged.
 
-BatchNorm in train mode updates ``running_mean``/``running_var`` even under ``torch.no_grad()``,
-so the buffers are saved and restored around the forward pass rather than trusted to stay put.
+Several planned batches of one size can share a forward pass (``sizes``): every BatchNorm then
+normalises each batch (or half batch) by its own statistics, exactly the maths of forwarding them one
+by one, while the convolutions run at the stacked batch size (5× fewer, larger calls at the paper's
+batch 16). BatchNorm layers are switched to a forward that never touches their buffers, so nothing has
+to be saved and restored.
 """
 
 from __future__ import annotations
@@ -11,25 +14,64 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cvdd.precision import FP32, Numerics
 
 
+def _grouped_batch_norm(bn: nn.modules.batchnorm._BatchNorm, sizes: Sequence[int] | None):
+    """A forward for ``bn`` that normalises each group of ``sizes`` samples by that group's own batch statistics
+    and leaves ``bn``'s buffers alone.
+
+    ``G`` equal groups of a ``(G·b, C, H, W)`` activation are laid side by side as ``(b, G·C, H, W)``, so one
+    call of the native batch-norm kernel (with the affine parameters repeated ``G`` times) normalises every
+    group by its own statistics; both rearrangements keep channels-last tensors channels-last. Unequal groups
+    (an odd batch split into halves) run one call per group.
+    """
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        groups = list(sizes) if sizes else [len(x)]
+        if len(set(groups)) > 1:
+            return torch.cat([normalise(part, 1) for part in x.split(groups)])
+        return normalise(x, len(groups))
+
+    def normalise(x: torch.Tensor, groups: int) -> torch.Tensor:
+        weight = bn.weight.repeat(groups) if bn.affine else None
+        bias = bn.bias.repeat(groups) if bn.affine else None
+        if groups == 1:
+            return F.batch_norm(x, None, None, weight, bias, True, 0.0, bn.eps)
+        channels = x.shape[1]
+        last = x.permute(0, *range(2, x.dim()), 1)  # channels last in index order: (G·b, ..., C)
+        spatial = last.shape[1:-1]
+        side = last.unflatten(0, (groups, -1)).movedim(0, -2).reshape(-1, *spatial, groups * channels)
+        out = F.batch_norm(side.movedim(-1, 1), None, None, weight, bias, True, 0.0, bn.eps)
+        back = out.movedim(1, -1).unflatten(-1, (groups, channels)).movedim(-2, 0).reshape(-1, *spatial, channels)
+        return back.movedim(-1, 1)
+
+    return forward
+
+
 @contextmanager
-def batch_statistics(net: nn.Module) -> Iterator[nn.Module]:
-    """Within the block every BatchNorm of ``net`` uses batch statistics; afterwards all is as before."""
+def batch_statistics(net: nn.Module, sizes: Sequence[int] | None = None) -> Iterator[nn.Module]:
+    """Within the block every BatchNorm of ``net`` normalises by batch statistics — of each group of ``sizes``
+    consecutive samples, or of the whole batch — and leaves its buffers alone; afterwards all is as before."""
     bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [(m.training, {k: v.clone() for k, v in m.named_buffers(recurse=False)}) for m in bns]
     try:
         for m in bns:
-            m.train()
+            m.forward = _grouped_batch_norm(m, sizes)
         yield net
     finally:
-        for m, (training, buffers) in zip(bns, saved, strict=True):
-            m.train(training)
-            for name, value in buffers.items():
-                getattr(m, name).copy_(value)
+        for m in bns:
+            del m.forward
+
+
+def stat_groups(batch_sizes: Sequence[int], halves: bool) -> list[int]:
+    """The groups BatchNorm takes statistics over for stacked batches: each batch, or each half of it (the
+    first half the larger, as ``Tensor.chunk(2)`` splits)."""
+    if not halves:
+        return list(batch_sizes)
+    return [part for size in batch_sizes for part in ((size + 1) // 2, size // 2) if part] if halves else []
 
 
 @torch.no_grad()
@@ -40,17 +82,18 @@ def soft_label_logits(
     bssl: bool = True,
     halves: bool = False,
     numerics: Mapping[str, Numerics] | None = None,
+    batch_sizes: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """``Σ_t w_t · logits_t`` in fp32 on ``images``; with ``bssl`` BN uses batch statistics (of each half with
-    ``halves``, as the released SRe2L/CV-DD code forwards a batch as two halves). Teacher ``t`` runs in
-    ``numerics[t]`` (default fp32)."""
-    chunks: Sequence[torch.Tensor] = images.chunk(2) if halves and len(images) > 1 else (images,)
+    """``Σ_t w_t · logits_t`` in fp32 on ``images`` — consecutive planned batches of ``batch_sizes`` (default:
+    one batch). With ``bssl`` BN uses each batch's own statistics (each half's with ``halves``, as the
+    released SRe2L/CV-DD code forwards a batch as two halves). Teacher ``t`` runs in ``numerics[t]``."""
+    groups = stat_groups(batch_sizes or [len(images)], halves)
     total = None
     for name, net in teachers.items():
         run = (numerics or {}).get(name, FP32).forward
         if bssl:
-            with batch_statistics(net):
-                logits = torch.cat([run(net, chunk) for chunk in chunks])
+            with batch_statistics(net, groups):
+                logits = run(net, images)
         else:
             logits = run(net, images)
         term = weights[name] * logits

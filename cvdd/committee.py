@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 from torch import nn
 
 from cvdd.artifacts import TeacherArtifact, load_json, load_tensors
+from cvdd.moments import group_moments
 from cvdd.precision import FP32, Numerics
 
 SCHEDULES = ("fixed", "cycle", "random", "auto")
@@ -109,26 +110,15 @@ class UnitMoments(torch.autograd.Function):
     """Per-unit, per-channel mean and biased variance of a ``(U·B, C, H, W)`` activation, in fp32 whatever the
     activation's dtype or memory format.
 
-    Written out because this is a third of a recover step done naively: ``var_mean`` over the unit's batch and
-    spatial dims is a strided reduction (~10× slower than summing along memory), and autograd's graph for
-    ``((x − μ)²).mean()`` makes five elementwise passes in the backward. Here the forward sums ``x`` and ``x²``
-    along the memory order of either format (``var = E[x²] − μ²``, fp32) and the backward is one fused pass:
-    ``∂/∂x = a·x + b`` with ``a = 2·g_var / n`` and ``b = g_mean / n − a·μ`` per unit and channel.
+    Written out because this is a third of a recover step done naively: the forward is
+    :func:`~cvdd.moments.group_moments` (sums along memory order, not a strided ``var_mean``), and autograd's
+    graph for ``((x − μ)²).mean()`` would make five elementwise passes in the backward where one fused pass
+    does: ``∂/∂x = a·x + b`` with ``a = 2·g_var / n`` and ``b = g_mean / n − a·μ`` per unit and channel.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, units: int) -> tuple[torch.Tensor, torch.Tensor]:
-        xf = x.float()
-        channels = x.shape[1]
-        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-            rows = xf.permute(0, 2, 3, 1).reshape(units, -1, channels)  # a view: (U, B·H·W, C)
-            total, squares = rows.sum(dim=1), (rows * rows).sum(dim=1)
-        else:
-            planes = xf.reshape(units, -1, channels, x.shape[2] * x.shape[3])  # (U, B, C, H·W)
-            total, squares = planes.sum(dim=3).sum(dim=1), (planes * planes).sum(dim=3).sum(dim=1)
-        n = x.numel() // (units * channels)
-        mean = total / n
-        var = (squares / n - mean * mean).clamp_min(0.0)
+        mean, var = group_moments(x, units)
         ctx.save_for_backward(x, mean)
         ctx.units = units
         return mean, var

@@ -2,22 +2,38 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import lightning as L
 import torch
 from torch import nn
 
-from cvdd.augment import EpochPlan, apply_batch
+from cvdd.augment import BatchPlan, EpochPlan, apply_batch
 from cvdd.bssl import soft_label_logits
 from cvdd.precision import Numerics
+
+
+def stack_batches(batches: Sequence[BatchPlan], max_images: int) -> list[list[BatchPlan]]:
+    """Consecutive planned batches of one size, packed into forward passes of at most ``max_images`` images
+    (a batch larger than that goes alone). BSSL still normalises each batch by its own statistics."""
+    stacks: list[list[BatchPlan]] = []
+    for batch in batches:
+        size = len(batch.indices)
+        last = stacks[-1] if stacks else None
+        if last and len(last[0].indices) == size and (len(last) + 1) * size <= max_images:
+            last.append(batch)
+        else:
+            stacks.append([batch])
+    return stacks
 
 
 class RelabelModule(L.LightningModule):
     """``predict_step`` on an epoch index computes that epoch's labels and hands them to ``on_epoch_done``.
 
-    Teachers are frozen sub-modules, each in its own ``numerics``; BSSL runs them with batch statistics and
-    restores their buffers, so they are bit-identical afterwards. Labels are fp32 until stored.
+    Teachers are frozen sub-modules, each in its own ``numerics``; BSSL normalises by batch statistics without
+    touching their buffers, so they are bit-identical afterwards. Consecutive batches of one size share a
+    forward pass of up to ``stack_images`` images (each still normalised by its own statistics). Labels are
+    fp32 until stored.
     """
 
     def __init__(
@@ -30,6 +46,7 @@ class RelabelModule(L.LightningModule):
         bssl: bool = True,
         halves: bool = False,
         numerics: Mapping[str, Numerics] | None = None,
+        stack_images: int = 1,
     ):
         super().__init__()
         self.teachers = nn.ModuleDict(dict(teachers))
@@ -39,13 +56,17 @@ class RelabelModule(L.LightningModule):
         self.plan, self.on_epoch_done = plan, on_epoch_done
         self.bssl, self.halves = bssl, halves
         self.numerics = dict(numerics or {})
+        self.stack_images = stack_images
 
     def predict_step(self, epoch: torch.Tensor, batch_idx: int) -> None:
         self.teachers.eval()
-        logits = [
-            soft_label_logits(
-                self.teachers, self.weights, apply_batch(self.images, batch), self.bssl, self.halves, self.numerics
+        logits = []
+        for stack in stack_batches(self.plan.epoch(int(epoch)), self.stack_images):
+            images = torch.cat([apply_batch(self.images, batch) for batch in stack])
+            sizes = [len(batch.indices) for batch in stack]
+            logits.append(
+                soft_label_logits(
+                    self.teachers, self.weights, images, self.bssl, self.halves, self.numerics, batch_sizes=sizes
+                )
             )
-            for batch in self.plan.epoch(int(epoch))
-        ]
         self.on_epoch_done(int(epoch), torch.cat(logits).cpu())

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
-from cvdd.bssl import batch_statistics, soft_label_logits
+from cvdd.augment import EpochPlan
+from cvdd.bssl import batch_statistics, soft_label_logits, stat_groups
 from cvdd.models import build_model
+from cvdd.precision import FP32, FP32_CL
+from cvdd.relabel import stack_batches
 
 
 def teacher() -> torch.nn.Module:
@@ -49,3 +53,43 @@ def test_halves_take_statistics_over_each_half_and_weights_combine_teachers():
     parts = [soft_label_logits({n: m}, {n: 1.0}, x) for n, m in (("a", net), ("b", other))]
     assert torch.allclose(combined, 0.7 * parts[0] + 0.3 * parts[1], atol=1e-5)
     assert torch.allclose(soft_label_logits({"t": net}, {"t": 1.0}, x, bssl=False), net(x), atol=1e-6)
+
+
+def train_mode_logits(net: torch.nn.Module, batches: list[torch.Tensor]) -> torch.Tensor:
+    """The reference: a train-mode copy of the teacher forwarded one batch at a time."""
+    reference = copy.deepcopy(net).train()
+    with torch.no_grad():
+        return torch.cat([reference(b) for b in batches])
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_stacked_batches_are_normalised_batch_by_batch(channels_last):
+    net = teacher()
+    numerics = {"t": FP32_CL if channels_last else FP32}
+    torch.manual_seed(1)
+    batches = [torch.randn(16, 1, 16, 16) * (1 + i) for i in range(3)]  # batches with different statistics
+    stacked = soft_label_logits({"t": net}, {"t": 1.0}, torch.cat(batches), numerics=numerics, batch_sizes=[16] * 3)
+    assert torch.allclose(stacked, train_mode_logits(net, batches), atol=1e-4)
+    whole = soft_label_logits({"t": net}, {"t": 1.0}, torch.cat(batches))
+    assert not torch.allclose(stacked, whole, atol=1e-2), "one batch of 48 would mix the three batches' statistics"
+
+
+def test_stacked_halves_and_uneven_sizes_follow_chunking():
+    net = teacher()
+    torch.manual_seed(2)
+    batches = [torch.randn(9, 1, 16, 16), torch.randn(9, 1, 16, 16) * 3]  # odd: halves of 5 and 4
+    stacked = soft_label_logits({"t": net}, {"t": 1.0}, torch.cat(batches), halves=True, batch_sizes=[9, 9])
+    halves = [half for b in batches for half in b.chunk(2)]
+    assert [len(h) for h in halves] == [5, 4, 5, 4]
+    assert torch.allclose(stacked, train_mode_logits(net, halves), atol=1e-4)
+    assert stat_groups([16, 4], halves=True) == [8, 8, 2, 2] and stat_groups([16, 4], halves=False) == [16, 4]
+
+
+def test_stack_batches_packs_consecutive_batches_of_one_size():
+    plan = EpochPlan(0, 100, 1, 16, (16, 16), "cutmix", (0.08, 1.0), False)
+    batches = plan.epoch(0)
+    assert [len(b.indices) for b in batches] == [16] * 6 + [4]
+    stacks = stack_batches(batches, 64)
+    assert [[len(b.indices) for b in s] for s in stacks] == [[16] * 4, [16] * 2, [4]]
+    assert [b for s in stacks for b in s] == batches, "plan order kept"
+    assert [len(s) for s in stack_batches(batches, 8)] == [1] * 7, "a batch above the limit goes alone"

@@ -198,6 +198,7 @@ def relabel(cfg: DictConfig) -> dict[str, Any]:
                 bool(cfg.relabel.bssl),
                 bool(cfg.relabel.halves),
                 committee.numerics,
+                int(cfg.relabel.stack_images),
             )
             trainer.predict(module, DataLoader(mine, batch_size=None), return_predictions=False)
         if dist.is_available() and dist.is_initialized():
