@@ -15,9 +15,13 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+from timm.layers import BatchNormAct2d
 from torch import nn
 
 from cvdd.precision import FP32, Numerics
+
+PLAIN_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+FUSED_BATCH_NORMS = (BatchNormAct2d,)  # timm: normalisation, then its own dropout and activation
 
 
 def _grouped_batch_norm(bn: nn.modules.batchnorm._BatchNorm, sizes: Sequence[int] | None):
@@ -27,14 +31,24 @@ def _grouped_batch_norm(bn: nn.modules.batchnorm._BatchNorm, sizes: Sequence[int
     ``G`` equal groups of a ``(G·b, C, H, W)`` activation are laid side by side as ``(b, G·C, H, W)``, so one
     call of the native batch-norm kernel (with the affine parameters repeated ``G`` times) normalises every
     group by its own statistics; both rearrangements keep channels-last tensors channels-last. Unequal groups
-    (an odd batch split into halves) run one call per group.
+    (an odd batch split into halves) run one call per group. timm's ``BatchNormAct2d`` (DenseNet) applies its
+    fused dropout and activation afterwards, as its own forward does.
     """
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         groups = list(sizes) if sizes else [len(x)]
         if len(set(groups)) > 1:
-            return torch.cat([normalise(part, 1) for part in x.split(groups)])
-        return normalise(x, len(groups))
+            y = torch.cat([normalise(part, 1) for part in x.split(groups)])
+        else:
+            y = normalise(x, len(groups))
+        return bn.act(bn.drop(y)) if fused else y
+
+    if type(bn) not in PLAIN_BATCH_NORMS + FUSED_BATCH_NORMS:
+        raise TypeError(
+            f"BSSL does not know what {type(bn).__name__} does besides normalising; supported: "
+            f"{', '.join(t.__name__ for t in PLAIN_BATCH_NORMS + FUSED_BATCH_NORMS)}"
+        )
+    fused = type(bn) in FUSED_BATCH_NORMS
 
     def normalise(x: torch.Tensor, groups: int) -> torch.Tensor:
         weight = bn.weight.repeat(groups) if bn.affine else None

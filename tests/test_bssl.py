@@ -14,9 +14,9 @@ from cvdd.precision import FP32, FP32_CL
 from cvdd.relabel import stack_batches
 
 
-def teacher() -> torch.nn.Module:
+def teacher(arch: str = "resnet18") -> torch.nn.Module:
     torch.manual_seed(0)
-    net = build_model("resnet18", 10, 16, 1, width=0.25)
+    net = build_model(arch, 10, 16, 1, width=0.25)
     net.train()
     with torch.no_grad():  # give the running statistics non-trivial values
         for _ in range(3):
@@ -56,15 +56,20 @@ def test_halves_take_statistics_over_each_half_and_weights_combine_teachers():
 
 
 def train_mode_logits(net: torch.nn.Module, batches: list[torch.Tensor]) -> torch.Tensor:
-    """The reference: a train-mode copy of the teacher forwarded one batch at a time."""
-    reference = copy.deepcopy(net).train()
+    """The reference: a copy of the teacher with its BatchNorm layers (only: no dropout) in train mode, forwarded
+    one batch at a time."""
+    reference = copy.deepcopy(net).eval()
+    for module in reference.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.train()
     with torch.no_grad():
         return torch.cat([reference(b) for b in batches])
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_stacked_batches_are_normalised_batch_by_batch(channels_last):
-    net = teacher()
+@pytest.mark.parametrize("arch", ["resnet18", "densenet", "mobilenetv2", "shufflenetv2"])  # densenet: timm's BN+act
+def test_stacked_batches_are_normalised_batch_by_batch(channels_last, arch):
+    net = teacher(arch)
     numerics = {"t": FP32_CL if channels_last else FP32}
     torch.manual_seed(1)
     batches = [torch.randn(16, 1, 16, 16) * (1 + i) for i in range(3)]  # batches with different statistics
@@ -93,3 +98,13 @@ def test_stack_batches_packs_consecutive_batches_of_one_size():
     assert [[len(b.indices) for b in s] for s in stacks] == [[16] * 4, [16] * 2, [4]]
     assert [b for s in stacks for b in s] == batches, "plan order kept"
     assert [len(s) for s in stack_batches(batches, 8)] == [1] * 7, "a batch above the limit goes alone"
+
+
+def test_an_unknown_batch_norm_subclass_is_refused_not_guessed():
+    class ScaledBN(torch.nn.BatchNorm2d):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), ScaledBN(4))
+    with pytest.raises(TypeError, match="BSSL does not know what ScaledBN does"), batch_statistics(net):
+        pass

@@ -68,6 +68,10 @@ def test_unknown_teacher_and_student_ids_list_the_choices(make_cfg, workdir: Pat
         evaluate(make_cfg("evaluate", "student=nope", "logger=none"))
     with pytest.raises(ValueError, match=r"ipc=-1 must be at least 1"):
         relabel(make_cfg("relabel", "ipc=-1", "distilled=random_real", "logger=none"))
+    with pytest.raises(ValueError, match=r"relabel\.stack_images=0 must be at least 1"):
+        relabel(make_cfg("relabel", "relabel.stack_images=0", "distilled=random_real", "logger=none"))
+    with pytest.raises(ValueError, match=r"hardware\.precision='fp16'"):
+        relabel(make_cfg("relabel", "hardware.precision=fp16", "distilled=random_real", "logger=none"))
 
 
 @pytest.mark.parametrize(

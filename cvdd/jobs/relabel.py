@@ -140,6 +140,10 @@ def relabel(cfg: DictConfig) -> dict[str, Any]:
     name, classes = chosen.name, chosen.classes
     topk = cfg.relabel.get("topk")
     check_storage(cfg.relabel.dtype, topk)
+    if int(cfg.relabel.stack_images) < 1:
+        raise ValueError(
+            f"relabel.stack_images={cfg.relabel.stack_images} must be at least 1 (images per forward pass)"
+        )
     artifact = label_artifact(cfg, root, name)
     ensure_writable(artifact.folder)
     committee, weights = relabel_committee(cfg, root, classes)
