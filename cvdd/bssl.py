@@ -70,14 +70,16 @@ def _grouped_batch_norm(bn: nn.modules.batchnorm._BatchNorm, sizes: Sequence[int
 def batch_statistics(net: nn.Module, sizes: Sequence[int] | None = None) -> Iterator[nn.Module]:
     """Within the block every BatchNorm of ``net`` normalises by batch statistics — of each group of ``sizes``
     consecutive samples, or of the whole batch — and leaves its buffers alone; afterwards all is as before."""
-    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    forwards = {
+        m: _grouped_batch_norm(m, sizes) for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    }
     try:
-        for m in bns:
-            m.forward = _grouped_batch_norm(m, sizes)
+        for module, forward in forwards.items():
+            module.forward = forward
         yield net
     finally:
-        for m in bns:
-            del m.forward
+        for module in forwards:
+            module.__dict__.pop("forward", None)
 
 
 def stat_groups(batch_sizes: Sequence[int], halves: bool) -> list[int]:
