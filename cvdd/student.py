@@ -48,7 +48,7 @@ class StudentModule(L.LightningModule):
     A planned batch is forwarded as ``micro_batches`` slices of ``batch_size / micro_batches`` images
     (student BatchNorm sees each slice alone), each slice's loss divided by ``micro_batches``, and the
     optimiser steps once per planned batch: the released code's "gradient accumulation".
-    The student runs in ``numerics`` (:mod:`cvdd.precision`); the loss is fp32.
+    The student trains in ``numerics`` (:mod:`cvdd.precision`; the loss is fp32) and is tested in fp32.
     Every test evaluation is kept in ``evaluations`` (epochs trained so far, top-1 %), so the best can be
     reported beside the final one.
     """
@@ -117,7 +117,7 @@ class StudentModule(L.LightningModule):
 
     def validation_step(self, batch, _: int) -> None:
         images, labels = batch
-        self.val_top1.update(self.numerics.forward(self.net, images), labels)
+        self.val_top1.update(self.net(images), labels)  # every reported accuracy is an fp32 pass
 
     def on_validation_epoch_end(self) -> None:
         top1 = 100.0 * float(self.val_top1.compute())
