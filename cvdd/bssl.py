@@ -10,6 +10,7 @@ to be saved and restored.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
@@ -87,7 +88,7 @@ def stat_groups(batch_sizes: Sequence[int], halves: bool) -> list[int]:
     first half the larger, as ``Tensor.chunk(2)`` splits)."""
     if not halves:
         return list(batch_sizes)
-    return [part for size in batch_sizes for part in ((size + 1) // 2, size // 2) if part] if halves else []
+    return [part for size in batch_sizes for part in ((size + 1) // 2, size // 2) if part]
 
 
 @torch.no_grad()
@@ -107,10 +108,7 @@ def soft_label_logits(
     total = None
     for name, net in teachers.items():
         run = (numerics or {}).get(name, FP32).forward
-        if bssl:
-            with batch_statistics(net, groups):
-                logits = run(net, images)
-        else:
+        with batch_statistics(net, groups) if bssl else contextlib.nullcontext():
             logits = run(net, images)
         term = weights[name] * logits
         total = term if total is None else total + term

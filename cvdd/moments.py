@@ -1,19 +1,18 @@
 """Per-group, per-channel mean and biased variance of an activation, fast on CPU in either memory format.
 
-A ``(G·b, C, …)`` activation holds ``G`` groups of ``b`` samples (recover's units, relabel's stacked
-batches). ``var_mean`` over the group's batch and spatial dims is a strided reduction, about 10× slower
-on CPU than summing along memory, so the sums of ``x`` and ``x²`` are taken in memory order of the
-tensor's format and ``var = E[x²] − μ²`` is formed in fp32 whatever the activation's dtype.
+A ``(G·b, C, …)`` activation holds ``G`` groups of ``b`` samples (recover's units). ``var_mean`` over the
+group's batch and spatial dims is a strided reduction, about 10× slower on CPU than summing along
+memory, so the sums of ``x`` and ``x²`` are taken in memory order of the tensor's format and
+``var = E[x²] − μ²`` is formed in fp32 whatever the activation's dtype.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 
-def _equal_group_moments(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+def group_moments(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean, var)``, each ``(G, C)`` fp32, of ``x`` split along dim 0 into ``groups`` equal groups."""
     xf = x.float()
     channels = x.shape[1]
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
@@ -25,15 +24,3 @@ def _equal_group_moments(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, to
     n = x.numel() // (groups * channels)
     mean = total / n
     return mean, (squares / n - mean * mean).clamp_min(0.0)
-
-
-def group_moments(x: torch.Tensor, sizes: int | Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(mean, var)``, each ``(G, C)`` fp32, of ``x`` split along dim 0 into ``sizes`` (``G`` equal groups
-    when an int)."""
-    if isinstance(sizes, int):
-        return _equal_group_moments(x, sizes)
-    sizes = list(sizes)
-    if len(set(sizes)) == 1:
-        return _equal_group_moments(x, len(sizes))
-    parts = [_equal_group_moments(part, 1) for part in x.split(sizes)]
-    return torch.cat([m for m, _ in parts]), torch.cat([v for _, v in parts])
