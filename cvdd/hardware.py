@@ -110,3 +110,12 @@ def numerics_for(cfg: DictConfig, arch: str, workload: str) -> Numerics:
         hardware.get("channels_last", "auto"),
         device_type(str(cfg.trainer.accelerator)),
     )
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak memory so far: allocated tensors on a CUDA device, the process's maximum RSS on CPU (Linux)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -8,6 +8,7 @@ pass, its wave or its rank. Units with the same members are stacked into one for
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ from torch import nn
 
 from cvdd.augment import crop_flip_theta, resized_crop, sample_crop_box
 from cvdd.committee import Committee
+from cvdd.hardware import peak_memory_mib
 from cvdd.optim import cosine_factor
 
 
@@ -87,6 +89,8 @@ class UnitAugmenter:
         rolled = [torch.roll(out[i], shifts=shifts[i], dims=(-2, -1)) for i in range(g)]
         return torch.stack(rolled).reshape(g * b, c, h, w)
 
+
+log = logging.getLogger("cvdd")
 
 UnitCallback = Callable[[Unit, torch.Tensor, dict[str, dict[str, float]]], None]
 
@@ -212,6 +216,14 @@ class RecoverModule(L.LightningModule):
         return logged
 
     def _finish_wave(self) -> None:
+        images = sum(g.images.shape[0] * g.images.shape[1] for g in self.groups)
+        log.info(
+            "wave %d/%d: %d images done, peak memory %.0f MiB",
+            self._wave + 1,
+            len(self.waves),
+            images,
+            peak_memory_mib(self.device),
+        )
         for group in self.groups:
             images = group.images.detach().cpu()
             losses = {m: t.cpu() for m, t in group.last_losses.items()}

@@ -212,3 +212,15 @@ def test_recipe_records_each_members_numerics(make_cfg, workdir: Path, monkeypat
     }
     assert exact["fingerprint"] != fast["fingerprint"]
     assert not torch.equal(images_of(workdir, "fp32"), images_of(workdir, "auto"))
+
+
+def test_each_wave_logs_its_images_and_peak_memory(make_cfg, workdir: Path, caplog):
+    caplog.set_level("INFO", logger="cvdd")
+    distill(make_cfg("distill", *FAST, "ipc=3", "recover.group_images=10", "recover.wave_images=10"))
+    waves = [r.getMessage() for r in caplog.records if r.getMessage().startswith("wave ")]
+    assert [w.split(",")[0] for w in waves] == [
+        "wave 1/3: 10 images done",
+        "wave 2/3: 10 images done",
+        "wave 3/3: 10 images done",
+    ]
+    assert all(float(w.split("peak memory ")[1].split(" MiB")[0]) > 0 for w in waves)
