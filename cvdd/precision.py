@@ -12,9 +12,7 @@ fp32. ``hardware.channels_last`` (``auto``/``true``/``false``) overrides the tab
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,16 +38,11 @@ class Numerics:
         """Put ``net``'s weights in this memory format (in place; weights stay fp32)."""
         return net.to(memory_format=torch.channels_last) if self.channels_last else net
 
-    @contextlib.contextmanager
-    def autocast(self, device_type: str) -> Iterator[None]:
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.bf16):
-            yield
-
     def forward(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``net(x)`` in these numerics, as an fp32 tensor."""
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        with self.autocast(x.device.type):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             return net(x).float()
 
 

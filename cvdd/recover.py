@@ -20,6 +20,7 @@ from cvdd.augment import crop_flip_theta, resized_crop, sample_crop_box
 from cvdd.committee import Committee
 from cvdd.hardware import peak_memory_mib
 from cvdd.optim import cosine_factor
+from cvdd.packing import pack_consecutive
 
 
 @dataclass(frozen=True)
@@ -243,30 +244,13 @@ def plan_groups(units: Sequence[Unit], group_images: int, grouping: bool) -> lis
     """
     if not grouping:
         return [[u] for u in sorted(units, key=lambda u: (u.ipc_index, u.block))]
-    groups: list[list[Unit]] = []
-    count = 0
-    for unit in sorted(units, key=lambda u: (-len(u.classes), u.members, u.ipc_index, u.block)):
-        size = len(unit.classes)
-        if not groups or count + size > group_images or len(groups[-1][0].classes) != size:
-            groups.append([])
-            count = 0
-        groups[-1].append(unit)
-        count += size
-    return groups
+    ordered = sorted(units, key=lambda u: (-len(u.classes), u.members, u.ipc_index, u.block))
+    return pack_consecutive(ordered, lambda u: len(u.classes), group_images, kind=lambda u: len(u.classes))
 
 
 def plan_waves(groups: Sequence[Sequence[Unit]], max_images: int) -> list[list[list[Unit]]]:
     """Consecutive groups packed into waves of at most ``max_images`` images (a larger group is a wave alone)."""
-    waves: list[list[list[Unit]]] = []
-    count = 0
-    for group in groups:
-        size = sum(len(u.classes) for u in group)
-        if not waves or count + size > max_images:
-            waves.append([])
-            count = 0
-        waves[-1].append(list(group))
-        count += size
-    return waves
+    return pack_consecutive([list(g) for g in groups], lambda g: sum(len(u.classes) for u in g), max_images)
 
 
 def class_blocks(num_classes: int, block: int) -> list[tuple[int, ...]]:

@@ -10,21 +10,14 @@ from torch import nn
 
 from cvdd.augment import BatchPlan, EpochPlan, apply_batch
 from cvdd.bssl import soft_label_logits
+from cvdd.packing import pack_consecutive
 from cvdd.precision import Numerics
 
 
 def stack_batches(batches: Sequence[BatchPlan], max_images: int) -> list[list[BatchPlan]]:
     """Consecutive planned batches of one size, packed into forward passes of at most ``max_images`` images
     (a batch larger than that goes alone). BSSL still normalises each batch by its own statistics."""
-    stacks: list[list[BatchPlan]] = []
-    for batch in batches:
-        size = len(batch.indices)
-        last = stacks[-1] if stacks else None
-        if last and len(last[0].indices) == size and (len(last) + 1) * size <= max_images:
-            last.append(batch)
-        else:
-            stacks.append([batch])
-    return stacks
+    return pack_consecutive(batches, lambda b: len(b.indices), max_images, kind=lambda b: len(b.indices))
 
 
 class RelabelModule(L.LightningModule):

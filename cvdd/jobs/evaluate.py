@@ -105,7 +105,7 @@ def method_label(cfg: DictConfig) -> str:
     return "random_real" if cfg.distilled.kind == "random_real" else str(cfg.committee.name)
 
 
-def result_filename(cfg: DictConfig, name: str, topk: int | None) -> str:
+def result_filename(cfg: DictConfig, name: str, topk: int | None, numerics: Numerics) -> str:
     """``<set>__<student>__<labels>__<method>__<recipe hash>.json``: runs that differ in any training or label
     setting get their own file (a rerun of the same recipe replaces its own)."""
     labels_tag = f"{cfg.labels}_top{topk}" if topk else cfg.labels
@@ -116,15 +116,9 @@ def result_filename(cfg: DictConfig, name: str, topk: int | None) -> str:
         "student": cfg.student,
         "labels": cfg.labels,
         "seed": int(cfg.seed),
-        "numerics": student_numerics(cfg).tag,
+        "numerics": numerics.tag,
     }
     return f"{name}__{cfg.student}__{labels_tag}__{method_label(cfg)}__{fingerprint(recipe)[:8]}.json"
-
-
-def student_numerics(cfg: DictConfig) -> Numerics:
-    """The numerics the student trains in (its test accuracy is always measured in fp32)."""
-    arch = OmegaConf.load(model_config(str(cfg.student), "student")).net.name
-    return numerics_for(cfg, arch, "student")
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -165,7 +159,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         v.stretch,
         int(v.micro_batches),
         bool(v.decay_all),
-        student_numerics(cfg),
+        numerics_for(cfg, model_cfg.net.name, "student"),  # trains in these; tested in fp32
     )
     test_set = data.view("test")
     test_loader = DataLoader(test_set, batch_size=256, num_workers=cfg.hardware.num_workers)
@@ -208,7 +202,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "config": OmegaConf.to_container(cfg, resolve=True),
         }
-        out = results / result_filename(cfg, name, label_info.get("topk"))
+        out = results / result_filename(cfg, name, label_info.get("topk"), module.numerics)
         save_json(out, result)
         save_json(Path(cfg.paths.output_dir) / "result.json", result)  # this run's (and sweep's) record
         log.info(

@@ -33,6 +33,7 @@ from cvdd.hardware import numerics_for
 from cvdd.jobs.common import build_trainer, finish_loggers, log
 from cvdd.metrics import evaluate_classifier
 from cvdd.models.pretrained import load_imagenet_weights
+from cvdd.precision import Numerics
 
 LOCATION_KEYS = ("root", "download", "download_root")
 
@@ -43,7 +44,7 @@ def dataset_identity(dataset: DictConfig) -> dict[str, Any]:
     return {k: v for k, v in node.items() if k not in LOCATION_KEYS and not isinstance(v, dict | list)}
 
 
-def squeeze_recipe(cfg: DictConfig) -> dict[str, Any]:
+def squeeze_recipe(cfg: DictConfig, numerics: Numerics) -> dict[str, Any]:
     """Everything that determines the trained weights, including the numerics the hardware settings resolve to
     (bf16 or fp32, memory format); logging, paths and device counts excluded."""
     module = OmegaConf.to_container(cfg.module, resolve=True)
@@ -53,7 +54,7 @@ def squeeze_recipe(cfg: DictConfig) -> dict[str, Any]:
         "pretrained": bool(cfg.model.get("pretrained", False)),
         "squeeze": OmegaConf.to_container(cfg.squeeze, resolve=True),
         "module": module,
-        "numerics": numerics_for(cfg, cfg.model.net.name, "squeeze").tag,
+        "numerics": numerics.tag,
         "seed": int(cfg.seed),
     }
 
@@ -83,7 +84,8 @@ def _existing_record(artifact: TeacherArtifact, recipe_hash: str, overwrite: boo
 def squeeze_teacher(cfg: DictConfig) -> dict[str, Any]:
     """Train ``cfg.model`` on ``cfg.dataset`` and write the teacher artifact (rank 0 returns its record)."""
     artifact = TeacherArtifact(Path(cfg.paths.artifacts), cfg.dataset.name, cfg.model.id)
-    recipe = squeeze_recipe(cfg)
+    numerics = numerics_for(cfg, cfg.model.net.name, "squeeze")
+    recipe = squeeze_recipe(cfg, numerics)
     recipe_hash = fingerprint(recipe)
     existing = _existing_record(artifact, recipe_hash, bool(cfg.get("overwrite", False)))
     if existing is not None:
@@ -113,7 +115,7 @@ def squeeze_teacher(cfg: DictConfig) -> dict[str, Any]:
         )
         log.info("%s starts from %s (%s)", cfg.model.id, pretrained["weights"], pretrained["file"])
     # a partial, so the numerics reach the module as they are rather than as a config node
-    module = instantiate(cfg.module, _partial_=True)(net=net, numerics=numerics_for(cfg, cfg.model.net.name, "squeeze"))
+    module = instantiate(cfg.module, _partial_=True)(net=net, numerics=numerics)
     work_dir = artifact.work_dir(recipe_hash)
     # monitor=None, save_top_k=1: one rolling checkpoint of the latest epoch, named last.ckpt
     checkpoint = ModelCheckpoint(dirpath=work_dir, filename="last", save_top_k=1, enable_version_counter=False)
