@@ -15,10 +15,20 @@ from dataclasses import dataclass
 import lightning as L
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from cvdd.augment import crop_flip_theta, resized_crop, sample_crop_box
 from cvdd.committee import Committee
 from cvdd.hardware import peak_memory_mib
+from cvdd.memory import (
+    BUDGET_FRACTION,
+    HEADROOM,
+    auto_wave_images,
+    free_bytes,
+    image_state_bytes,
+    member_bytes_per_image,
+    wave_bytes_per_image,
+)
 from cvdd.optim import cosine_factor
 from cvdd.packing import pack_consecutive
 
@@ -137,25 +147,31 @@ class RecoverModule(L.LightningModule):
 
     The committee is a frozen sub-module kept out of checkpoints. Every group has its own parameter and
     Adam, and its loss touches only its own images, so a group's result is the same whichever wave or rank
-    it runs in. ``waves`` is the same count on every rank (idle ranks take no-op steps), so distributed
-    ranks stay in step.
+    it runs in. ``groups`` (the run's work) are dealt to the ranks in turn and packed into waves of at most
+    ``wave_images`` images at the start of fit, once the committee sits on its device: ``None`` sizes waves
+    from the device's free memory (:mod:`cvdd.memory`), the smallest choice of any rank. Every rank walks
+    the same number of waves (idle ranks take no-op steps), so distributed ranks stay in step.
     """
 
     def __init__(
         self,
         committee: Committee,
-        waves: Sequence[Sequence[Sequence[Unit]]],
+        groups: Sequence[Sequence[Unit]],
         init_images: Callable[[Sequence[Unit]], torch.Tensor],
         settings: RecoverSettings,
         pixel_range: tuple[Sequence[float], Sequence[float]],
         on_unit_done: UnitCallback,
         grouping: bool = True,
+        wave_images: int | None = None,
+        image_shape: Sequence[int] = (),
     ):
         super().__init__()
         self.automatic_optimization = False
         self.strict_loading = False
         self.committee = committee
-        self.waves = [[list(group) for group in wave] for wave in waves]
+        self.todo = [list(group) for group in groups]
+        self.wave_images = wave_images
+        self.image_shape = tuple(image_shape)
         self.init_images = init_images
         self.settings = settings
         self.grouping = grouping
@@ -163,8 +179,55 @@ class RecoverModule(L.LightningModule):
         low, high = (torch.tensor(v, dtype=torch.float32).view(1, 1, -1, 1, 1) for v in pixel_range)
         self.register_buffer("low", low, persistent=False)
         self.register_buffer("high", high, persistent=False)
+        self.waves: list[list[list[Unit]]] = []
+        self.n_waves = 0
         self.groups: list[GroupState] = []
         self._wave = -1
+
+    def on_fit_start(self) -> None:
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        sizes = [sum(len(u.classes) for u in g) for g in self.todo]
+        wave_images = self.wave_images or self._auto_wave_images(max(sizes, default=1), sum(sizes))
+        per_rank = [plan_waves(self.todo[r::world], wave_images) for r in range(world)]
+        self.waves = per_rank[rank]
+        self.n_waves = max(len(w) for w in per_rank)
+
+    def _auto_wave_images(self, largest_group: int, total: int) -> int:
+        """Images per wave from this device's free memory, the smallest of all ranks' choices."""
+        member_bytes = {
+            m: member_bytes_per_image(self.committee, m, self.image_shape, self.device) for m in self.committee.members
+        }
+        per_image = wave_bytes_per_image(
+            member_bytes, [u.members for g in self.todo for u in g], image_state_bytes(self.image_shape)
+        )
+        free = free_bytes(self.device, self.trainer.num_devices if self.device.type == "cpu" else 1)
+        chosen = total if free is None else auto_wave_images(per_image, free, largest_group, total)
+        chosen = int(self.all_gather(torch.tensor(chosen, device=self.device)).min())
+        need = HEADROOM * per_image * largest_group
+        if free is not None and need > BUDGET_FRACTION * free:
+            log.warning(
+                "one group of %d images needs about %.1f GiB on %s, more than %.0f %% of the %.1f GiB free: it may "
+                "run out of memory. Lower recover.group_images (results change by float rounding only) or keep "
+                "hardware.precision=auto (bf16 activations)",
+                largest_group,
+                need / 2**30,
+                self.device,
+                100 * BUDGET_FRACTION,
+                free / 2**30,
+            )
+        log.info(
+            "recover.wave_images=null: %d images per wave (about %.1f MiB per image for the costliest unit, "
+            "%s free on %s)",
+            chosen,
+            per_image / 2**20,
+            "unknown" if free is None else f"{free / 2**30:.1f} GiB",
+            self.device,
+        )
+        return chosen
+
+    def train_dataloader(self) -> DataLoader:
+        """One step per wave and iteration; the steps carry no data (the images are this module's state)."""
+        return DataLoader(range(self.n_waves * self.settings.iterations), batch_size=None)
 
     def state_dict(self, *args, **kwargs):
         state = super().state_dict(*args, **kwargs)

@@ -16,7 +16,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
 
 from cvdd.artifacts import (
     ArtifactConflictError,
@@ -39,7 +38,7 @@ from cvdd.hardware import check_same_threads, cpu_threads, numerics_for
 from cvdd.init import INIT_MODES, Initializer, PatchSettings
 from cvdd.jobs.common import build_trainer, finish_loggers, log, task_overrides
 from cvdd.jobs.squeeze import dataset_identity
-from cvdd.recover import RecoverModule, RecoverSettings, Unit, class_blocks, plan_groups, plan_waves
+from cvdd.recover import RecoverModule, RecoverSettings, Unit, class_blocks, plan_groups
 from cvdd.seeding import derive_seed
 
 SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -204,7 +203,7 @@ def check_recover_settings(cfg: DictConfig) -> PatchSettings | None:
     check_ipc(cfg)
     if int(cfg.recover.iterations) < 1:
         raise ValueError(f"recover.iterations={cfg.recover.iterations} must be at least 1")
-    if int(cfg.recover.wave_images) < int(cfg.recover.group_images):
+    if cfg.recover.wave_images is not None and int(cfg.recover.wave_images) < int(cfg.recover.group_images):
         raise ValueError(
             f"recover.wave_images={cfg.recover.wave_images} is below recover.group_images={cfg.recover.group_images}: "
             f"a group is optimised at once; raise wave_images, or lower group_images (which changes the results)"
@@ -319,21 +318,19 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
                 },
             )
 
-        world, rank = trainer.world_size, trainer.global_rank
-        per_rank = [plan_waves(todo[r::world], int(rec.wave_images)) for r in range(world)]
-        n_waves = max((len(w) for w in per_rank), default=0)
-        if n_waves:
+        if todo:
             module = RecoverModule(
                 committee,
-                per_rank[rank],
+                todo,
                 initializer,
                 settings,
                 spec.pixel_range,
                 save_unit,
                 grouping=bool(rec.grouping),
+                wave_images=None if rec.wave_images is None else int(rec.wave_images),
+                image_shape=(spec.channels, spec.image_size, spec.image_size),
             )
-            steps = DataLoader(range(n_waves * settings.iterations), batch_size=None)
-            trainer.fit(module, train_dataloaders=steps)
+            trainer.fit(module)
         _barrier()
         if trainer.global_rank != 0:
             return {}

@@ -1,0 +1,105 @@
+"""Recover's automatic wave size: the per-image memory estimate, the choice, and waves chosen from free memory."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from cvdd.committee import Committee
+from cvdd.memory import (
+    BUDGET_FRACTION,
+    HEADROOM,
+    auto_wave_images,
+    image_state_bytes,
+    member_bytes_per_image,
+    saved_bytes,
+    wave_bytes_per_image,
+)
+from cvdd.models.registry import build_model
+from cvdd.precision import BF16_CL, FP32, choose_numerics
+from cvdd.recover import GroupState, RecoverSettings, Unit
+
+SHAPE = (1, 16, 16)
+ARCHS = ("convnet", "mobilenetv2", "resnet18")
+
+
+def tiny_committee(numerics) -> Committee:
+    torch.manual_seed(0)
+    nets = {arch: build_model(arch, 10, SHAPE[-1], SHAPE[0], width=0.25) for arch in ARCHS}
+    return Committee(nets, dict.fromkeys(nets, 1.0), 10.0, dict.fromkeys(nets, numerics))
+
+
+def test_the_per_image_estimate_predicts_what_a_group_saves_for_backward():
+    committee = tiny_committee(FP32)
+    member = {m: member_bytes_per_image(committee, m, SHAPE, "cpu") for m in committee.members}
+    pairs = [("convnet", "mobilenetv2"), ("convnet", "resnet18"), ("mobilenetv2", "resnet18"), ("convnet", "resnet18")]
+    units = [Unit(i, 0, tuple(range(10)), pair, (0.5, 0.5), i) for i, pair in enumerate(pairs)]
+    group = GroupState(units, torch.randn(len(units), 10, *SHAPE), RecoverSettings(1, 0.1, 0.01, 2), grouping=True)
+    measured = saved_bytes(lambda: group.loss(committee, 0.01))
+    predicted = sum(len(u.classes) * sum(member[m] for m in u.members) for u in units)
+    assert 0.95 < measured / predicted < 1.15, (measured, predicted)  # the rest: the augmentation's saved input
+
+
+def test_bf16_members_save_about_half_the_bytes():
+    fp32, bf16 = tiny_committee(FP32), tiny_committee(BF16_CL)
+    for arch in ARCHS:
+        ratio = member_bytes_per_image(bf16, arch, SHAPE, "cpu") / member_bytes_per_image(fp32, arch, SHAPE, "cpu")
+        assert 0.4 < ratio < 0.8, (arch, ratio)
+
+
+def test_auto_wave_images_fits_the_budget_within_one_group_and_all_the_work():
+    per_image = 2**20
+    free = 1000 * 2**20
+    fits = int(BUDGET_FRACTION * free / (HEADROOM * per_image))
+    assert auto_wave_images(per_image, free, smallest=100, largest=10_000) == fits
+    assert auto_wave_images(per_image, free, smallest=100, largest=300) == 300
+    assert auto_wave_images(per_image, free, smallest=fits + 50, largest=10_000) == fits + 50
+    assert wave_bytes_per_image({"a": 10.0, "b": 5.0, "c": 1.0}, [("a", "c"), ("b", "c")], 2) == 13.0
+
+
+def test_the_imagenet1k_groups_fit_a_24_gb_card_in_bf16(make_cfg):
+    """The paper's ImageNet-1K pool at 224 px in its GPU numerics (bf16, channels-last): a group of
+    ``recover.group_images`` images on its costliest pair fits the wave budget of a 24 GB card (23 GiB free
+    after the CUDA context and the pool's weights); the default 500 would not."""
+    cfg = make_cfg("distill", "dataset=imagenet1k", "committee=cvdd")
+    torch.manual_seed(0)
+    nets = {arch: build_model(arch, 1000, 224, 3) for arch in cfg.committee.members}
+    numerics = {arch: choose_numerics(arch, "recover", "auto", "auto", "cuda") for arch in nets}
+    committee = Committee(nets, dict.fromkeys(nets, 1.0), 10.0, numerics)
+    member = {m: member_bytes_per_image(committee, m, (3, 224, 224), "cpu") for m in nets}
+    per_image = wave_bytes_per_image(member, itertools.combinations(nets, 2), image_state_bytes((3, 224, 224)))
+    budget = BUDGET_FRACTION * 23 * 2**30
+    group = int(cfg.recover.group_images)
+    assert group == 100
+    assert HEADROOM * per_image * group <= budget, per_image / 2**20
+    assert HEADROOM * per_image * 500 > budget
+
+
+def test_waves_sized_from_free_memory_give_the_same_images(make_cfg, workdir: Path, caplog, monkeypatch):
+    from cvdd.jobs.recover import distill
+    from tests.test_recover import FAST, images_of
+
+    common = (*FAST, "ipc=3", "recover.group_images=10")
+    with caplog.at_level(logging.INFO, logger="cvdd"):
+        distill(make_cfg("distill", *common, "name=roomy"))
+    assert "recover.wave_images=null: 30 images per wave" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr("cvdd.recover.free_bytes", lambda device, processes=1: 0)  # no room: one group per wave
+    with caplog.at_level(logging.INFO, logger="cvdd"):
+        distill(make_cfg("distill", *common, "name=cramped"))
+    assert "recover.wave_images=null: 10 images per wave" in caplog.text
+    assert "Lower recover.group_images" in caplog.text
+    assert sum(r.getMessage().startswith("wave ") for r in caplog.records) == 3
+    assert torch.equal(images_of(workdir, "roomy"), images_of(workdir, "cramped"))
+
+
+@pytest.mark.parametrize("value", ["0", "-5"])
+def test_a_wave_below_one_group_is_refused(make_cfg, value):
+    from cvdd.jobs.recover import check_recover_settings
+
+    with pytest.raises(ValueError, match=rf"recover\.wave_images={value} is below recover\.group_images=500"):
+        check_recover_settings(make_cfg("distill", f"recover.wave_images={value}"))
