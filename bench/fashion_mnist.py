@@ -164,18 +164,20 @@ class Bench:
         save_json(self.path, self.state)
 
     # --- running jobs ---------------------------------------------------------------------------------------
-    def job(self, config_name: str, run: Callable, overrides: list[str], folder: str) -> tuple[dict, float]:
+    def job(self, config_name: str, run: Callable, overrides: list[str], folder: str) -> tuple[dict, float, float]:
+        """The job's result, wall seconds and CPU seconds (all threads; unlike wall time, not inflated when the
+        run is paused or shares the machine)."""
         base = [f"dataset={DATASET}", f"paths.root={self.work}", "logger=none", "hardware=cpu"]
         cfg = compose_job(config_name, [*base, *overrides], self.work / "logs" / config_name / folder)
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         result = run(cfg)
-        return result, round(time.perf_counter() - started, 2)
+        return result, round(time.perf_counter() - started, 2), round(time.process_time() - cpu, 2)
 
     def stage(self, key: str, config_name: str, run: Callable, overrides: list[str]) -> dict:
         """Run a stage once: its record (result fields and seconds) is kept under ``stages[key]``."""
         if key not in self.state["stages"]:
-            result, seconds = self.job(config_name, run, overrides, key.replace("/", "_"))
-            self.state["stages"][key] = {"seconds": seconds, **stage_record(config_name, result)}
+            result, seconds, cpu = self.job(config_name, run, overrides, key.replace("/", "_"))
+            self.state["stages"][key] = {"seconds": seconds, "cpu_seconds": cpu, **stage_record(config_name, result)}
             self.save()
             print(f"[bench] {key}: {seconds:.0f}s", flush=True)
         return self.state["stages"][key]
@@ -204,8 +206,15 @@ class Bench:
                 if any(t["epochs"] == epochs for t in tries):
                     continue
                 overrides = [f"model={member}", f"squeeze.epochs={epochs}", *(["overwrite=true"] if tries else [])]
-                record, seconds = self.job("train", squeeze_teacher, overrides, f"{member}_e{epochs}")
-                tries.append({"epochs": record["epochs"], "test_top1": record["test_top1"], "seconds": seconds})
+                record, seconds, cpu = self.job("train", squeeze_teacher, overrides, f"{member}_e{epochs}")
+                tries.append(
+                    {
+                        "epochs": record["epochs"],
+                        "test_top1": record["test_top1"],
+                        "seconds": seconds,
+                        "cpu_seconds": cpu,
+                    }
+                )
                 self.save()
                 print(f"[bench] teacher {member}, {epochs} epochs: {record['test_top1']:.2f}% in {seconds:.0f}s")
             self.state["teachers"][member].update(tries[-1])
@@ -569,15 +578,24 @@ def numerics_lines(state: dict) -> list[str]:
 
 
 def stage_totals(state: dict) -> list[str]:
-    totals: dict[str, float] = {"squeeze (teachers, every try)": 0.0}
-    for rec in state["teachers"].values():
-        totals["squeeze (teachers, every try)"] += sum(t["seconds"] for t in rec.get("tries", []))
+    """Wall and CPU minutes per stage. CPU time (both threads) is the comparable one: the run was paused while
+    tests ran on this 2-core machine, which wall time includes."""
+    records = {"squeeze (teachers, every try)": [t for rec in state["teachers"].values() for t in rec.get("tries", [])]}
     for key, rec in state["stages"].items():
-        stage = key.split("/")[0]
-        totals[stage] = totals.get(stage, 0.0) + rec["seconds"]
-    rows = [[stage, f"{seconds / 60:.1f}"] for stage, seconds in totals.items()]
-    rows.append(["all stages", f"{sum(totals.values()) / 60:.1f}"])
-    return table(["stage", "minutes"], rows)
+        records.setdefault(key.split("/")[0], []).append(rec)
+    totals = {
+        stage: (sum(r["seconds"] for r in recs), sum(r.get("cpu_seconds", float("nan")) for r in recs))
+        for stage, recs in records.items()
+    }
+    rows = [[stage, f"{wall / 60:.1f}", f"{cpu / 60:.1f}"] for stage, (wall, cpu) in totals.items()]
+    rows.append(
+        [
+            "all stages",
+            f"{sum(w for w, _ in totals.values()) / 60:.1f}",
+            f"{sum(c for _, c in totals.values()) / 60:.1f}",
+        ]
+    )
+    return table(["stage", "wall minutes", "CPU minutes (2 threads)"], rows)
 
 
 def git_commit() -> str:
