@@ -6,7 +6,7 @@ from omegaconf import DictConfig
 import cvdd.config  # noqa: F401  (registers the config resolvers)
 from cvdd.distributed import isolated_job
 from cvdd.errors import reported_errors
-from cvdd.jobs.recover import distill
+from cvdd.jobs.distill import distill
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="distill")

@@ -6,7 +6,7 @@ from omegaconf import DictConfig
 import cvdd.config  # noqa: F401  (registers the ${dataset_spec:...} resolver)
 from cvdd.distributed import isolated_job
 from cvdd.errors import reported_errors
-from cvdd.jobs.squeeze import squeeze_teacher
+from cvdd.teachers import squeeze_teacher
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

@@ -42,11 +42,12 @@ from cvdd.artifacts import load_json, save_json  # noqa: E402
 from cvdd.bssl import soft_label_logits  # noqa: E402
 from cvdd.compose import compose_job  # noqa: E402
 from cvdd.data import load_dataset  # noqa: E402
+from cvdd.jobs.distill import distill  # noqa: E402
 from cvdd.jobs.evaluate import evaluate  # noqa: E402
-from cvdd.jobs.recover import distill  # noqa: E402
-from cvdd.jobs.relabel import relabel, relabel_committee  # noqa: E402
-from cvdd.jobs.squeeze import squeeze_teacher  # noqa: E402
+from cvdd.jobs.relabel import relabel  # noqa: E402
 from cvdd.report import Group, markdown_table, plot  # noqa: E402
+from cvdd.soft_labels import relabel_committee  # noqa: E402
+from cvdd.teachers import squeeze_teacher  # noqa: E402
 
 DATASET = "fashion_mnist"
 COMMITTEE = ["resnet18_small", "resnet50_small", "shufflenetv2_small", "mobilenetv2_small", "densenet_small"]
@@ -74,7 +75,7 @@ IPCS, SEEDS = (1, 10, 50), (0, 1, 2)
 
 # Per method: overrides naming the image set (every stage) and its labelling teachers (relabel, evaluate).
 METHODS: dict[str, tuple[list[str], str]] = {
-    "random_real": (["distilled=random_real", "committee=small"], "committee"),  # real images, the pool's labels
+    "random_real": (["method=random_real", "committee=small"], "committee"),  # real images, the pool's labels
     "sre2l": (["committee=sre2l_small"], "resnet18_small"),  # SRe2L++: one model recovers and relabels
     "cvdd": (["committee=small", "committee.k=2", "committee.schedule=auto"], "committee"),  # CV-DD, k = 2
 }
@@ -232,20 +233,15 @@ class Bench:
 
     # --- cells ----------------------------------------------------------------------------------------------
     def cell(self, cell: Cell) -> dict:
-        """Distill (synthetic sets), relabel (soft labels) and evaluate one student; skipped when finished."""
+        """Distill, relabel (soft labels) and evaluate one student; skipped when finished."""
         if cell.key in self.state["cells"]:
             return self.state["cells"][cell.key]
         image_set, _ = METHODS[cell.method]
         crop = f"[{cell.crop},1.0]"
         common = [*image_set, f"ipc={cell.ipc}", f"seed={cell.seed}", f"hardware.precision={cell.precision}"]
-        if cell.synthetic:
-            common.append(f"name={cell.set_name}")
-            self.stage(
-                f"distill/{cell.set_name}",
-                "distill",
-                distill,
-                [*common, f"recover.iterations={cell.iterations}", f"recover.crop_scale={crop}"],
-            )
+        common.append(f"set={cell.set_name}")
+        recover = [f"recover.iterations={cell.iterations}", f"recover.crop_scale={crop}"] if cell.synthetic else []
+        self.stage(f"distill/{cell.set_name}", "distill", distill, [*common, *recover])
         artifacts = self.variant_artifacts(cell.variant)
         labelled = [
             *common,
@@ -261,7 +257,7 @@ class Bench:
         student = [
             *labelled,
             f"student={STUDENT}",
-            f"method={method}",
+            f"method_label={method}",
             f"labels={'offline' if cell.labels == 'soft' else 'hard'}",
         ]
         record = self.stage(f"evaluate/{cell.key}", "evaluate", evaluate, student)

@@ -50,7 +50,7 @@ def worker(args: argparse.Namespace) -> None:
     from omegaconf import open_dict
 
     import cvdd.config  # noqa: F401
-    from cvdd.jobs.recover import distill
+    from cvdd.jobs.distill import distill
 
     mode = "grouped" if args.grouping else "sequential"
     ipc = args.ipc[0]
@@ -62,7 +62,7 @@ def worker(args: argparse.Namespace) -> None:
         "recover.init.mode=gaussian",
         "logger=none",
         f"hardware={args.hardware}",
-        f"name=bench_ipc{ipc}_{mode}",
+        f"set=bench_ipc{ipc}_{mode}",
         "overwrite=true",
         "callbacks.progress_bar.refresh_rate=0",
         "+callbacks.timer._target_=__main__.fit_timer",

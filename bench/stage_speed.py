@@ -83,7 +83,7 @@ def worker(args: argparse.Namespace) -> None:
     logs = args.workdir / "logs" / f"{args.stage}_{args.variant}"
     s = args.settings
     if args.stage == "squeeze":
-        from cvdd.jobs.squeeze import squeeze_teacher
+        from cvdd.teachers import squeeze_teacher
 
         per_member = {}
         for member in MEMBERS:
@@ -108,7 +108,7 @@ def worker(args: argparse.Namespace) -> None:
         busy = sum(per_member.values())
         result = {"rate": len(MEMBERS) * s["squeeze_batch"] / busy, "unit": "images/s", "s_per_batch": per_member}
     elif args.stage == "recover":
-        from cvdd.jobs.recover import distill
+        from cvdd.jobs.distill import distill
 
         name = f"speed_{args.variant}"
         iterations = s["recover_iterations"]
@@ -121,7 +121,7 @@ def worker(args: argparse.Namespace) -> None:
                     f"recover.iterations={iterations}",
                     "recover.init.mode=real",
                     "committee.train_missing=false",
-                    f"name={name}",
+                    f"set={name}",
                     "overwrite=true",
                 ],
                 logs,
@@ -136,7 +136,7 @@ def worker(args: argparse.Namespace) -> None:
         relabel(
             compose_job(
                 "relabel",
-                [*common, "ipc=10", "name=speed_fp32", f"relabel.epochs={epochs}", "overwrite=true"],
+                [*common, "ipc=10", "set=speed_fp32", f"relabel.epochs={epochs}", "overwrite=true"],
                 logs,
             )
         )
@@ -152,7 +152,7 @@ def worker(args: argparse.Namespace) -> None:
                 [
                     *common,
                     "ipc=10",
-                    "name=speed_fp32",
+                    "set=speed_fp32",
                     f"relabel.epochs={epochs}",
                     f"validate.epochs={epochs}",
                     f"validate.eval_every={epochs}",

@@ -9,12 +9,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from cvdd.artifacts import ArtifactCorruptError, fingerprint, load_tensors, save_tensors
+from cvdd.artifacts import ArtifactCorruptError, load_tensors, save_tensors
+from cvdd.artifacts.patches import PatchCache
 from cvdd.augment import crop_flip_theta, resized_crop, sample_crop_box
 from cvdd.committee import Committee
 from cvdd.data.images import ImageSplit
@@ -87,8 +87,7 @@ class Initializer:
         real: ImageSplit | None = None,
         patches: PatchSettings | None = None,
         committee: Committee | None = None,
-        cache_dir: Path | None = None,
-        cache_identity: dict | None = None,
+        cache: PatchCache | None = None,
     ):
         if mode not in INIT_MODES:
             raise ValueError(f"recover.init.mode={mode!r}; choose from {INIT_MODES}")
@@ -100,7 +99,7 @@ class Initializer:
         self.real = real
         self.patches = patches
         self.committee = committee
-        self.cache_dir, self.cache_identity = cache_dir, cache_identity or {}
+        self.cache = cache
         self._by_class: dict[int, torch.Tensor] = {}
         self._bank: dict | None = None
         self._bands: dict[int, torch.Tensor] = {}
@@ -114,7 +113,7 @@ class Initializer:
             return torch.randn(self.shape, generator=gen)
         if self.mode == "real":
             return self._real_image(class_index, unit.ipc_index)
-        return self._patch_image(class_index, unit.ipc_index)
+        return self.patch_image(class_index, unit.ipc_index)
 
     # -- real ---------------------------------------------------------------------------------------------
     def _class_order(self, class_index: int) -> torch.Tensor:
@@ -143,8 +142,7 @@ class Initializer:
             return self._bank
         p = self.patches
         identity = {"seed": self.seed, "candidates": p.candidates, "scale": p.scale, "sources": "distinct"}
-        key = fingerprint({**self.cache_identity, **identity})
-        path = self.cache_dir / f"{key}.pt" if self.cache_dir else None
+        path = self.cache.path(identity) if self.cache else None
         if path is not None and path.is_file():
             try:
                 self._bank = load_tensors(path, "it is rescored")
@@ -186,7 +184,7 @@ class Initializer:
             self._bands[class_index] = difficulty_band(self._candidate_bank()["scores"][class_index], self.patches)
         return self._bands[class_index][ipc_index]
 
-    def _patch_image(self, class_index: int, ipc_index: int) -> torch.Tensor:
+    def patch_image(self, class_index: int, ipc_index: int) -> torch.Tensor:
         bank, f = self._candidate_bank(), self.patches.factor
         _c, h, w = self.shape
         tiles = [

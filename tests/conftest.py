@@ -17,7 +17,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
 from cvdd.compose import compose_job
-from cvdd.jobs.squeeze import squeeze_teacher
+from cvdd.teachers import squeeze_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -41,6 +41,14 @@ def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
 
     yield make
     GlobalHydra.instance().clear()
+
+
+@pytest.fixture
+def random_real(make_cfg) -> Callable[..., dict]:
+    """Distils the random-real baseline set (no teachers needed) with ``overrides``; returns its manifest."""
+    from cvdd.jobs.distill import distill
+
+    return lambda *overrides: distill(make_cfg("distill", "method=random_real", "logger=none", *overrides))
 
 
 def run_cli(script: str, *args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:

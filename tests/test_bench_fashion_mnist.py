@@ -1,9 +1,11 @@
-"""The Fashion-MNIST benchmark's bookkeeping: targets, report files, cell skipping (no training here)."""
+"""The Fashion-MNIST benchmark's bookkeeping: targets, DD-Ranking metrics, the report, cell skipping (no training)."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -12,43 +14,46 @@ SPEC = importlib.util.spec_from_file_location(
     "fashion_mnist_bench", Path(__file__).parents[1] / "bench/fashion_mnist.py"
 )
 bench = importlib.util.module_from_spec(SPEC)
+sys.modules[SPEC.name] = bench  # dataclasses look their module up
 SPEC.loader.exec_module(bench)
+Cell = bench.Cell
 
 
-def cell(method: str, ipc: int, seed: int, top1: float, topk: int | None = None) -> dict:
-    return {
-        "method": method,
-        "ipc": ipc,
-        "seed": seed,
-        "topk": topk,
-        "test_top1": top1,
-        "test_top5": 99.0,
-        "student": "convnet",
-        "epochs": bench.EPOCHS[ipc],
-        "iterations": 80,
-        "seconds": {"distill": 60.0, "relabel": 30.0, "evaluate": 30.0},
-        "label_bytes_per_image_per_epoch": 35.6 if topk is None else 30.0,
-        "label_payload_bytes_per_image_per_epoch": 20.0 if topk is None else 11.0,
-        "teachers": {},
-    }
+def finished(cell, top1: float, best: float | None = None) -> tuple[str, dict]:
+    return cell.key, {**asdict(cell), "test_top1": top1, "test_top1_best": best or top1 + 0.5, "seconds": 1.0}
 
 
 @pytest.fixture
 def state(tmp_path: Path) -> Path:
-    cells = [
-        cell("cvdd", 1, 0, 70.0),
-        cell("cvdd", 1, 1, 72.0),
-        cell("sre2l", 1, 0, 71.5),
-        cell("random_real", 1, 0, 60.0),
-        cell("cvdd", 10, 0, 87.0),
-        cell("sre2l", 10, 0, 80.0),
-        cell("random_real", 10, 0, 86.5),
-        cell("cvdd", 10, 0, 86.0, topk=3),
-    ]
-    keys = [f"{c['method']}/ipc{c['ipc']}/s{c['seed']}" + (f"/top{c['topk']}" if c["topk"] else "") for c in cells]
+    crop = bench.ALT_CROP
+    cells = dict(
+        [
+            finished(Cell("cvdd", 10, 0, bench.PAPER_CROP), 84.0),
+            finished(Cell("sre2l", 10, 0, bench.PAPER_CROP), 82.0),
+            finished(Cell("random_real", 10, 0, bench.PAPER_CROP), 83.0),
+            finished(Cell("cvdd", 10, 0, crop), 87.0),
+            finished(Cell("cvdd", 10, 1, crop), 86.0),
+            finished(Cell("sre2l", 10, 0, crop), 84.0),
+            finished(Cell("random_real", 10, 0, crop), 85.0),
+            finished(Cell("random_real", 10, 1, crop), 85.2),
+            finished(Cell("random_real", 10, 0, crop, teachers="resnet18_small"), 83.5),
+            finished(Cell("cvdd", 10, 0, crop, labels="hard"), 80.0),
+            finished(Cell("random_real", 10, 0, crop, labels="hard"), 78.0),
+            finished(Cell("cvdd", 1, 0, crop), 70.0),
+            finished(Cell("random_real", 1, 0, crop), 69.9),
+        ]
+    )
     record = {
-        "teachers": {"resnet18_small": {"test_top1": 88.0, "epochs": 1, "seconds": 80.0}},
-        "cells": dict(zip(keys, cells, strict=True)),
+        "teachers": {
+            "resnet18_small": {
+                "tries": [{"epochs": 10, "test_top1": 91.0, "seconds": 80.0}],
+                **{"epochs": 10, "test_top1": 91.0, "seconds": 80.0},
+            }
+        },
+        "pool": {"test_top1": 92.5},
+        "stages": {"full_data": {"seconds": 100.0, "cpu_seconds": 190.0, "test_top1": 93.0}},
+        "crop": {"chosen": crop},
+        "cells": cells,
         "sessions": [{"started": "2026-11-24T00:00:00+00:00", "seconds": 600.0, "commit": "abc"}],
     }
     (tmp_path / "out").mkdir()
@@ -56,30 +61,40 @@ def state(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def test_targets_say_met_or_missed_with_the_gap(state: Path):
-    groups = bench.Bench(state / "work", state / "out").groups()
-    lines = bench.targets(groups)
-    assert "* IPC 1: CV-DD 71.00 vs SRe2L++ 71.50: MISSED (-0.50 points)" in lines
-    assert "* IPC 1: CV-DD 71.00 vs best classic hard-label (81.0) 81.00: MISSED (-10.00 points)" in lines
-    assert "* IPC 10: CV-DD 87.00 vs random_real 86.50: met (+0.50 points)" in lines
-    assert "* IPC 10: CV-DD 87.00 vs best classic hard-label (86.0) 86.00: met (+1.00 points)" in lines
-    assert not any("top" in line for line in lines), "top-k cells are not a method of their own"
+def test_targets_compare_with_the_larger_std_and_say_the_gap(state: Path):
+    lines = bench.targets(bench.Bench(state / "work", state / "out").state)
+    # IPC 10: CV-DD 86.5 ± 0.71, random_real 85.1 ± 0.14: +1.40 beats the larger std
+    assert any(
+        line.startswith("* IPC 10: CV-DD 86.50 vs random_real 85.10: +1.40 points") and "met" in line for line in lines
+    )
+    assert "* IPC 10: CV-DD vs SRe2L++ 84.00: +2.50: met" in lines
+    assert "* IPC 10 moonshot: CV-DD vs best hard-label 86.0: +0.50: met" in lines
+    assert any(line.startswith("* IPC 1: CV-DD 70.00 vs random_real 69.90: +0.10") for line in lines)
+    assert not any("82.0" in line or "84.0 vs" in line for line in lines), "the other crop scale is not the grid"
 
 
-def test_report_files_hold_the_table_the_classic_rows_and_storage(state: Path):
+def test_hlr_and_ior_follow_dd_ranking(state: Path):
+    rows = {(r[0], r[1]): r for r in bench.ranking_rows(bench.Bench(state / "work", state / "out").state)}
+    _, _, hard, hlr, ior = rows[("cvdd", "10")]
+    assert hard.startswith("80.00") and hlr == "13.00" and ior == "+1.40"  # 93 − 80; 86.5 − 85.1
+    assert rows[("sre2l", "10")][4] == "+0.50"  # 84.0 − random real under resnet18_small's labels (83.5)
+    assert rows[("random_real", "10")][3] == "15.00"
+
+
+def test_the_report_holds_protocol_tables_and_plot(state: Path):
     b = bench.Bench(state / "work", state / "out")
     bench.write_report(b)
     text = (state / "out" / "fashion_mnist.md").read_text()
-    assert "| cvdd | 71.00 ± 1.41 (n=2) | 87.00 ± 0.00 (n=1) |" in text
-    assert "| IDC (published) | 81.0 | 86.0 |" in text
-    assert "| top-3 | 11.0 | 30.0 | 86.00 |" in text and "| fp16 dense | 20.0 | 35.6 | 87.00 |" in text
-    assert "| all stages | 17.3 |" in text  # 80 s of squeeze + 8 cells of 120 s
+    assert "## Protocol v2" in text and f"**({bench.ALT_CROP}, 1)**" in text
+    assert "| cvdd | 70.00 ± 0.00 (n=1) | 86.50 ± 0.71 (n=2) |" in text
+    assert "| cvdd | 84.00 / 84.50 | 87.00 / 87.50 |" in text  # the crop ablation, final / best
+    assert "| ConvNet on all 60k images, hard labels (20 epochs) | 93.0 | 93.0 |" in text
+    assert "| resnet18_small | 10 → 91.00 | 10 | 91.00 | 80 |" in text
     assert (state / "out" / "fashion_mnist.png").stat().st_size > 10_000
 
 
 def test_finished_cells_are_skipped(state: Path, monkeypatch: pytest.MonkeyPatch):
     b = bench.Bench(state / "work", state / "out")
     monkeypatch.setattr(b, "job", lambda *a, **k: pytest.fail("a finished cell ran again"))
-    b.cell("cvdd", 10, 0)
-    b.cell("cvdd", 10, 0, topk=3)
-    assert len(b.state["cells"]) == 8
+    record = b.cell(Cell("cvdd", 10, 0, bench.ALT_CROP))
+    assert record["test_top1"] == 87.0 and len(b.state["cells"]) == 13

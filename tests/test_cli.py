@@ -53,11 +53,12 @@ def test_ddp_cpu_sweep_does_not_relaunch_the_sweep_in_ranks(tmp_path: Path):
 
 
 def test_evaluate_seed_sweep_prints_and_writes_mean_and_std(tmp_path: Path):
+    run_cli("distill.py", "-m", "method=random_real", "seed=0,1,2", "ipc=2", "logger=none", cwd=tmp_path)
     proc = run_cli(
         "evaluate.py",
         "-m",
         "seed=0,1,2",
-        "distilled=random_real",
+        "method=random_real",
         "labels=hard",
         "ipc=2",
         "relabel.epochs=3",

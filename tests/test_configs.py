@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from cvdd.data import ImageDataModule, get_spec
 from cvdd.distributed import HydraDDPStrategy
-from cvdd.jobs.common import instantiate_named
+from cvdd.runtime import instantiate_named
 from cvdd.squeeze import TeacherModule
 
 GROUPS = {

@@ -8,13 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from cvdd.artifacts.distilled import DistilledArtifact, read_distilled, to_pixels
 from cvdd.augment import apply_batch
 from cvdd.data import get_spec
-from cvdd.data.distilled import DistilledArtifact, read_distilled, to_pixels
+from cvdd.image_sets import student_set
+from cvdd.jobs.distill import distill
 from cvdd.jobs.evaluate import evaluate, offline_labels, online_labels
-from cvdd.jobs.recover import distill
-from cvdd.jobs.relabel import build_plan, label_settings, relabel, teacher_weights
-from cvdd.jobs.sets import student_set
+from cvdd.jobs.relabel import relabel
+from cvdd.soft_labels import build_plan, label_settings, teacher_weights
 from cvdd.student import kd_loss
 
 DISTILL = ("ipc=2", "recover.iterations=2", "recover.init.mode=real", "logger=none")
@@ -45,7 +46,7 @@ def test_offline_labels_equal_online_labels(make_cfg, labelled: Path):
     images = chosen.images
     plan = build_plan(cfg, len(images))
     expected = label_settings(cfg, teacher_weights(cfg, labelled / "artifacts"), plan, chosen)
-    offline, _ = offline_labels(cfg, labelled / "artifacts", chosen.name, expected)
+    offline, _ = offline_labels(cfg, labelled / "artifacts", chosen, expected)
     online, _ = online_labels(cfg, labelled / "artifacts", [str(i) for i in range(10)])
     for epoch in range(3):
         for b, batch in enumerate(plan.epoch(epoch)):
@@ -56,7 +57,7 @@ def test_offline_labels_equal_online_labels(make_cfg, labelled: Path):
 
 def test_chain_on_digits_writes_results_and_checks_the_plan(make_cfg, labelled: Path):
     result = evaluate(make_cfg("evaluate", *PLAN, "validate.eval_every=1", "logger=none"))
-    (out,) = (labelled / "artifacts/digits/results").glob("small_ipc2_real_s0__convnet__offline__small__*.json")
+    (out,) = (labelled / "artifacts/digits/results").glob("small_ipc2_real_s0__convnet__offline__cvdd__*.json")
     on_disk = json.loads(out.read_text())
     assert on_disk["test_samples"] == 360 and on_disk["epochs"] == 3 and on_disk["labels"] == "offline"
     assert on_disk["test_top1"] == result["test_top1"] and 0 <= result["test_top1"] <= 100
@@ -66,17 +67,18 @@ def test_chain_on_digits_writes_results_and_checks_the_plan(make_cfg, labelled: 
     assert curve[result["test_top1_best_epoch"] - 1][1] == result["test_top1_best"]
     assert result["images_format"] == "png"
     with pytest.raises(ValueError, match="the epoch plan"):
-        evaluate(make_cfg("evaluate", *PLAN, "seed=1", "name=small_ipc2_real_s0", "logger=none"))
+        evaluate(make_cfg("evaluate", *PLAN, "seed=1", "set=small_ipc2_real_s0", "logger=none"))
     (labelled / "artifacts/digits/labels/small_ipc2_real_s0/manifest.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"make them with:\n  python relabel\.py paths\.root=\S+ ipc=2"):
         evaluate(make_cfg("evaluate", *PLAN, "logger=none"))
 
 
-def test_random_real_with_hard_labels_baseline_runs(make_cfg, workdir: Path):
+def test_random_real_with_hard_labels_baseline_runs(make_cfg, workdir: Path, random_real):
+    random_real("ipc=5")
     result = evaluate(
         make_cfg(
             "evaluate",
-            "distilled=random_real",
+            "method=random_real",
             "labels=hard",
             "ipc=5",
             "relabel.epochs=10",
@@ -108,12 +110,14 @@ def test_topk_labels_are_stored_beside_dense_ones_and_train_the_student(make_cfg
     assert len(list((labelled / "artifacts/digits/results").glob("*offline_top3*.json"))) == 2
 
 
-def test_random_real_gets_the_same_offline_soft_labels(make_cfg, workdir: Path):
-    manifest = relabel(make_cfg("relabel", *PLAN, "distilled=random_real"))
+def test_random_real_gets_the_same_offline_soft_labels(make_cfg, workdir: Path, random_real):
+    random_real("ipc=2")
+    manifest = relabel(make_cfg("relabel", *PLAN, "method=random_real"))
     assert manifest["name"] == "random_real_ipc2_s0" and len(manifest["teachers"]) == 5
-    result = evaluate(make_cfg("evaluate", *PLAN, "distilled=random_real", "logger=none"))
+    assert manifest["method"] == "random_real" and manifest["ipc"] == 2
+    result = evaluate(make_cfg("evaluate", *PLAN, "method=random_real", "logger=none"))
     assert result["method"] == "random_real" and result["labels"] == "offline" and result["label_bytes"] > 20
-    again = evaluate(make_cfg("evaluate", *PLAN, "distilled=random_real", "logger=none"))
+    again = evaluate(make_cfg("evaluate", *PLAN, "method=random_real", "logger=none"))
     assert again["test_top1"] == result["test_top1"], "same seed, same student"
 
 

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from cvdd.artifacts.patches import PatchCache
 from cvdd.committee import load_committee
 from cvdd.data import load_dataset
 from cvdd.init import DIFFICULTIES, Initializer, PatchSettings, difficulty_band
-from cvdd.jobs.recover import distill
+from cvdd.jobs.distill import distill
 from cvdd.recover import Unit, class_blocks
 
 IPC = 10
@@ -53,7 +54,7 @@ def test_every_image_of_a_class_starts_from_its_own_patches(digits_committee, tm
             real=data.view("train"),
             patches=PatchSettings(IPC, difficulty, factor, candidates=100),
             committee=committee,
-            cache_dir=tmp_path,  # scored once, reused by the other difficulties
+            cache=PatchCache(tmp_path, "digits", {}),  # scored once, reused by the other difficulties
         )
         images = init(units)  # (IPC, classes, C, H, W)
         scores = init._candidate_bank()["scores"]

@@ -14,10 +14,10 @@ from cvdd.data import load_dataset
 from cvdd.data.formats import IMAGENETTE_NAMES
 from cvdd.data.images import DatasetImageError
 from cvdd.jobs import evaluate as evaluate_job
+from cvdd.jobs.distill import distill
 from cvdd.jobs.evaluate import evaluate
-from cvdd.jobs.recover import distill
 from cvdd.jobs.relabel import relabel
-from cvdd.jobs.squeeze import squeeze_teacher
+from cvdd.teachers import squeeze_teacher
 
 DISTILL = ("ipc=2", "recover.iterations=2", "recover.init.mode=real", "logger=none")
 PLAN = ("ipc=2", "recover.init.mode=real", "relabel.epochs=3", "relabel.batch_size=8", "logger=none")
@@ -89,10 +89,10 @@ def test_damaged_label_epoch_is_found_before_training_and_a_rerun_recomputes_onl
 
 def test_damaged_patch_cache_is_scored_again(make_cfg, workdir: Path):
     common = ("ipc=2", "recover.iterations=1", "recover.init.candidates=10", "logger=none")
-    first = distill(make_cfg("distill", *common, "name=a"))
+    first = distill(make_cfg("distill", *common, "set=a"))
     (cache,) = (workdir / "artifacts/digits/patches").glob("*.pt")
     truncate(cache)
-    second = distill(make_cfg("distill", *common, "name=b"))
+    second = distill(make_cfg("distill", *common, "set=b"))
     assert torch.load(cache, weights_only=True)["scores"].shape == (10, 10)
     assert first["fingerprint"] == second["fingerprint"]
 

@@ -80,17 +80,17 @@ def test_the_imagenet1k_groups_fit_a_24_gb_card_in_bf16(make_cfg):
 
 
 def test_waves_sized_from_free_memory_give_the_same_images(make_cfg, workdir: Path, caplog, monkeypatch):
-    from cvdd.jobs.recover import distill
+    from cvdd.jobs.distill import distill
     from tests.test_recover import FAST, images_of
 
     common = (*FAST, "ipc=3", "recover.group_images=10")
     with caplog.at_level(logging.INFO, logger="cvdd"):
-        distill(make_cfg("distill", *common, "name=roomy"))
+        distill(make_cfg("distill", *common, "set=roomy"))
     assert "recover.wave_images=null: 30 images per wave" in caplog.text
     caplog.clear()
     monkeypatch.setattr("cvdd.recover.free_bytes", lambda device, processes=1: 0)  # no room: one group per wave
     with caplog.at_level(logging.INFO, logger="cvdd"):
-        distill(make_cfg("distill", *common, "name=cramped"))
+        distill(make_cfg("distill", *common, "set=cramped"))
     assert "recover.wave_images=null: 10 images per wave" in caplog.text
     assert "Lower recover.group_images" in caplog.text
     assert sum(r.getMessage().startswith("wave ") for r in caplog.records) == 3
@@ -99,7 +99,8 @@ def test_waves_sized_from_free_memory_give_the_same_images(make_cfg, workdir: Pa
 
 @pytest.mark.parametrize("value", ["0", "-5"])
 def test_a_wave_below_one_group_is_refused(make_cfg, value):
-    from cvdd.jobs.recover import check_recover_settings
+    from cvdd.methods.committee_voting import CommitteeVoting
 
+    method = CommitteeVoting("cvdd", "unused", "committee")
     with pytest.raises(ValueError, match=rf"recover\.wave_images={value} is below recover\.group_images=500"):
-        check_recover_settings(make_cfg("distill", f"recover.wave_images={value}"))
+        method.patch_settings(make_cfg("distill", f"recover.wave_images={value}"))

@@ -12,9 +12,9 @@ from minidata import write_image_folder
 from torchvision import models as tvm
 
 from cvdd.data.formats import IMAGENETTE_NAMES
-from cvdd.jobs.squeeze import squeeze_teacher
 from cvdd.models import build_model
 from cvdd.models.pretrained import IMAGENET_WEIGHTS, classifier_name, load_imagenet_weights, weights_file
+from cvdd.teachers import squeeze_teacher
 
 TORCHVISION = {
     "resnet18": tvm.resnet18,

@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import Callback
 
 from cvdd.artifacts import ArtifactConflictError
 from cvdd.data import get_spec
-from cvdd.jobs.recover import distill
+from cvdd.jobs.distill import distill
 
 FAST = ("ipc=2", "recover.iterations=4", "recover.init.mode=real", "logger=none")
 
@@ -69,9 +69,9 @@ def test_distill_writes_images_manifest_and_grid(make_cfg, workdir: Path):
 
 
 def test_distill_is_seeded(make_cfg, workdir: Path):
-    distill(make_cfg("distill", *FAST, "name=a"))
-    distill(make_cfg("distill", *FAST, "name=b"))
-    distill(make_cfg("distill", *FAST, "name=c", "seed=1"))
+    distill(make_cfg("distill", *FAST, "set=a"))
+    distill(make_cfg("distill", *FAST, "set=b"))
+    distill(make_cfg("distill", *FAST, "set=c", "seed=1"))
     assert torch.equal(images_of(workdir, "a"), images_of(workdir, "b"))
     assert not torch.allclose(images_of(workdir, "a"), images_of(workdir, "c"))
 
@@ -87,8 +87,8 @@ def test_grouped_units_equal_sequential_units(make_cfg, workdir: Path, init: str
         "committee.schedule=random",
         "hardware.precision=32",
     )  # 12 units over the 10 pairs: some share both members; grouping is exact maths in fp32
-    distill(make_cfg("distill", *common, "name=grouped", "recover.grouping=true"))
-    distill(make_cfg("distill", *common, "name=sequential", "recover.grouping=false"))
+    distill(make_cfg("distill", *common, "set=grouped", "recover.grouping=true"))
+    distill(make_cfg("distill", *common, "set=sequential", "recover.grouping=false"))
     grouped, sequential = images_of(workdir, "grouped"), images_of(workdir, "sequential")
     assert_same_images(grouped, sequential)
 
@@ -103,39 +103,39 @@ def test_one_grouped_step_equals_one_sequential_step_elementwise(make_cfg, workd
         "committee.schedule=random",
         "hardware.precision=32",
     )
-    distill(make_cfg("distill", *common, "name=grouped", "recover.grouping=true"))
-    distill(make_cfg("distill", *common, "name=sequential", "recover.grouping=false"))
+    distill(make_cfg("distill", *common, "set=grouped", "recover.grouping=true"))
+    distill(make_cfg("distill", *common, "set=sequential", "recover.grouping=false"))
     grouped, sequential = images_of(workdir, "grouped"), images_of(workdir, "sequential")
     assert torch.allclose(grouped, sequential, atol=1e-4, rtol=0), (grouped - sequential).abs().max()
 
 
 def test_killed_run_resumes_to_the_same_result(make_cfg, workdir: Path):
     common = (*FAST, "ipc=3", "recover.group_images=10", "recover.wave_images=10")  # 3 waves of one unit, 4 steps
-    distill(make_cfg("distill", *common, "name=reference"))
+    distill(make_cfg("distill", *common, "set=reference"))
     crash = ("+callbacks.crash._target_=test_recover.CrashAtStep", "+callbacks.crash.step=6")
     with pytest.raises(RuntimeError, match="simulated kill"):
-        distill(make_cfg("distill", *common, "name=resumed", *crash))
+        distill(make_cfg("distill", *common, "set=resumed", *crash))
     folder = workdir / "artifacts" / "digits" / "distilled" / "resumed"
     assert not (folder / "manifest.json").exists()
     assert len(list((folder / "units").glob("*.pt"))) == 1, "the unit finished before the kill was kept"
-    distill(make_cfg("distill", *common, "name=resumed"))
+    distill(make_cfg("distill", *common, "set=resumed"))
     assert torch.equal(images_of(workdir, "reference"), images_of(workdir, "resumed"))
 
 
 def test_images_do_not_depend_on_wave_size_or_on_resuming_bitwise(make_cfg, workdir: Path):
     """Groups are a fixed partition of the set (2 units each here); waves only decide how many run at once."""
     common = (*FAST, "ipc=6", "recover.iterations=3", "recover.group_images=20", "committee.schedule=random")
-    distill(make_cfg("distill", *common, "name=one_wave"))
-    distill(make_cfg("distill", *common, "name=three_waves", "recover.wave_images=20"))
+    distill(make_cfg("distill", *common, "set=one_wave"))
+    distill(make_cfg("distill", *common, "set=three_waves", "recover.wave_images=20"))
     crash = ("+callbacks.crash._target_=test_recover.CrashAtStep", "+callbacks.crash.step=4")
     with pytest.raises(RuntimeError, match="simulated kill"):
-        distill(make_cfg("distill", *common, "name=resumed", "recover.wave_images=20", *crash))
-    distill(make_cfg("distill", *common, "name=resumed"))  # resumed with another wave size: same recipe
+        distill(make_cfg("distill", *common, "set=resumed", "recover.wave_images=20", *crash))
+    distill(make_cfg("distill", *common, "set=resumed"))  # resumed with another wave size: same recipe
     reference = images_of(workdir, "one_wave")
     assert torch.equal(reference, images_of(workdir, "three_waves"))
     assert torch.equal(reference, images_of(workdir, "resumed"))
     with pytest.raises(ValueError, match=r"recover\.wave_images=10 is below recover\.group_images=20"):
-        distill(make_cfg("distill", *common, "name=bad", "recover.wave_images=10"))
+        distill(make_cfg("distill", *common, "set=bad", "recover.wave_images=10"))
 
 
 def test_missing_teachers_error_prints_the_train_command(make_cfg, tmp_path: Path):
@@ -178,9 +178,9 @@ def test_class_order_mismatch_stops_recover(make_cfg, workdir: Path):
 @pytest.mark.slow
 def test_ddp_cpu_gives_bitwise_the_images_of_one_process_at_the_same_thread_count(make_cfg, workdir: Path):
     split = (*FAST, "recover.group_images=10", "hardware.threads=1")  # two groups of one unit: one per rank
-    distill(make_cfg("distill", *split, "name=single"))
+    distill(make_cfg("distill", *split, "set=single"))
     GlobalHydra.instance().clear()
-    run_cli("distill.py", *split, "name=ddp", "hardware=ddp_cpu", cwd=workdir)
+    run_cli("distill.py", *split, "set=ddp", "hardware=ddp_cpu", cwd=workdir)
     assert torch.equal(images_of(workdir, "single"), images_of(workdir, "ddp"))
     manifest = json.loads((workdir / "artifacts/digits/distilled/ddp/manifest.json").read_text())
     assert [u["cpu_threads"] for u in manifest["units"]] == [1, 1], "each rank ran the thread count it was given"
@@ -200,8 +200,8 @@ def test_recipe_records_each_members_numerics(make_cfg, workdir: Path, monkeypat
     import cvdd.precision
 
     monkeypatch.setattr(cvdd.precision, "cpu_has_native_bf16", lambda: True)
-    exact = distill(make_cfg("distill", *FAST, "name=fp32", "hardware.precision=32"))
-    fast = distill(make_cfg("distill", *FAST, "name=auto"))
+    exact = distill(make_cfg("distill", *FAST, "set=fp32", "hardware.precision=32"))
+    fast = distill(make_cfg("distill", *FAST, "set=auto"))
     assert exact["recipe"]["numerics"] == dict.fromkeys(MEMBERS, "fp32")
     assert fast["recipe"]["numerics"] == {
         "resnet18_small": "bf16_cl",

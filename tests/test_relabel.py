@@ -11,13 +11,14 @@ from conftest import run_cli
 from hydra.core.global_hydra import GlobalHydra
 
 from cvdd.artifacts import ArtifactConflictError
+from cvdd.artifacts.distilled import DistilledArtifact, read_distilled
 from cvdd.augment import apply_batch
 from cvdd.bssl import soft_label_logits
 from cvdd.committee import load_committee
 from cvdd.data import get_spec
-from cvdd.data.distilled import DistilledArtifact, read_distilled
-from cvdd.jobs.recover import distill
-from cvdd.jobs.relabel import build_plan, relabel
+from cvdd.jobs.distill import distill
+from cvdd.jobs.relabel import relabel
+from cvdd.soft_labels import build_plan
 
 DISTILL = ("ipc=2", "recover.iterations=2", "recover.init.mode=real", "logger=none")
 RELABEL = ("ipc=2", "recover.init.mode=real", "relabel.epochs=3", "relabel.batch_size=8")

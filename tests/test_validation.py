@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
+from cvdd.jobs.distill import distill
 from cvdd.jobs.evaluate import evaluate
-from cvdd.jobs.recover import distill
 from cvdd.jobs.relabel import relabel
 
 NO_SQUEEZE = ("committee.train_missing=false", "logger=none")
@@ -44,8 +44,8 @@ def test_entry_points_print_the_reason_without_a_stack_trace(tmp_path: Path):
     [
         ("ipc=0", r"ipc=0 must be at least 1"),
         ("recover.iterations=0", r"recover\.iterations=0 must be at least 1"),
-        ("name=../../x", r"name='\.\./\.\./x' must be a plain folder name"),
-        ("name=sub/set", r"name='sub/set' must be a plain folder name"),
+        ("set=../../x", r"set='\.\./\.\./x' must be a plain folder name"),
+        ("set=sub/set", r"set='sub/set' must be a plain folder name"),
         ("recover.init.candidates=19", r"raise recover\.init\.candidates to at least 20"),
     ],
 )
@@ -61,17 +61,25 @@ def test_real_initialisation_never_repeats_an_image(make_cfg, workdir: Path):
         distill(make_cfg("distill", "ipc=150", "recover.init.mode=real", "logger=none"))
 
 
-def test_unknown_teacher_and_student_ids_list_the_choices(make_cfg, workdir: Path):
+def test_unknown_teacher_and_student_ids_list_the_choices(make_cfg, workdir: Path, random_real):
+    random_real()
+    real = ("method=random_real", "logger=none")
     with pytest.raises(ValueError, match=r"relabel\.teachers .*='nope' is not a model id; choose from .*resnet18"):
-        relabel(make_cfg("relabel", "relabel.teachers=nope", "distilled=random_real", "logger=none"))
+        relabel(make_cfg("relabel", "relabel.teachers=nope", *real))
     with pytest.raises(ValueError, match=r"student='nope' is not a model id"):
         evaluate(make_cfg("evaluate", "student=nope", "logger=none"))
     with pytest.raises(ValueError, match=r"ipc=-1 must be at least 1"):
-        relabel(make_cfg("relabel", "ipc=-1", "distilled=random_real", "logger=none"))
+        relabel(make_cfg("relabel", "ipc=-1", *real))
     with pytest.raises(ValueError, match=r"relabel\.stack_images=0 must be at least 1"):
-        relabel(make_cfg("relabel", "relabel.stack_images=0", "distilled=random_real", "logger=none"))
+        relabel(make_cfg("relabel", "relabel.stack_images=0", *real))
     with pytest.raises(ValueError, match=r"hardware\.precision='fp16'"):
-        relabel(make_cfg("relabel", "hardware.precision=fp16", "distilled=random_real", "logger=none"))
+        relabel(make_cfg("relabel", "hardware.precision=fp16", *real))
+    with pytest.raises(
+        ValueError, match=r"distilled=random_real is replaced by method=random_real: .* `python distill"
+    ):
+        relabel(make_cfg("relabel", "distilled=random_real", "logger=none"))
+    with pytest.raises(ValueError, match=r"name=x is now set=x"):
+        relabel(make_cfg("relabel", "name=x", "logger=none"))
 
 
 @pytest.mark.parametrize(
@@ -79,23 +87,27 @@ def test_unknown_teacher_and_student_ids_list_the_choices(make_cfg, workdir: Pat
     [
         ("train", "teachers", ()),
         ("distill", "distilled", NO_SQUEEZE),
-        ("relabel", "labels", ("distilled=random_real", "logger=none")),
-        ("evaluate", "results", ("distilled=random_real", "labels=hard", "logger=none")),
+        ("relabel", "labels", ("method=random_real", "logger=none")),
+        ("evaluate", "results", ("method=random_real", "labels=hard", "logger=none")),
     ],
 )
-def test_unwritable_outputs_fail_before_the_work(make_cfg, tmp_path: Path, monkeypatch, stage, blocked, overrides):
+def test_unwritable_outputs_fail_before_the_work(
+    make_cfg, tmp_path: Path, monkeypatch, random_real, stage, blocked, overrides
+):
     """A file where the output folder should be cannot be written even by root (unlike a chmod)."""
+    if stage in ("relabel", "evaluate"):
+        random_real()  # the set they read
+    from cvdd import teachers as squeeze_job
     from cvdd.artifacts import ArtifactNotWritableError
     from cvdd.jobs import evaluate as evaluate_job
-    from cvdd.jobs import squeeze as squeeze_job
-    from cvdd.jobs.squeeze import squeeze_teacher
+    from cvdd.teachers import squeeze_teacher
 
     def no_training(*_args, **_kwargs):
         raise AssertionError("training started before the outputs were checked")
 
     monkeypatch.setattr(squeeze_job, "build_trainer", no_training)
     monkeypatch.setattr(evaluate_job, "build_trainer", no_training)
-    (tmp_path / "artifacts" / "digits").mkdir(parents=True)
+    (tmp_path / "artifacts" / "digits").mkdir(parents=True, exist_ok=True)
     (tmp_path / "artifacts" / "digits" / blocked).write_text("not a folder")
     job = {"train": squeeze_teacher, "distill": distill, "relabel": relabel, "evaluate": evaluate}[stage]
     with pytest.raises(ArtifactNotWritableError, match=rf"cannot write to {tmp_path}/artifacts/digits/{blocked}"):

@@ -13,15 +13,17 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from cvdd.artifacts import check_files, ensure_writable, fingerprint, load_json, save_json
+from cvdd.artifacts.labels import label_artifact
+from cvdd.artifacts.results import result_path, results_folder
 from cvdd.bssl import soft_label_logits
 from cvdd.compose import model_config
 from cvdd.data import get_spec, load_dataset
 from cvdd.hardware import numerics_for
-from cvdd.jobs.common import build_trainer, finish_loggers, log, task_overrides
-from cvdd.jobs.relabel import build_plan, label_artifact, label_settings, relabel_committee, teacher_weights
-from cvdd.jobs.sets import student_set
+from cvdd.image_sets import StudentSet, student_set
 from cvdd.metrics import evaluate_classifier
 from cvdd.precision import Numerics
+from cvdd.runtime import build_trainer, finish_loggers, log, task_overrides
+from cvdd.soft_labels import build_plan, label_settings, relabel_committee, teacher_weights
 from cvdd.student import StudentModule
 
 LABEL_SETTING_KEYS = {  # label manifest field → the setting a user changes
@@ -36,7 +38,7 @@ LABEL_SETTING_KEYS = {  # label manifest field → the setting a user changes
     "images_format": "distilled.format",
     "images_fingerprint": "the images (the set was distilled again, or read in another format)",
 }
-EVALUATE_ONLY = ("validate", "student", "labels", "method", "trainer")
+EVALUATE_ONLY = ("validate", "student", "labels", "method_label", "trainer")
 
 
 def relabel_command(overwrite: bool) -> str:
@@ -61,9 +63,9 @@ def check_label_settings(manifest: dict, expected: dict, folder: Path) -> None:
     )
 
 
-def offline_labels(cfg: DictConfig, root: Path, name: str, expected: dict):
-    """Reader of the stored labels of set ``name``, after checking every label-defining setting."""
-    artifact = label_artifact(cfg, root, name)
+def offline_labels(cfg: DictConfig, root: Path, chosen: StudentSet, expected: dict):
+    """Reader of the stored labels of set ``chosen``, after checking every label-defining setting."""
+    artifact = label_artifact(root, cfg.dataset.name, chosen.name, chosen.image_format, cfg.relabel.get("topk"))
     if not artifact.manifest.is_file():
         raise FileNotFoundError(
             f"no soft labels at {artifact.folder}; make them with:\n  {relabel_command(overwrite=False)}\n"
@@ -98,27 +100,26 @@ def online_labels(cfg: DictConfig, root: Path, classes: list[str]):
     return labels, {"teachers": weights}
 
 
-def method_label(cfg: DictConfig) -> str:
-    """What the report groups by: ``cfg.method`` if set, else ``random_real`` or the committee's name."""
-    if cfg.get("method"):
-        return str(cfg.method)
-    return "random_real" if cfg.distilled.kind == "random_real" else str(cfg.committee.name)
+def method_label(cfg: DictConfig, chosen: StudentSet) -> str:
+    """What reports group by: ``method_label`` if given, else the method that made the set (its manifest)."""
+    return str(cfg.method_label) if cfg.get("method_label") else chosen.method
 
 
-def result_filename(cfg: DictConfig, name: str, topk: int | None, numerics: Numerics) -> str:
-    """``<set>__<student>__<labels>__<method>__<recipe hash>.json``: runs that differ in any training or label
-    setting get their own file (a rerun of the same recipe replaces its own)."""
+def result_file(cfg: DictConfig, root: Path, chosen: StudentSet, topk: int | None, numerics: Numerics) -> Path:
+    """Runs that differ in any training or label setting get their own file (a rerun of the same recipe replaces
+    its own)."""
     labels_tag = f"{cfg.labels}_top{topk}" if topk else cfg.labels
     recipe = {
         "validate": OmegaConf.to_container(cfg.validate, resolve=True),
         "relabel": OmegaConf.to_container(cfg.relabel, resolve=True),
-        "distilled": OmegaConf.to_container(cfg.distilled, resolve=True),
+        "images": chosen.fingerprint,
         "student": cfg.student,
         "labels": cfg.labels,
         "seed": int(cfg.seed),
         "numerics": numerics.tag,
     }
-    return f"{name}__{cfg.student}__{labels_tag}__{method_label(cfg)}__{fingerprint(recipe)[:8]}.json"
+    method = method_label(cfg, chosen)
+    return result_path(root, cfg.dataset.name, chosen.name, cfg.student, labels_tag, method, fingerprint(recipe))
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -126,14 +127,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     spec = get_spec(cfg.dataset.name)
     data = load_dataset(cfg.dataset)
     root = Path(cfg.paths.artifacts)
-    chosen = student_set(cfg, root, data)
+    chosen = student_set(cfg, root)
     name, images, targets = chosen.name, chosen.images, chosen.labels
     plan = build_plan(cfg, len(images))
     if cfg.validate.epochs > plan.epochs:
         raise ValueError(f"validate.epochs={cfg.validate.epochs} exceeds the label plan's relabel.epochs={plan.epochs}")
     if cfg.labels == "offline":
         expected = label_settings(cfg, teacher_weights(cfg, root), plan, chosen)
-        soft, label_info = offline_labels(cfg, root, name, expected)
+        soft, label_info = offline_labels(cfg, root, chosen, expected)
     elif cfg.labels == "online":
         soft, label_info = online_labels(cfg, root, data.classes)
     elif cfg.labels == "hard":
@@ -141,7 +142,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     else:
         raise ValueError(f"labels={cfg.labels!r}; choose offline, online or hard")
 
-    results = root / cfg.dataset.name / "results"
+    results = results_folder(root, cfg.dataset.name)
     ensure_writable(results, cfg.paths.output_dir)
     torch.manual_seed(cfg.seed)
     net = instantiate(model_cfg.net, num_classes=spec.num_classes, image_size=spec.image_size, in_chans=spec.channels)
@@ -178,11 +179,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         best_epoch, best = max(curve, key=lambda point: point[1])
         result = {
             "name": name,
-            "method": method_label(cfg),
+            "method": method_label(cfg, chosen),
             "dataset": cfg.dataset.name,
-            "distilled": cfg.distilled.kind,
             "images_format": chosen.image_format,
-            "ipc": int(cfg.ipc),
+            "ipc": chosen.ipc,
             "student": cfg.student,
             "labels": cfg.labels,
             "seed": int(cfg.seed),
@@ -202,7 +202,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "config": OmegaConf.to_container(cfg, resolve=True),
         }
-        out = results / result_filename(cfg, name, label_info.get("topk"), module.numerics)
+        out = result_file(cfg, root, chosen, label_info.get("topk"), module.numerics)
         save_json(out, result)
         save_json(Path(cfg.paths.output_dir) / "result.json", result)  # this run's (and sweep's) record
         log.info(

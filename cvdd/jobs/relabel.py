@@ -6,7 +6,6 @@ skips finished epochs. The plan itself is not stored: its seed and checksum are.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,120 +16,22 @@ from torch.utils.data import DataLoader
 
 from cvdd.artifacts import (
     ArtifactConflictError,
-    NamedArtifact,
-    TeacherArtifact,
     damaged_files,
     ensure_writable,
     file_digest,
     fingerprint,
     load_json,
-    load_tensors,
     save_json,
     save_tensors,
 )
-from cvdd.augment import EpochPlan
-from cvdd.committee import Committee, load_committee, voting_weights
-from cvdd.compose import model_config
-from cvdd.data import get_spec
+from cvdd.artifacts.labels import label_artifact
 from cvdd.distributed import HydraDDPStrategy
-from cvdd.hardware import check_same_threads, cpu_threads, numerics_for
-from cvdd.jobs.common import build_trainer, finish_loggers, log
-from cvdd.jobs.sets import StudentSet, student_set
-from cvdd.label_store import check_storage, pack_logits, payload_bytes, unpack_logits
+from cvdd.hardware import check_same_threads, cpu_threads
+from cvdd.image_sets import student_set
+from cvdd.label_store import check_storage, pack_logits, payload_bytes
 from cvdd.relabel import RelabelModule
-
-
-@dataclass(frozen=True)
-class LabelArtifact(NamedArtifact):
-    stage = "labels"
-
-    def epoch_path(self, epoch: int) -> Path:
-        return self.folder / f"epoch_{epoch:04d}.pt"
-
-    def read_epoch(self, epoch: int, recorded: dict[str, dict], rebuild: str) -> torch.Tensor:
-        """Dense float32 logits of one epoch, whatever the stored format, checked against its recorded digest."""
-        path = self.epoch_path(epoch)
-        return unpack_logits(load_tensors(path, rebuild, recorded.get(path.name)))
-
-
-def label_artifact(cfg: DictConfig, root: Path, set_name: str) -> LabelArtifact:
-    """Labels live under the set's name; labels of the full-precision images (``<set>_float``) and top-k
-    storage (``<set>_top<k>``) get their own folders beside the default ones."""
-    name = set_name + ("_float" if cfg.distilled.format == "float" else "")
-    topk = cfg.relabel.get("topk")
-    return LabelArtifact(root, cfg.dataset.name, f"{name}_top{topk}" if topk else name)
-
-
-def relabel_teachers(cfg: DictConfig) -> list[str]:
-    choice = cfg.relabel.teachers
-    return list(cfg.committee.members) if choice == "committee" else [str(choice)]
-
-
-def teacher_weights(cfg: DictConfig, root: Path) -> dict[str, float]:
-    """The relabelling teachers and their weights ``softmax(prior / relabel.temperature)``; priors from the
-    config (paper presets) or each teacher's recorded test top-1. Reads records only, no weights."""
-    members = relabel_teachers(cfg)
-    priors = cfg.committee.get("priors") or {}
-    scores = {}
-    for member in members:
-        model_config(member, "relabel.teachers ('committee' or a model id)")
-        artifact = TeacherArtifact(root, cfg.dataset.name, member)
-        if not artifact.exists():
-            raise FileNotFoundError(
-                f"teacher {member} for relabelling is missing from {artifact.folder}; squeeze it: "
-                f"{artifact.train_command()}"
-            )
-        scores[member] = float(priors[member]) if member in priors else float(load_json(artifact.record)["test_top1"])
-    weights = voting_weights(members, scores, "prior", float(cfg.relabel.temperature), ())
-    return dict(zip(members, weights, strict=True))
-
-
-def relabel_committee(cfg: DictConfig, root: Path, classes: list[str]) -> tuple[Committee, dict[str, float]]:
-    """The relabelling teachers, loaded and checked against the class order, each in its relabelling numerics,
-    with their weights."""
-    weights = teacher_weights(cfg, root)
-    committee = load_committee(
-        root,
-        cfg.dataset.name,
-        list(weights),
-        classes,
-        None,
-        first_bn_multiplier=1.0,
-        numerics=lambda arch: numerics_for(cfg, arch, "relabel"),
-    )
-    return committee, weights
-
-
-def label_settings(cfg: DictConfig, weights: dict[str, float], plan: EpochPlan, chosen: StudentSet) -> dict[str, Any]:
-    """Everything that defines a label set: relabel records it in the manifest, evaluate refuses labels whose
-    record differs from what it is asked for."""
-    return {
-        "teachers": weights,
-        "bssl": bool(cfg.relabel.bssl),
-        "halves": bool(cfg.relabel.halves),
-        "temperature": float(cfg.relabel.temperature),
-        "plan_seed": int(cfg.seed),
-        "plan_checksum": plan.checksum(),
-        "dtype": str(cfg.relabel.dtype),
-        "topk": cfg.relabel.get("topk"),
-        "images_format": chosen.image_format,
-        "images_fingerprint": chosen.fingerprint,
-    }
-
-
-def build_plan(cfg: DictConfig, num_images: int) -> EpochPlan:
-    spec = get_spec(cfg.dataset.name)
-    rel = cfg.relabel
-    return EpochPlan(
-        int(cfg.seed),
-        num_images,
-        int(rel.epochs),
-        int(rel.batch_size),
-        (spec.image_size, spec.image_size),
-        rel.mix,
-        tuple(rel.crop_scale),
-        spec.hflip,
-    )
+from cvdd.runtime import build_trainer, finish_loggers, log
+from cvdd.soft_labels import build_plan, label_settings, relabel_committee
 
 
 def relabel(cfg: DictConfig) -> dict[str, Any]:
@@ -144,7 +45,7 @@ def relabel(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(
             f"relabel.stack_images={cfg.relabel.stack_images} must be at least 1 (images per forward pass)"
         )
-    artifact = label_artifact(cfg, root, name)
+    artifact = label_artifact(root, cfg.dataset.name, name, chosen.image_format, topk)
     ensure_writable(artifact.folder)
     committee, weights = relabel_committee(cfg, root, classes)
     plan = build_plan(cfg, len(chosen.images))
@@ -171,7 +72,7 @@ def relabel(cfg: DictConfig) -> dict[str, Any]:
         for damaged_name in damaged:  # every rank, before any starts work: the others only find them gone
             (artifact.folder / damaged_name).unlink(missing_ok=True)
         artifact.manifest.unlink(missing_ok=True)
-    stamp = artifact.folder / "recipe.json"
+    stamp = artifact.stamp
     if stamp.is_file() and load_json(stamp)["fingerprint"] != recipe_hash and not cfg.overwrite:
         raise ArtifactConflictError(f"{artifact.folder} holds partial labels of another recipe; add overwrite=true")
 
@@ -214,6 +115,8 @@ def relabel(cfg: DictConfig) -> dict[str, Any]:
         payload = payload_bytes(torch.load(artifact.epoch_path(0), weights_only=True))
         manifest = {
             "name": name,
+            "method": chosen.method,
+            "ipc": chosen.ipc,
             "dataset": cfg.dataset.name,
             "classes": classes,
             **settings,

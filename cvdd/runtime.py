@@ -1,4 +1,4 @@
-"""Pieces every stage job shares: seeding, loggers, callbacks, the Trainer."""
+"""Pieces every stage shares: the Trainer with its callbacks, loggers and thread count; the run's overrides."""
 
 from __future__ import annotations
 

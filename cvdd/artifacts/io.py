@@ -1,18 +1,15 @@
-"""Where each stage reads and writes, and how: atomic writes, manifests, recipe fingerprints.
+"""How artifacts are written and checked: atomic writes, JSON and tensor files, digests, recipe fingerprints.
 
-Every artifact lives under ``<paths.artifacts>/<dataset>/``. Files are written to a temporary
-name in the same folder and renamed into place, so a killed run never leaves a half-written
-artifact that a later stage would trust.
+Files are written to a temporary name in the same folder and renamed into place, so a killed run never
+leaves a half-written artifact that a later stage would trust.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -142,41 +139,6 @@ def ensure_writable(*folders: Path | str) -> None:
                 f"cannot write to {folder} ({err.strerror or err}); make it writable, or point paths.artifacts "
                 f"(paths.logs for run folders) at a writable folder"
             ) from err
-
-
-@dataclass(frozen=True)
-class TeacherArtifact:
-    """``<root>/<dataset>/teachers/<model>.{ckpt,json}`` plus a resumable work folder per recipe."""
-
-    root: Path
-    dataset: str
-    model: str
-
-    @property
-    def folder(self) -> Path:
-        return Path(self.root) / self.dataset / "teachers"
-
-    @property
-    def weights(self) -> Path:
-        return self.folder / f"{self.model}.ckpt"
-
-    @property
-    def record(self) -> Path:
-        return self.folder / f"{self.model}.json"
-
-    def work_dir(self, recipe_hash: str) -> Path:
-        return self.folder / ".work" / f"{self.model}-{recipe_hash}"
-
-    def remove_work_dir(self, recipe_hash: str) -> None:
-        shutil.rmtree(self.work_dir(recipe_hash), ignore_errors=True)
-        with contextlib.suppress(OSError):  # only when no other model's run is in progress
-            self.work_dir(recipe_hash).parent.rmdir()
-
-    def exists(self) -> bool:
-        return self.weights.is_file() and self.record.is_file()
-
-    def train_command(self) -> str:
-        return f"python train.py dataset={self.dataset} model={self.model}"
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""The squeeze job: train one teacher and publish it as ``teachers/<model>.{ckpt,json}``.
+"""Teachers: train one and publish it as ``teachers/<model>.{ckpt,json}`` (the squeeze stage,
+``python train.py``), and squeeze a committee's missing members before a stage needs them.
 
 Idempotent and resumable: an artifact made by the same recipe is a no-op (``overwrite=true``
 retrains); an interrupted run continues from the ``last.ckpt`` in a work folder keyed by the
@@ -29,19 +30,12 @@ from cvdd.artifacts import (
     save_json,
     save_tensors,
 )
+from cvdd.artifacts.identity import dataset_identity
 from cvdd.hardware import numerics_for
-from cvdd.jobs.common import build_trainer, finish_loggers, log
 from cvdd.metrics import evaluate_classifier
 from cvdd.models.pretrained import load_imagenet_weights
 from cvdd.precision import Numerics
-
-LOCATION_KEYS = ("root", "download", "download_root")
-
-
-def dataset_identity(dataset: DictConfig) -> dict[str, Any]:
-    """The dataset keys that change what is trained on (not where it lives, not stage recipes)."""
-    node = OmegaConf.to_container(dataset, resolve=True)
-    return {k: v for k, v in node.items() if k not in LOCATION_KEYS and not isinstance(v, dict | list)}
+from cvdd.runtime import build_trainer, finish_loggers, log, task_overrides
 
 
 def squeeze_recipe(cfg: DictConfig, numerics: Numerics) -> dict[str, Any]:
@@ -176,3 +170,67 @@ def squeeze_teacher(cfg: DictConfig) -> dict[str, Any]:
         return record
     finally:
         finish_loggers(loggers)
+
+
+def train_command(dataset: str, members: list[str]) -> str:
+    return f"python train.py -m dataset={dataset} model={','.join(members)}"
+
+
+def ensure_teachers(cfg: DictConfig, members: list[str]) -> None:
+    """Squeeze the missing ``members`` of ``cfg.committee`` first (``committee.train_missing``) or say how to."""
+    root = Path(cfg.paths.artifacts)
+    missing = [m for m in members if not TeacherArtifact(root, cfg.dataset.name, m).exists()]
+    if not missing:
+        return
+    if not cfg.committee.train_missing:
+        raise FileNotFoundError(
+            f"committee '{cfg.committee.name}' lacks teachers {missing} in {root / cfg.dataset.name / 'teachers'}; "
+            f"squeeze them first:\n  {train_command(cfg.dataset.name, missing)}\n"
+            f"or add committee.train_missing=true"
+        )
+    for member in missing:
+        log.info("squeezing missing committee member %s on %s", member, cfg.dataset.name)
+        squeeze_teacher(compose_train_config(cfg, member))
+
+
+SQUEEZE_KEYS = ("dataset", "paths", "hardware", "seed", "experiment", "trainer.accelerator", "trainer.precision")
+SINGLE_DEVICE = {"ddp": "gpu", "ddp_cpu": "cpu"}  # members are squeezed one at a time, on one device
+
+
+def squeeze_overrides(overrides: list[str]) -> list[str]:
+    """The user's overrides of this run that ``train.py`` understands: dataset, paths, hardware (on one
+    device), seed, the preset, precision. Recover's own keys (ipc, recover.*, committee.*) are left out."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    kept = []
+    for text, override in zip(overrides, OverridesParser.create().parse_overrides(overrides), strict=True):
+        key = override.key_or_group
+        if not any(key == k or key.startswith(k + ".") for k in SQUEEZE_KEYS):
+            continue
+        if key == "hardware":
+            text = f"hardware={SINGLE_DEVICE.get(override.value(), override.value())}"
+        kept.append(text)
+    return kept
+
+
+def compose_train_config(cfg: DictConfig, member: str) -> DictConfig:
+    """The ``train.py`` config for one member: this run's dataset, paths, hardware, seed and preset as the
+    user gave them, then ``committee.train_overrides``."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from cvdd.compose import CONF
+
+    task = task_overrides()
+    if task is None:  # a config built without Hydra's command line: what names the data and the device
+        task = [f"dataset={cfg.dataset.name}", f"hardware={cfg.hardware.name}", f"paths.root={cfg.paths.root}"]
+    overrides = [
+        *squeeze_overrides(task),
+        f"model={member}",
+        "logger=none",
+        *(cfg.committee.get("train_overrides") or []),
+    ]
+    if GlobalHydra.instance().is_initialized():
+        return compose(config_name="train", overrides=overrides)
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)

@@ -1,12 +1,10 @@
-"""The distilled-set artifact: per-unit results while recovering, then the assembled set.
+"""A distilled set: ``<artifacts>/<dataset>/distilled/<set>/``, whichever method made it::
 
-Layout of ``<artifacts>/<dataset>/distilled/<name>/``::
-
-    units/<ipc>_<block>.pt          one finished unit (written atomically as it completes)
-    images.pt                       all images (normalised, full precision), labels, IPC indices
-    <class idx>_<class name>/<ipc idx>.png   the same images as PNG (ImageFolder layout)
-    grid.png                        one row per class
-    manifest.json                   written last: its presence means the set is complete
+units/<ipc>_<block>.pt          committee voting: one finished unit (written atomically as it completes)
+images.pt                       all images (normalised, full precision), labels, IPC indices
+<class idx>_<class name>/<ipc idx>.png   the same images as PNG (ImageFolder layout)
+grid.png                        one row per class
+manifest.json                   written last: its presence means the set is complete
 """
 
 from __future__ import annotations
@@ -21,15 +19,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cvdd.artifacts import (
+from cvdd.artifacts.io import (
     ArtifactCorruptError,
     NamedArtifact,
     check_files,
     file_digest,
     load_json,
     load_tensors,
+    save_json,
     save_tensors,
 )
+from cvdd.grid import distilled_grid, save_image_atomic
 
 
 def safe_name(text: str) -> str:
@@ -126,6 +126,35 @@ def save_set(artifact: DistilledArtifact, images: torch.Tensor, labels: torch.Te
     save_tensors(artifact.tensors, {"images": images.float().cpu(), "labels": labels, "ipc_index": ipc_index})
 
 
+def write_set(
+    artifact: DistilledArtifact,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    ipc_index: torch.Tensor,
+    class_names: list[str],
+    mean,
+    std,
+    seed: int,
+    fields: dict,
+) -> dict:
+    """A finished set's files, class-major: ``images.pt``, the PNGs, ``grid.png`` and last ``manifest.json`` (the
+    recorded ``fields`` plus every file's digest). Returns the manifest."""
+    order = torch.argsort(labels * (int(ipc_index.max()) + 1) + ipc_index)  # class-major, then IPC index
+    images, labels, ipc_index = images[order], labels[order], ipc_index[order]
+    save_set(artifact, images, labels, ipc_index)
+    pixels = to_pixels(images, mean, std)
+    write_pngs(artifact.folder, pixels, labels, ipc_index, class_names)
+    save_image_atomic(distilled_grid(pixels, labels, ipc_index, class_names, seed), artifact.grid)
+    manifest = {"files": set_files(artifact), "name": artifact.name, "images": len(images), **fields}
+    save_json(artifact.manifest, manifest)
+    return manifest
+
+
+def set_method(manifest: dict) -> str:
+    """The method that made a set; sets written before methods existed were all committee voting (``cvdd``)."""
+    return str(manifest.get("method", "cvdd"))
+
+
 @dataclass
 class DistilledSet:
     images: torch.Tensor  # normalised (N, C, H, W)
@@ -140,7 +169,7 @@ def read_distilled(artifact: DistilledArtifact, image_format: str, mean, std) ->
     if image_format not in IMAGE_FORMATS:
         raise ValueError(f"distilled.format={image_format!r}; choose from {', '.join(IMAGE_FORMATS)}")
     rebuild = (
-        f"python distill.py dataset={artifact.dataset} name={artifact.name} ... (with the settings that made it; "
+        f"python distill.py dataset={artifact.dataset} set={artifact.name} ... (with the settings that made it; "
         f"it repairs a set from its finished units)"
     )
     if not artifact.complete():

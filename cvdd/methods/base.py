@@ -1,0 +1,131 @@
+"""The seam every distillation method plugs into.
+
+A method has one job: make the image set (:meth:`Method.make`) and say what decides it (:meth:`Method.recipe`).
+Everything else is the distill job's, written once for all methods: fingerprint the recipe, reuse a finished
+set of the same recipe or refuse one of another, write the images, PNGs, grid and (last, on rank 0) the
+manifest. Adding a method is one module here and one ``conf/method/<name>.yaml``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig
+
+from cvdd.artifacts import TeacherArtifact, load_json
+from cvdd.artifacts.distilled import DistilledArtifact
+from cvdd.artifacts.identity import dataset_identity
+from cvdd.artifacts.patches import PatchCache
+from cvdd.committee import Committee, load_committee
+from cvdd.data import get_spec
+from cvdd.data.registry import DatasetSpec, ImageDataset
+from cvdd.hardware import numerics_for
+from cvdd.teachers import ensure_teachers
+
+
+@dataclass
+class ImageSet:
+    """What a method makes: ``images`` normalised (N, C, H, W), each with its class and its index within the
+    class; ``metadata`` goes into the manifest as it is (e.g. per-unit losses, chosen source images)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    ipc_index: torch.Tensor
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DistillContext:
+    """What a method works with: the run's config, the real data, the set's folder and the run's Trainer."""
+
+    cfg: DictConfig
+    root: Path
+    data: ImageDataset
+    artifact: DistilledArtifact
+    trainer: L.Trainer
+
+    @property
+    def spec(self) -> DatasetSpec:
+        return get_spec(self.cfg.dataset.name)
+
+    @property
+    def ipc(self) -> int:
+        return int(self.cfg.ipc)
+
+    @property
+    def seed(self) -> int:
+        return int(self.cfg.seed)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        spec = self.spec
+        return spec.channels, spec.image_size, spec.image_size
+
+    def base_recipe(self) -> dict[str, Any]:
+        """What decides every method's images: the data, the IPC and the seed."""
+        return {"dataset": dataset_identity(self.cfg.dataset), "ipc": self.ipc, "seed": self.seed}
+
+    def teacher_fingerprints(self, members: list[str]) -> dict[str, str]:
+        return {
+            m: load_json(TeacherArtifact(self.root, self.cfg.dataset.name, m).record)["fingerprint"] for m in members
+        }
+
+    def committee(
+        self, members: list[str], priors: dict[str, float] | None = None, first_bn_multiplier: float = 10.0
+    ) -> Committee:
+        """``members`` (squeezed first when missing and ``committee.train_missing``), each in its recover
+        numerics, on the run's device."""
+        ensure_teachers(self.cfg, members)
+        committee = load_committee(
+            self.root,
+            self.cfg.dataset.name,
+            members,
+            self.data.classes,
+            priors,
+            first_bn_multiplier,
+            numerics=lambda arch: numerics_for(self.cfg, arch, "recover"),
+        )
+        return committee.to(self.device)
+
+    def patch_cache(self, committee: Committee) -> PatchCache:
+        """Where ``committee``'s scored candidate crops are kept (shared by every set scored the same way)."""
+        return PatchCache(
+            self.root,
+            self.cfg.dataset.name,
+            {
+                "dataset": dataset_identity(self.cfg.dataset),
+                "teachers": self.teacher_fingerprints(list(committee.members)),
+                "numerics": {name: n.tag for name, n in committee.numerics.items()},
+            },
+        )
+
+    @cached_property
+    def device(self) -> torch.device:
+        """Where single-process methods compute: the Trainer's root device."""
+        return self.trainer.strategy.root_device
+
+
+class Method(ABC):
+    """One way to make a distilled set. ``name`` is recorded in the manifest; relabel and evaluate report it."""
+
+    def __init__(self, name: str, set_name: str, labels_by: str):
+        self.name = name
+        self.set_name = set_name  # the default set name (conf/method/<name>.yaml); resolved by the artifacts layer
+        self.labels_by = labels_by  # relabel's default teachers for this method's sets
+
+    def check(self, ctx: DistillContext) -> None:  # noqa: B027  (optional: most methods have nothing to check)
+        """Refuse bad settings before any work starts."""
+
+    @abstractmethod
+    def recipe(self, ctx: DistillContext) -> dict[str, Any]:
+        """Everything that decides the images (at least ``ctx.base_recipe()``); its fingerprint names the recipe."""
+
+    @abstractmethod
+    def make(self, ctx: DistillContext, recipe_hash: str) -> ImageSet | None:
+        """The images of the set; ``None`` on ranks other than 0 of a distributed run."""

@@ -1,0 +1,208 @@
+"""CV-DD (committee voting) and SRe2L++ (one model): synthetic images optimised against frozen teachers.
+
+The set is split into units (one IPC index × one class block); each unit has its own seed, members and voting
+weights (:mod:`cvdd.recover`). Finished units are written atomically to the set's ``units/`` as they complete,
+so a restarted run skips them and ends with bitwise the same images. Units are sharded across ranks; rank 0
+collects them once every unit is on disk.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from cvdd.artifacts import ArtifactCorruptError, load_tensors, save_tensors
+from cvdd.artifacts.distilled import DistilledArtifact
+from cvdd.committee import select_members, voting_weights
+from cvdd.distributed import HydraDDPStrategy
+from cvdd.hardware import check_same_threads, cpu_threads
+from cvdd.init import INIT_MODES, Initializer, PatchSettings
+from cvdd.methods.base import DistillContext, ImageSet, Method
+from cvdd.recover import RecoverModule, RecoverSettings, Unit, class_blocks, plan_groups
+from cvdd.runtime import log
+from cvdd.seeding import derive_seed
+
+
+class CommitteeVoting(Method):
+    """``member=None``: CV-DD, the ``committee`` votes (``committee.k`` members per unit, weighted by their
+    priors). ``member=<model id>``: SRe2L++, that one model recovers every unit alone."""
+
+    def __init__(self, name: str, set_name: str, labels_by: str, member: str | None = None):
+        super().__init__(name, set_name, labels_by)
+        self.member = member
+
+    def committee_config(self, cfg: DictConfig) -> DictConfig:
+        """``cfg.committee``, or for one ``member`` a committee of it alone (k = 1, weight 1)."""
+        if self.member is None:
+            return cfg.committee
+        single = {"name": self.name, "members": [self.member], "k": 1, "schedule": "fixed", "fixed": None}
+        return OmegaConf.merge(cfg.committee, {**single, "weighting": "equal", "priors": None})
+
+    def check(self, ctx: DistillContext) -> None:
+        self.patch_settings(ctx.cfg)
+        if ctx.cfg.recover.init.mode == "real":
+            check_real_images(ctx.data.view("train").targets, ctx.ipc, ctx.data.classes)
+
+    def patch_settings(self, cfg: DictConfig) -> PatchSettings | None:
+        """``recover.*`` checked; the patch settings when the initialisation is ``patches``."""
+        if int(cfg.recover.iterations) < 1:
+            raise ValueError(f"recover.iterations={cfg.recover.iterations} must be at least 1")
+        if cfg.recover.wave_images is not None and int(cfg.recover.wave_images) < int(cfg.recover.group_images):
+            raise ValueError(
+                f"recover.wave_images={cfg.recover.wave_images} is below recover.group_images="
+                f"{cfg.recover.group_images}: a group is optimised at once; raise wave_images, or lower group_images "
+                f"(which changes the results)"
+            )
+        init = cfg.recover.init
+        if init.mode not in INIT_MODES:
+            raise ValueError(f"recover.init.mode={init.mode!r}; choose from {', '.join(INIT_MODES)}")
+        if init.mode != "patches":
+            return None
+        return PatchSettings(
+            int(cfg.ipc), str(init.difficulty), int(init.factor), int(init.candidates), tuple(init.scale)
+        )
+
+    def _committee(self, ctx: DistillContext):
+        comm = self.committee_config(ctx.cfg)
+        priors = OmegaConf.to_container(comm.priors, resolve=True) if comm.get("priors") else None
+        return ctx.committee(list(comm.members), priors, float(ctx.cfg.recover.first_bn_multiplier))
+
+    def recipe(self, ctx: DistillContext) -> dict[str, Any]:
+        """Dataset, IPC, seed, recover and committee settings, priors, the teachers' own fingerprints and each
+        member's numerics (bf16/fp32, memory format); not the wave size or device count."""
+        self._loaded = self._committee(ctx)
+        comm = OmegaConf.to_container(self.committee_config(ctx.cfg), resolve=True)
+        comm.pop("train_missing", None)
+        comm.pop("train_overrides", None)
+        recover = OmegaConf.to_container(ctx.cfg.recover, resolve=True)
+        recover.pop("wave_images", None)  # changes memory and speed, not results (groups are fixed by the recipe)
+        return {
+            **ctx.base_recipe(),
+            "recover": recover,
+            "committee": comm,
+            "priors": self._loaded.priors,
+            "teachers": ctx.teacher_fingerprints(list(comm["members"])),
+            "numerics": {name: n.tag for name, n in self._loaded.numerics.items()},
+        }
+
+    def make(self, ctx: DistillContext, recipe_hash: str) -> ImageSet | None:
+        cfg, committee, artifact, trainer = ctx.cfg, self._loaded, ctx.artifact, ctx.trainer
+        if isinstance(trainer.strategy, HydraDDPStrategy):
+            trainer.strategy.wrap_model = False  # each rank owns its images: no broadcast, no gradient averaging
+        threads = cpu_threads(trainer)
+        units = plan_units(self.committee_config(cfg), cfg, ctx.spec.num_classes, committee.priors)
+        done = set() if cfg.get("overwrite", False) else finished_units(artifact, units, recipe_hash, threads)
+        groups = plan_groups(units, int(cfg.recover.group_images), bool(cfg.recover.grouping))
+        todo = [g for g in groups if not all(u.key in done for u in g)]  # groups are redone whole: same company
+        if done:
+            log.info("resuming %s: %d of %d units already finished", artifact.folder, len(done), len(units))
+        rec = cfg.recover
+        settings = RecoverSettings(
+            int(rec.iterations), float(rec.lr), float(rec.r_bn), int(rec.jitter), tuple(rec.crop_scale), ctx.spec.hflip
+        )
+        initializer = Initializer(
+            rec.init.mode,
+            ctx.seed,
+            ctx.image_shape,
+            real=ctx.data.view("train"),
+            patches=self.patch_settings(cfg),
+            committee=committee,
+            cache=ctx.patch_cache(committee),
+        )
+
+        def save_unit(unit: Unit, images: torch.Tensor, losses: dict) -> None:
+            save_tensors(
+                artifact.unit_path(unit.key),
+                {
+                    "recipe": recipe_hash,
+                    "cpu_threads": threads,
+                    "images": images,
+                    "classes": list(unit.classes),
+                    "ipc_index": unit.ipc_index,
+                    "block": unit.block,
+                    "members": list(unit.members),
+                    "weights": list(unit.weights),
+                    "losses": losses,
+                },
+            )
+
+        if todo:
+            module = RecoverModule(
+                committee,
+                todo,
+                initializer,
+                settings,
+                ctx.spec.pixel_range,
+                save_unit,
+                grouping=bool(rec.grouping),
+                wave_images=None if rec.wave_images is None else int(rec.wave_images),
+                image_shape=ctx.image_shape,
+            )
+            trainer.fit(module)
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+        if trainer.global_rank != 0:
+            return None
+        return collect_units(artifact, units, committee.priors)
+
+
+def check_real_images(targets: torch.Tensor, ipc: int, classes: list[str]) -> None:
+    """Real-image initialisation gives every image of a class its own real image: refuse to repeat them."""
+    counts = torch.bincount(targets, minlength=len(classes))
+    short = [(classes[c], int(n)) for c, n in enumerate(counts.tolist()) if n < ipc]
+    if short:
+        raise ValueError(
+            f"recover.init.mode=real needs ipc={ipc} distinct real images per class, but class {short[0][0]!r} has "
+            f"{short[0][1]} ({len(short)} classes are short); lower ipc or use recover.init.mode=patches"
+        )
+
+
+def plan_units(comm: DictConfig, cfg: DictConfig, num_classes: int, priors: dict[str, float]) -> list[Unit]:
+    """Every unit of the set: its classes, members and voting weights, and its own seed."""
+    chosen = select_members(comm.members, comm.k, comm.schedule, cfg.ipc, cfg.seed, priors, comm.get("fixed"))
+    units = []
+    for i in range(cfg.ipc):
+        for b, classes in enumerate(class_blocks(num_classes, cfg.recover.class_block)):
+            weights = voting_weights(chosen[i], priors, comm.weighting, comm.temperature, (cfg.seed, i, b))
+            units.append(Unit(i, b, classes, chosen[i], tuple(weights), derive_seed(cfg.seed, i, b)))
+    return units
+
+
+def finished_units(artifact: DistilledArtifact, units: list[Unit], recipe_hash: str, threads: int | None) -> set[str]:
+    """Units already on disk for this recipe; a damaged unit file is left to be recomputed. Units computed at
+    another CPU thread count are refused (:func:`check_same_threads`)."""
+    done = set()
+    for unit in units:
+        path = artifact.unit_path(unit.key)
+        if not path.is_file():
+            continue
+        try:
+            saved = load_tensors(path, "the run recomputes it")
+        except ArtifactCorruptError:
+            log.warning("unit file %s is damaged; recomputing that unit", path)
+            continue
+        if saved["recipe"] == recipe_hash:
+            check_same_threads(saved.get("cpu_threads"), threads, f"distilled set {artifact.folder}")
+            done.add(unit.key)
+    return done
+
+
+def collect_units(artifact: DistilledArtifact, units: list[Unit], priors: dict[str, float]) -> ImageSet:
+    """Every unit file of the set, with each unit's members, weights and final losses for the manifest."""
+    images, labels, ipc_index, records = [], [], [], []
+    for unit in sorted(units, key=lambda u: (u.ipc_index, u.block)):
+        path = artifact.unit_path(unit.key)
+        if not path.is_file():
+            raise RuntimeError(f"unit {unit.key} is missing from {path.parent}; run the same command again to finish")
+        saved = load_tensors(path, "run the same command again: it recomputes damaged units")
+        images.append(saved["images"])
+        labels += saved["classes"]
+        ipc_index += [unit.ipc_index] * len(saved["classes"])
+        records.append({k: saved[k] for k in ("ipc_index", "block", "classes", "members", "weights", "losses")})
+        records[-1]["cpu_threads"] = saved.get("cpu_threads")
+    return ImageSet(
+        torch.cat(images), torch.tensor(labels), torch.tensor(ipc_index), {"priors": priors, "units": records}
+    )

@@ -1,0 +1,85 @@
+"""Herding (Welling, ICML 2009), the coreset baseline: per class, the real images whose teacher features track
+the class mean most closely, chosen greedily.
+
+Features are the input of the teacher's last linear layer (its penultimate representation, whatever the
+architecture), of the plain (unaugmented) training images, in the teacher's own numerics, on the run's device.
+Step ``t`` picks the image that brings the mean of the ``t`` chosen features closest to the class mean.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from cvdd.methods.base import DistillContext, ImageSet, Method
+
+
+def penultimate_features(net: nn.Module, numerics, images: DataLoader, device: torch.device) -> torch.Tensor:
+    """The input of ``net``'s last ``nn.Linear`` for every image of ``images`` (fp32, on CPU)."""
+    linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(net).__name__} has no linear classifier to take features from")
+    captured: list[torch.Tensor] = []
+    handle = linears[-1].register_forward_hook(lambda _m, inputs, _out: captured.append(inputs[0].float().cpu()))
+    try:
+        with torch.no_grad():
+            for x, _ in images:
+                numerics.forward(net, x.to(device))
+    finally:
+        handle.remove()
+    return torch.cat(captured)
+
+
+def herd(features: torch.Tensor, count: int) -> list[int]:
+    """Indices of ``count`` rows of ``features`` chosen greedily so their running mean tracks the mean of all."""
+    target = features.mean(dim=0)
+    chosen: list[int] = []
+    total = torch.zeros_like(target)
+    available = torch.ones(len(features), dtype=torch.bool)
+    for t in range(1, count + 1):
+        distance = ((total + features) / t - target).norm(dim=1)
+        distance[~available] = float("inf")
+        pick = int(distance.argmin())
+        chosen.append(pick)
+        total += features[pick]
+        available[pick] = False
+    return chosen
+
+
+class Herding(Method):
+    def __init__(self, name: str, set_name: str, labels_by: str, model: str, batch_size: int = 512):
+        super().__init__(name, set_name, labels_by)
+        self.model, self.batch_size = model, int(batch_size)
+
+    def check(self, ctx: DistillContext) -> None:
+        counts = torch.bincount(ctx.data.view("train").targets, minlength=len(ctx.data.classes))
+        if int(counts.min()) < ctx.ipc:
+            raise ValueError(f"a class has {int(counts.min())} training images, fewer than ipc={ctx.ipc}; lower ipc")
+
+    def recipe(self, ctx: DistillContext) -> dict[str, Any]:
+        self._teacher = ctx.committee([self.model])
+        return {
+            **ctx.base_recipe(),
+            "method": self.name,
+            "model": self.model,
+            "teachers": ctx.teacher_fingerprints([self.model]),
+            "numerics": {name: n.tag for name, n in self._teacher.numerics.items()},
+        }
+
+    def make(self, ctx: DistillContext, recipe_hash: str) -> ImageSet:
+        net, numerics = self._teacher.members[self.model], self._teacher.numerics[self.model]
+        split = ctx.data.view("train")
+        images, labels, ipc_index, sources = [], [], [], []
+        for c in range(len(ctx.data.classes)):
+            idx = torch.nonzero(split.targets == c).flatten().tolist()
+            loader = DataLoader(Subset(split, idx), batch_size=self.batch_size)
+            features = penultimate_features(net, numerics, loader, ctx.device)
+            for i, j in enumerate(herd(features, ctx.ipc)):
+                images.append(split[idx[j]][0])
+                labels.append(c)
+                ipc_index.append(i)
+                sources.append(idx[j])
+        return ImageSet(torch.stack(images), torch.tensor(labels), torch.tensor(ipc_index), {"sources": sources})

@@ -1,0 +1,37 @@
+"""Random real images: ``ipc`` seeded real training images per class, the baseline every method must beat."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from cvdd.methods.base import DistillContext, ImageSet, Method
+from cvdd.seeding import derive_seed
+
+
+class RandomReal(Method):
+    def check(self, ctx: DistillContext) -> None:
+        counts = torch.bincount(ctx.data.view("train").targets, minlength=len(ctx.data.classes))
+        short = [c for c, n in enumerate(counts.tolist()) if n < ctx.ipc]
+        if short:
+            raise ValueError(
+                f"class {ctx.data.classes[short[0]]!r} has {int(counts[short[0]])} training images, fewer than "
+                f"ipc={ctx.ipc}; lower ipc"
+            )
+
+    def recipe(self, ctx: DistillContext) -> dict[str, Any]:
+        return {**ctx.base_recipe(), "method": self.name}
+
+    def make(self, ctx: DistillContext, recipe_hash: str) -> ImageSet:
+        split = ctx.data.view("train")
+        images, labels, ipc_index, sources = [], [], [], []
+        for c in range(len(ctx.data.classes)):
+            idx = torch.nonzero(split.targets == c).flatten()
+            gen = torch.Generator().manual_seed(derive_seed(ctx.seed, c, 0x4EA1))
+            for i, source in enumerate(idx[torch.randperm(len(idx), generator=gen)[: ctx.ipc]].tolist()):
+                images.append(split[source][0])
+                labels.append(c)
+                ipc_index.append(i)
+                sources.append(source)
+        return ImageSet(torch.stack(images), torch.tensor(labels), torch.tensor(ipc_index), {"sources": sources})

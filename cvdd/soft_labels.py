@@ -1,0 +1,89 @@
+"""The soft-label protocol relabel writes and evaluate checks: the labelling teachers and their weights, the
+epoch plan, and the settings that define a label set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from cvdd.artifacts import TeacherArtifact, load_json
+from cvdd.augment import EpochPlan
+from cvdd.committee import Committee, load_committee, voting_weights
+from cvdd.compose import model_config
+from cvdd.data import get_spec
+from cvdd.hardware import numerics_for
+from cvdd.image_sets import StudentSet
+
+
+def relabel_teachers(cfg: DictConfig) -> list[str]:
+    choice = cfg.relabel.teachers
+    return list(cfg.committee.members) if choice == "committee" else [str(choice)]
+
+
+def teacher_weights(cfg: DictConfig, root: Path) -> dict[str, float]:
+    """The relabelling teachers and their weights ``softmax(prior / relabel.temperature)``; priors from the
+    config (paper presets) or each teacher's recorded test top-1. Reads records only, no weights."""
+    members = relabel_teachers(cfg)
+    priors = cfg.committee.get("priors") or {}
+    scores = {}
+    for member in members:
+        model_config(member, "relabel.teachers ('committee' or a model id)")
+        artifact = TeacherArtifact(root, cfg.dataset.name, member)
+        if not artifact.exists():
+            raise FileNotFoundError(
+                f"teacher {member} for relabelling is missing from {artifact.folder}; squeeze it: "
+                f"{artifact.train_command()}"
+            )
+        scores[member] = float(priors[member]) if member in priors else float(load_json(artifact.record)["test_top1"])
+    weights = voting_weights(members, scores, "prior", float(cfg.relabel.temperature), ())
+    return dict(zip(members, weights, strict=True))
+
+
+def relabel_committee(cfg: DictConfig, root: Path, classes: list[str]) -> tuple[Committee, dict[str, float]]:
+    """The relabelling teachers, loaded and checked against the class order, each in its relabelling numerics,
+    with their weights."""
+    weights = teacher_weights(cfg, root)
+    committee = load_committee(
+        root,
+        cfg.dataset.name,
+        list(weights),
+        classes,
+        None,
+        first_bn_multiplier=1.0,
+        numerics=lambda arch: numerics_for(cfg, arch, "relabel"),
+    )
+    return committee, weights
+
+
+def label_settings(cfg: DictConfig, weights: dict[str, float], plan: EpochPlan, chosen: StudentSet) -> dict[str, Any]:
+    """Everything that defines a label set: relabel records it in the manifest, evaluate refuses labels whose
+    record differs from what it is asked for."""
+    return {
+        "teachers": weights,
+        "bssl": bool(cfg.relabel.bssl),
+        "halves": bool(cfg.relabel.halves),
+        "temperature": float(cfg.relabel.temperature),
+        "plan_seed": int(cfg.seed),
+        "plan_checksum": plan.checksum(),
+        "dtype": str(cfg.relabel.dtype),
+        "topk": cfg.relabel.get("topk"),
+        "images_format": chosen.image_format,
+        "images_fingerprint": chosen.fingerprint,
+    }
+
+
+def build_plan(cfg: DictConfig, num_images: int) -> EpochPlan:
+    spec = get_spec(cfg.dataset.name)
+    rel = cfg.relabel
+    return EpochPlan(
+        int(cfg.seed),
+        num_images,
+        int(rel.epochs),
+        int(rel.batch_size),
+        (spec.image_size, spec.image_size),
+        rel.mix,
+        tuple(rel.crop_scale),
+        spec.hflip,
+    )

@@ -1,0 +1,140 @@
+"""The method seam: every method's set through the same outline, chains without arguments, sets named by
+``set=``, sets of the previous layout, students without BatchNorm, and jobs that never import each other."""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cvdd.artifacts import load_json, load_tensors, save_json
+from cvdd.artifacts.distilled import DistilledArtifact
+from cvdd.committee import Committee
+from cvdd.data import load_dataset
+from cvdd.image_sets import student_set
+from cvdd.jobs.distill import distill
+from cvdd.jobs.evaluate import evaluate
+from cvdd.jobs.relabel import relabel
+from cvdd.methods.herding import herd
+from cvdd.models import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ("ipc=2", "logger=none")
+PLAN = (*SMALL, "relabel.epochs=2", "relabel.batch_size=8")
+DIGITS = {"name": "digits"}
+
+
+def test_rded_keeps_each_class_s_most_realistic_crops_and_chains_without_arguments(make_cfg, workdir: Path):
+    manifest = distill(make_cfg("distill", "method=rded", *SMALL))
+    assert manifest["method"] == "rded" and manifest["name"] == "rded_small_ipc2_f2_s0" and manifest["images"] == 20
+    candidates = manifest["candidates"]
+    assert candidates == 5 * 2 * 4  # 5 per kept crop, ipc × factor² kept
+    (cache,) = (workdir / "artifacts/digits/patches").glob("*.pt")
+    scores = load_tensors(cache, "")["scores"]
+    for c, chosen in manifest["chosen_candidates"].items():
+        kept = sorted(j for image in chosen for j in image)
+        assert kept == sorted(torch.argsort(scores[int(c)], stable=True)[:8].tolist()), "the 8 lowest-CE crops"
+    labels = relabel(make_cfg("relabel", "method=rded", *PLAN))
+    assert labels["name"] == "rded_small_ipc2_f2_s0" and labels["method"] == "rded" and len(labels["teachers"]) == 5
+    result = evaluate(make_cfg("evaluate", "method=rded", *PLAN))
+    assert result["method"] == "rded" and result["ipc"] == 2 and 0 <= result["test_top1"] <= 100
+    again = distill(make_cfg("distill", "method=rded", *SMALL))
+    assert again["created"] == manifest["created"], "a finished set of the same recipe is reused"
+
+
+def test_random_real_is_seeded_real_training_images(make_cfg, workdir: Path, random_real):
+    manifest = random_real("ipc=3")
+    assert manifest["method"] == "random_real" and manifest["name"] == "random_real_ipc3_s0"
+    train = load_dataset(DIGITS).view("train")
+    stored = torch.load(DistilledArtifact(workdir / "artifacts", "digits", "random_real_ipc3_s0").tensors)
+    for image, label, source in zip(stored["images"], stored["labels"], manifest["sources"], strict=True):
+        real, real_label = train[source]
+        assert torch.equal(image, real) and int(label) == real_label
+    other = random_real("ipc=3", "seed=1")
+    assert set(other["sources"]) != set(manifest["sources"]), "another seed draws other images"
+
+
+def test_herding_tracks_the_class_mean_better_than_random_picks():
+    torch.manual_seed(0)
+    features = torch.randn(200, 16) + torch.linspace(0, 3, 200)[:, None]
+    chosen = herd(features, 10)
+    assert len(set(chosen)) == 10
+    target = features.mean(0)
+    herded = (features[chosen].mean(0) - target).norm()
+    random = torch.stack([(features[torch.randperm(200)[:10]].mean(0) - target).norm() for _ in range(100)])
+    assert herded < random.min(), "closer than any of 100 random subsets"
+    assert chosen[0] == int((features - target).norm(dim=1).argmin()), "the first pick is the one nearest the mean"
+
+
+def test_herding_set_is_distinct_real_images_per_class(make_cfg, workdir: Path):
+    manifest = distill(make_cfg("distill", "method=herding", *SMALL))
+    assert manifest["name"] == "herding_resnet18_small_ipc2_s0" and manifest["recipe"]["model"] == "resnet18_small"
+    train = load_dataset(DIGITS).view("train")
+    assert len(set(manifest["sources"])) == 20
+    labels = [train.targets[s].item() for s in manifest["sources"]]
+    assert labels == [c for c in range(10) for _ in range(2)]
+
+
+def test_a_set_named_with_set_is_read_from_its_manifest(make_cfg, workdir: Path, random_real):
+    random_real("ipc=3")
+    # the run's ipc, method and committee would name another set; set= wins and the manifest says the rest
+    cfg = make_cfg("relabel", "set=random_real_ipc3_s0", "ipc=7", "logger=none")
+    chosen = student_set(cfg, workdir / "artifacts")
+    assert chosen.ipc == 3 and chosen.method == "random_real" and len(chosen.images) == 30
+
+
+def test_a_set_of_the_previous_layout_loads_as_committee_voting(make_cfg, workdir: Path):
+    distill(make_cfg("distill", "ipc=1", "recover.iterations=2", "recover.init.mode=real", "logger=none"))
+    artifact = DistilledArtifact(workdir / "artifacts", "digits", "small_ipc1_real_s0")
+    manifest = load_json(artifact.manifest)
+    del manifest["method"]  # written before methods existed
+    save_json(artifact.manifest, manifest)
+    chosen = student_set(make_cfg("evaluate", "ipc=1", "recover.init.mode=real"), workdir / "artifacts")
+    assert chosen.method == "cvdd" and chosen.ipc == 1
+
+
+def test_a_student_without_batchnorm_trains(make_cfg, workdir: Path, random_real):
+    random_real("ipc=2")
+    net = build_model("convnet", 10, 8, 1, norm="instance")
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules())
+    with pytest.raises(ValueError, match="no BatchNorm layer to match statistics with"):
+        Committee({"convnet_in": net}, {"convnet_in": 1.0})
+    result = evaluate(make_cfg("evaluate", "method=random_real", "student=convnet_in", "labels=hard", *PLAN))
+    assert result["student"] == "convnet_in" and result["test_top1"] > 10.0
+
+
+def cvdd_imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return {name for name in found if name.startswith("cvdd")}
+
+
+def test_jobs_import_only_lower_layers():
+    """``cvdd/jobs/*`` never import each other (or the entry points); lower layers never import jobs."""
+    jobs = sorted((ROOT / "cvdd/jobs").glob("*.py"))
+    assert {p.stem for p in jobs} >= {"distill", "relabel", "evaluate"}
+    for path in jobs:
+        assert not {m for m in cvdd_imports(path) if m.startswith("cvdd.jobs")}, path.name
+    for path in (ROOT / "cvdd").rglob("*.py"):
+        if "jobs" not in path.parts:
+            assert not {m for m in cvdd_imports(path) if m.startswith("cvdd.jobs")}, path
+    entry = {"distill.py": "cvdd.jobs.distill", "relabel.py": "cvdd.jobs.relabel", "evaluate.py": "cvdd.jobs.evaluate"}
+    for script, job in entry.items():
+        assert job in cvdd_imports(ROOT / script)
+
+
+def test_every_method_config_names_its_class_and_default_set(make_cfg):
+    for path in sorted((ROOT / "conf/method").glob("*.yaml")):
+        cfg = make_cfg("distill", f"method={path.stem}")
+        assert cfg.method.name == path.stem and cfg.method._target_.startswith("cvdd.methods.")
+        assert "ipc10" in cfg.method.set_name and cfg.method.set_name.endswith("_s0")
+    manifest_keys = json.loads(json.dumps({"labels_by": make_cfg("relabel", "method=sre2l").relabel.teachers}))
+    assert manifest_keys["labels_by"] == "resnet18_small", "SRe2L++ relabels with its one model by default"
