@@ -111,6 +111,17 @@ class DistillContext:
         return self.trainer.strategy.root_device
 
 
+def require_real_images(ctx: DistillContext, needs: str) -> None:
+    """Refuse an IPC that a class cannot fill with distinct real training images (``needs`` says who asks)."""
+    counts = torch.bincount(ctx.data.view("train").targets, minlength=len(ctx.data.classes))
+    short = [(ctx.data.classes[c], int(n)) for c, n in enumerate(counts.tolist()) if n < ctx.ipc]
+    if short:
+        raise ValueError(
+            f"{needs} needs ipc={ctx.ipc} distinct real images per class, but class {short[0][0]!r} has "
+            f"{short[0][1]} ({len(short)} classes are short); lower ipc"
+        )
+
+
 class Method(ABC):
     """One way to make a distilled set. ``name`` is recorded in the manifest; relabel and evaluate report it."""
 

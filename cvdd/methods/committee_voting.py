@@ -20,7 +20,7 @@ from cvdd.committee import select_members, voting_weights
 from cvdd.distributed import HydraDDPStrategy
 from cvdd.hardware import check_same_threads, cpu_threads
 from cvdd.init import INIT_MODES, Initializer, PatchSettings
-from cvdd.methods.base import DistillContext, ImageSet, Method
+from cvdd.methods.base import DistillContext, ImageSet, Method, require_real_images
 from cvdd.recover import RecoverModule, RecoverSettings, Unit, class_blocks, plan_groups
 from cvdd.runtime import log
 from cvdd.seeding import derive_seed
@@ -44,7 +44,7 @@ class CommitteeVoting(Method):
     def check(self, ctx: DistillContext) -> None:
         self.patch_settings(ctx.cfg)
         if ctx.cfg.recover.init.mode == "real":
-            check_real_images(ctx.data.view("train").targets, ctx.ipc, ctx.data.classes)
+            require_real_images(ctx, "recover.init.mode=real")
 
     def patch_settings(self, cfg: DictConfig) -> PatchSettings | None:
         """``recover.*`` checked; the patch settings when the initialisation is ``patches``."""
@@ -147,17 +147,6 @@ class CommitteeVoting(Method):
         if trainer.global_rank != 0:
             return None
         return collect_units(artifact, units, committee.priors)
-
-
-def check_real_images(targets: torch.Tensor, ipc: int, classes: list[str]) -> None:
-    """Real-image initialisation gives every image of a class its own real image: refuse to repeat them."""
-    counts = torch.bincount(targets, minlength=len(classes))
-    short = [(classes[c], int(n)) for c, n in enumerate(counts.tolist()) if n < ipc]
-    if short:
-        raise ValueError(
-            f"recover.init.mode=real needs ipc={ipc} distinct real images per class, but class {short[0][0]!r} has "
-            f"{short[0][1]} ({len(short)} classes are short); lower ipc or use recover.init.mode=patches"
-        )
 
 
 def plan_units(comm: DictConfig, cfg: DictConfig, num_classes: int, priors: dict[str, float]) -> list[Unit]:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from cvdd.methods.base import DistillContext, ImageSet, Method
+from cvdd.methods.base import DistillContext, ImageSet, Method, require_real_images
 
 
 def penultimate_features(net: nn.Module, numerics, images: DataLoader, device: torch.device) -> torch.Tensor:
@@ -55,9 +55,7 @@ class Herding(Method):
         self.model, self.batch_size = model, int(batch_size)
 
     def check(self, ctx: DistillContext) -> None:
-        counts = torch.bincount(ctx.data.view("train").targets, minlength=len(ctx.data.classes))
-        if int(counts.min()) < ctx.ipc:
-            raise ValueError(f"a class has {int(counts.min())} training images, fewer than ipc={ctx.ipc}; lower ipc")
+        require_real_images(ctx, "method=herding")
 
     def recipe(self, ctx: DistillContext) -> dict[str, Any]:
         self._teacher = ctx.committee([self.model])

@@ -6,19 +6,13 @@ from typing import Any
 
 import torch
 
-from cvdd.methods.base import DistillContext, ImageSet, Method
+from cvdd.methods.base import DistillContext, ImageSet, Method, require_real_images
 from cvdd.seeding import derive_seed
 
 
 class RandomReal(Method):
     def check(self, ctx: DistillContext) -> None:
-        counts = torch.bincount(ctx.data.view("train").targets, minlength=len(ctx.data.classes))
-        short = [c for c, n in enumerate(counts.tolist()) if n < ctx.ipc]
-        if short:
-            raise ValueError(
-                f"class {ctx.data.classes[short[0]]!r} has {int(counts[short[0]])} training images, fewer than "
-                f"ipc={ctx.ipc}; lower ipc"
-            )
+        require_real_images(ctx, "method=random_real")
 
     def recipe(self, ctx: DistillContext) -> dict[str, Any]:
         return {**ctx.base_recipe(), "method": self.name}
