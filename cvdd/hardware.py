@@ -63,14 +63,18 @@ class ThreadCount(Callback):
         torch.set_num_threads(self.threads)
 
 
+_LOGGED_THREADS: dict[str, tuple[int, int, int]] = {}
+
+
 def configure_threads(requested: int | str | None, processes: int) -> ThreadCount:
     """Set this process's thread count now (for the work before ``fit``) and return the callback that
     sets it again in every rank."""
     threads = threads_per_process(requested, processes)
     torch.set_num_threads(threads)
-    log.info(
-        "%d CPU thread(s) per process (%d core(s), %d process(es) per node)", threads, available_cores(), processes
-    )
+    setting = (threads, available_cores(), processes)
+    if setting != _LOGGED_THREADS.get("last"):  # once per process and setting (a stage may build several Trainers)
+        log.info("%d CPU thread(s) per process (%d core(s), %d process(es) per node)", *setting)
+        _LOGGED_THREADS["last"] = setting
     return ThreadCount(threads)
 
 

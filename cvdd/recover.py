@@ -183,6 +183,7 @@ class RecoverModule(L.LightningModule):
         self.n_waves = 0
         self.groups: list[GroupState] = []
         self._wave = -1
+        self._step = 0
 
     def on_fit_start(self) -> None:
         world, rank = self.trainer.world_size, self.trainer.global_rank
@@ -225,6 +226,20 @@ class RecoverModule(L.LightningModule):
         )
         return chosen
 
+    def progress_title(self, trainer) -> str:
+        return f"recover wave {self._wave + 1}/{max(self.n_waves, 1)}"
+
+    def progress_fields(self) -> dict[str, str]:
+        """This wave's iteration and each member's mean CE / BN term over its units."""
+        if not self.groups:
+            return {}
+        fields = {"iteration": f"{self._step + 1}/{self.settings.iterations}"}
+        losses = self._member_losses()
+        for member in sorted({key.split("/")[1] for key in losses}):
+            ce, bn = (float(losses[f"recover/{member}/{term}"]) for term in ("ce", "bn"))
+            fields[member.removesuffix("_small")] = f"CE {ce:.3f} BN {bn:.3f}"
+        return fields
+
     def train_dataloader(self) -> DataLoader:
         """One step per wave and iteration; the steps carry no data (the images are this module's state)."""
         return DataLoader(range(self.n_waves * self.settings.iterations), batch_size=None)
@@ -246,6 +261,7 @@ class RecoverModule(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> None:
         iters = self.settings.iterations
         wave, step = divmod(batch_idx, iters)
+        self._step = step
         if wave != self._wave:
             self._start_wave(wave)
         if not self.groups:

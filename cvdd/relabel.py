@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 
 import lightning as L
@@ -50,8 +51,19 @@ class RelabelModule(L.LightningModule):
         self.bssl, self.halves = bssl, halves
         self.numerics = dict(numerics or {})
         self.stack_images = stack_images
+        self._started: float | None = None
+        self._labelled = 0
+
+    def progress_title(self, trainer) -> str:
+        return "relabel epochs"
+
+    def progress_fields(self) -> dict[str, str]:
+        if not self._started or not self._labelled:
+            return {}
+        return {"images/s": f"{self._labelled / (time.perf_counter() - self._started):.0f}"}
 
     def predict_step(self, epoch: torch.Tensor, batch_idx: int) -> None:
+        self._started = self._started or time.perf_counter()
         self.teachers.eval()
         logits = []
         for stack in stack_batches(self.plan.epoch(int(epoch)), self.stack_images):
@@ -63,3 +75,4 @@ class RelabelModule(L.LightningModule):
                 )
             )
         self.on_epoch_done(int(epoch), torch.cat(logits).cpu())
+        self._labelled += len(self.images)

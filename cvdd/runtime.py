@@ -13,6 +13,7 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from cvdd.hardware import configure_threads
+from cvdd.quiet import quiet_libraries
 
 log = logging.getLogger("cvdd")
 
@@ -31,7 +32,9 @@ def instantiate_named(group: Mapping | None) -> list:
 
 def build_trainer(cfg: DictConfig, extra_callbacks: list[Callback] | None = None) -> tuple[L.Trainer, list[Logger]]:
     """The Trainer from ``cfg.trainer`` with ``cfg.callbacks`` and ``cfg.logger`` attached; every process of it
-    runs ``hardware.threads`` CPU threads (``null``: its share of the cores)."""
+    runs ``hardware.threads`` CPU threads (``null``: its share of the cores). Lightning's noise is dropped unless
+    ``verbose=true`` (:mod:`cvdd.quiet`)."""
+    quiet_libraries(bool(cfg.get("verbose", False)))
     loggers: list[Logger] = instantiate_named(cfg.get("logger"))
     callbacks: list[Callback] = instantiate_named(cfg.get("callbacks")) + list(extra_callbacks or [])
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)

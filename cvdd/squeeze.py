@@ -44,6 +44,10 @@ class TeacherModule(L.LightningModule):
         self.train_top1 = topk_accuracy(num_classes, 1)
         self.val_top1 = topk_accuracy(num_classes, 1)
         self.val_top5 = topk_accuracy(num_classes, 5)
+        self.title = "squeeze"  # what the progress bar calls this run (the squeeze job names the model and its place)
+
+    def progress_title(self, trainer) -> str:
+        return f"{self.title} epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.numerics.forward(self.net, x)

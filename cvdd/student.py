@@ -85,6 +85,16 @@ class StudentModule(L.LightningModule):
         self.evaluations: list[tuple[int, float]] = []
         self._epoch: tuple[int, list[BatchPlan]] | None = None
 
+    def progress_title(self, trainer) -> str:
+        return f"student epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"
+
+    def progress_fields(self) -> dict[str, str]:
+        """The last test top-1 and when it was measured (Lightning shows the loss)."""
+        if not self.evaluations:
+            return {}
+        epoch, top1 = self.evaluations[-1]
+        return {"test top-1": f"{top1:.2f}% (epoch {epoch})"}
+
     def planned(self, epoch: int, batch_index: int) -> BatchPlan:
         if self._epoch is None or self._epoch[0] != epoch:
             self._epoch = (epoch, self.plan.epoch(epoch))
@@ -123,7 +133,7 @@ class StudentModule(L.LightningModule):
         top1 = 100.0 * float(self.val_top1.compute())
         self.val_top1.reset()
         self.evaluations.append((int(self.current_epoch) + 1, top1))
-        self.log("val/top1", top1, prog_bar=True)
+        self.log("val/top1", top1)
 
     def configure_optimizers(self):
         groups = decay_groups(self.net, self.hparams.weight_decay, self.hparams.decay_all)

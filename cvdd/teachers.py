@@ -35,7 +35,9 @@ from cvdd.hardware import numerics_for
 from cvdd.metrics import evaluate_classifier
 from cvdd.models.pretrained import load_imagenet_weights
 from cvdd.precision import Numerics
+from cvdd.quiet import quiet_libraries
 from cvdd.runtime import build_trainer, finish_loggers, log, task_overrides
+from cvdd.summary import TEACHER_KEYS, next_command, size_on_disk, stage_summary
 
 
 def squeeze_recipe(cfg: DictConfig, numerics: Numerics) -> dict[str, Any]:
@@ -75,8 +77,9 @@ def _existing_record(artifact: TeacherArtifact, recipe_hash: str, overwrite: boo
     )
 
 
-def squeeze_teacher(cfg: DictConfig) -> dict[str, Any]:
-    """Train ``cfg.model`` on ``cfg.dataset`` and write the teacher artifact (rank 0 returns its record)."""
+def squeeze_teacher(cfg: DictConfig, title: str | None = None) -> dict[str, Any]:
+    """Train ``cfg.model`` on ``cfg.dataset`` and write the teacher artifact (rank 0 returns its record); ``title``
+    names the run on the progress bar (default: the model id)."""
     artifact = TeacherArtifact(Path(cfg.paths.artifacts), cfg.dataset.name, cfg.model.id)
     numerics = numerics_for(cfg, cfg.model.net.name, "squeeze")
     recipe = squeeze_recipe(cfg, numerics)
@@ -98,6 +101,7 @@ def squeeze_teacher(cfg: DictConfig) -> dict[str, Any]:
             f"publish torchvision's ImageNet weights as they are"
         )
     ensure_writable(artifact.folder)
+    quiet_libraries(bool(cfg.get("verbose", False)))  # before Lightning's first message (the seed)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     spec = datamodule.spec
@@ -110,6 +114,7 @@ def squeeze_teacher(cfg: DictConfig) -> dict[str, Any]:
         log.info("%s starts from %s (%s)", cfg.model.id, pretrained["weights"], pretrained["file"])
     # a partial, so the numerics reach the module as they are rather than as a config node
     module = instantiate(cfg.module, _partial_=True)(net=net, numerics=numerics)
+    module.title = title or cfg.model.id
     work_dir = artifact.work_dir(recipe_hash)
     # monitor=None, save_top_k=1: one rolling checkpoint of the latest epoch, named last.ckpt
     checkpoint = ModelCheckpoint(dirpath=work_dir, filename="last", save_top_k=1, enable_version_counter=False)
@@ -157,16 +162,14 @@ def squeeze_teacher(cfg: DictConfig) -> dict[str, Any]:
         record["files"] = {artifact.weights.name: file_digest(artifact.weights)}
         save_json(artifact.record, record)
         artifact.remove_work_dir(recipe_hash)
-        log.info(
-            "teacher %s on %s: test top-1 %.2f%%, top-5 %.2f%% after %d epochs in %.1fs -> %s",
-            cfg.model.id,
-            cfg.dataset.name,
-            test["top1"],
-            test["top5"],
-            record["epochs"],
-            record["wall_seconds"],
-            artifact.weights,
-        )
+        rows = [
+            ("teacher", f"{artifact.weights} ({size_on_disk(artifact.weights)})"),
+            ("test", f"top-1 {test['top1']:.2f} %, top-5 {test['top5']:.2f} % after {record['epochs']} epochs"),
+        ]
+        if title:  # a member squeezed for another stage: one line, that stage ends with the summary
+            log.info("%s: %s, %.1f s -> %s", title, rows[1][1], record["wall_seconds"], artifact.weights)
+        else:
+            stage_summary("squeeze", rows, record["wall_seconds"], next_command("distill.py", TEACHER_KEYS))
         return record
     finally:
         finish_loggers(loggers)
@@ -188,9 +191,8 @@ def ensure_teachers(cfg: DictConfig, members: list[str]) -> None:
             f"squeeze them first:\n  {train_command(cfg.dataset.name, missing)}\n"
             f"or add committee.train_missing=true"
         )
-    for member in missing:
-        log.info("squeezing missing committee member %s on %s", member, cfg.dataset.name)
-        squeeze_teacher(compose_train_config(cfg, member))
+    for place, member in enumerate(missing, start=1):
+        squeeze_teacher(compose_train_config(cfg, member), title=f"[{place}/{len(missing)}] {member}")
 
 
 SQUEEZE_KEYS = ("dataset", "paths", "hardware", "seed", "experiment", "trainer.accelerator", "trainer.precision")

@@ -28,6 +28,7 @@ from cvdd.artifacts.identity import set_name
 from cvdd.data import load_dataset
 from cvdd.methods.base import DistillContext, Method
 from cvdd.runtime import build_trainer, finish_loggers, log
+from cvdd.summary import SET_KEYS, next_command, size_on_disk, stage_summary
 
 
 def finished_manifest(artifact: DistilledArtifact) -> dict | None:
@@ -96,7 +97,16 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
         manifest = write_set(
             artifact, made.images, made.labels, made.ipc_index, data.class_names, spec.mean, spec.std, ctx.seed, fields
         )
-        log.info("distilled %d images (%s, IPC %d) -> %s", len(made.images), method.name, ctx.ipc, artifact.folder)
+        stage_summary(
+            f"distill ({method.name})",
+            [
+                ("set", f"{artifact.folder} ({len(made.images)} images, {size_on_disk(artifact.folder)})"),
+                ("grid", str(artifact.grid)),
+                *method.summary(made),
+            ],
+            time.time() - started,
+            next_command("relabel.py", SET_KEYS),
+        )
         for logger in loggers:
             if hasattr(logger, "log_image"):
                 logger.log_image(key="distilled/grid", images=[str(artifact.grid)])

@@ -22,9 +22,10 @@ from cvdd.hardware import numerics_for
 from cvdd.image_sets import StudentSet, student_set
 from cvdd.metrics import evaluate_classifier
 from cvdd.precision import Numerics
-from cvdd.runtime import build_trainer, finish_loggers, log, task_overrides
+from cvdd.runtime import build_trainer, finish_loggers, task_overrides
 from cvdd.soft_labels import build_plan, label_settings, relabel_committee, teacher_weights
 from cvdd.student import StudentModule
+from cvdd.summary import stage_summary
 
 LABEL_SETTING_KEYS = {  # label manifest field → the setting a user changes
     "teachers": "relabel.teachers and their weights (committee.priors, relabel.temperature)",
@@ -205,16 +206,19 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         out = result_file(cfg, root, chosen, label_info.get("topk"), module.numerics)
         save_json(out, result)
         save_json(Path(cfg.paths.output_dir) / "result.json", result)  # this run's (and sweep's) record
-        log.info(
-            "student %s on %s (%s labels, %s images): test top-1 %.2f%% final, %.2f%% best (after %d epochs) -> %s",
-            cfg.student,
-            name,
-            cfg.labels,
-            chosen.image_format,
-            test["top1"],
-            best,
-            best_epoch,
-            out,
+        stage_summary(
+            "evaluate",
+            [
+                ("result", str(out)),
+                (
+                    "student",
+                    f"{cfg.student} on {name} ({chosen.method}, IPC {chosen.ipc}, {cfg.labels} labels, "
+                    f"{chosen.image_format} images), {int(v.epochs)} epochs",
+                ),
+                ("test top-1", f"{test['top1']:.2f} % final, {best:.2f} % best (after {best_epoch} epochs)"),
+            ],
+            result["wall_seconds"],
+            f"python -m cvdd.report {results}",
         )
         return result
     finally:

@@ -6,6 +6,7 @@ skips finished epochs. The plan itself is not stored: its seed and checksum are.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from cvdd.label_store import check_storage, pack_logits, payload_bytes
 from cvdd.relabel import RelabelModule
 from cvdd.runtime import build_trainer, finish_loggers, log
 from cvdd.soft_labels import build_plan, label_settings, relabel_committee
+from cvdd.summary import LABEL_KEYS, next_command, size_on_disk, stage_summary
 
 
 def relabel(cfg: DictConfig) -> dict[str, Any]:
@@ -82,6 +84,7 @@ def relabel(cfg: DictConfig) -> dict[str, Any]:
     def save_epoch(epoch: int, logits: torch.Tensor) -> None:
         save_tensors(artifact.epoch_path(epoch), pack_logits(logits, cfg.relabel.dtype, topk))
 
+    started = time.time()
     trainer, loggers = build_trainer(cfg)
     try:
         if isinstance(trainer.strategy, HydraDDPStrategy):
@@ -132,12 +135,20 @@ def relabel(cfg: DictConfig) -> dict[str, Any]:
             "config": OmegaConf.to_container(cfg, resolve=True),
         }
         save_json(artifact.manifest, manifest)
-        log.info(
-            "soft labels for %d epochs -> %s (%.1f bytes per image per epoch on disk, %.1f of them labels)",
-            plan.epochs,
-            artifact.folder,
-            manifest["bytes_per_image_per_epoch"],
-            manifest["payload_bytes_per_image_per_epoch"],
+        stage_summary(
+            "relabel",
+            [
+                ("labels", f"{artifact.folder} ({size_on_disk(artifact.folder)})"),
+                ("epochs", f"{plan.epochs} of {len(chosen.images)} images ({chosen.method}, IPC {chosen.ipc})"),
+                ("teachers", ", ".join(f"{t} {w:.2f}" for t, w in weights.items())),
+                (
+                    "storage",
+                    f"{manifest['bytes_per_image_per_epoch']:.1f} bytes per image per epoch on disk, "
+                    f"{manifest['payload_bytes_per_image_per_epoch']:.1f} of them labels",
+                ),
+            ],
+            time.time() - started,
+            next_command("evaluate.py", LABEL_KEYS),
         )
         return manifest
     finally:

@@ -133,6 +133,10 @@ class Method(ABC):
     def check(self, ctx: DistillContext) -> None:  # noqa: B027  (optional: most methods have nothing to check)
         """Refuse bad settings before any work starts."""
 
+    def summary(self, made: ImageSet) -> list[tuple[str, str]]:
+        """The key numbers of a finished set for the stage's summary (e.g. final losses); none by default."""
+        return []
+
     @abstractmethod
     def recipe(self, ctx: DistillContext) -> dict[str, Any]:
         """Everything that decides the images (at least ``ctx.base_recipe()``); its fingerprint names the recipe."""

@@ -65,6 +65,21 @@ class CommitteeVoting(Method):
             int(cfg.ipc), str(init.difficulty), int(init.factor), int(init.candidates), tuple(init.scale)
         )
 
+    def summary(self, made: ImageSet) -> list[tuple[str, str]]:
+        """Each member's final CE and BN term, averaged over the units it recovered."""
+        terms: dict[str, list[tuple[float, float]]] = {}
+        for unit in made.metadata["units"]:
+            for member, losses in unit["losses"].items():
+                terms.setdefault(member, []).append((losses["ce"], losses["bn"]))
+        return [
+            (
+                member,
+                f"final CE {sum(c for c, _ in v) / len(v):.3f}, BN {sum(b for _, b in v) / len(v):.3f} "
+                f"(mean of {len(v)} unit{'s' if len(v) > 1 else ''})",
+            )
+            for member, v in sorted(terms.items())
+        ]
+
     def _committee(self, ctx: DistillContext):
         comm = self.committee_config(ctx.cfg)
         priors = OmegaConf.to_container(comm.priors, resolve=True) if comm.get("priors") else None
