@@ -4,6 +4,8 @@
 sweeper builds the multirun folder, before any job's HydraConfig exists.
 ``${dataset_spec:<name>,<field>}`` reads a fact (num_classes, image_size, channels, mean, std)
 from the dataset registry, so the YAML never restates what the code already knows.
+``${run_group:}`` is what a run belongs to, the W&B group: the distilled set's name for distill, relabel and
+evaluate (so the stages of one set sit together), ``teachers-<dataset>`` for squeeze.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from omegaconf import ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from cvdd.data.registry import get_spec
 
@@ -25,8 +27,15 @@ def _dataset_spec(name: str, field: str) -> Any:
     return ListConfig(list(value)) if isinstance(value, tuple) else value
 
 
+def _run_group(*, _root_: DictConfig) -> str:
+    from cvdd.artifacts.identity import set_name
+
+    return set_name(_root_) if "method" in _root_ else f"teachers-{_root_.dataset.name}"
+
+
 def register_resolvers() -> None:
     OmegaConf.register_new_resolver("dataset_spec", _dataset_spec, replace=True)
+    OmegaConf.register_new_resolver("run_group", _run_group, replace=True)
     OmegaConf.register_new_resolver("cwd", os.getcwd, replace=True)
 
 

@@ -3,6 +3,7 @@
     python -m cvdd.report artifacts/fashion_mnist/results            # prints the table (final top-1)
     python -m cvdd.report artifacts/fashion_mnist/results --metric best  # best top-1 over the evaluations
     python -m cvdd.report logs/evaluate/multiruns/<stamp> --out report # + report/summary.{md,png}
+    python -m cvdd.report artifacts/fashion_mnist/results --wandb       # + a W&B run with the tables and plot
 
 Every ``*.json`` below the folder that is an evaluate result (it has ``test_top1``) counts. Runs are
 grouped by (dataset, student, label mode, method, IPC); seeds of a group are averaged, with the
@@ -208,6 +209,45 @@ def write_report(
     return table
 
 
+RESULT_COLUMNS = ("dataset", "student", "labels", "method", "ipc", "seed", "test_top1", "test_top1_best", "name")
+
+
+def log_to_wandb(folder: Path, metric: str, title: str, save_dir: Path | None = None, project: str = "cvdd") -> str:
+    """One W&B run (job type ``report``) with every result as a row, the mean ± std per group and the plot;
+    online with a login, else offline (``wandb sync`` uploads it). Returns the run's folder."""
+    import tempfile
+
+    import wandb
+
+    from cvdd.loggers import wandb_mode
+
+    records = load_results(folder)
+    groups = summarise(records, metric)
+    if save_dir is not None:
+        Path(save_dir).mkdir(parents=True, exist_ok=True)
+    run = wandb.init(
+        project=project, job_type="report", group="report", name=title or None, mode=wandb_mode(), dir=save_dir
+    )
+    rows = [[method_of(r) if c == "method" else r.get(c) for c in RESULT_COLUMNS] for r in records]
+    run.log(
+        {
+            "results": wandb.Table(columns=list(RESULT_COLUMNS), data=rows),
+            "summary": wandb.Table(
+                columns=["dataset", "student", "labels", "method", "ipc", "mean", "std", "n", "metric"],
+                data=[
+                    [g.dataset, g.student, g.labels, g.method, g.ipc, g.mean, g.std, len(g.top1), metric]
+                    for g in groups
+                ],
+            ),
+        }
+    )
+    if groups:
+        with tempfile.TemporaryDirectory() as tmp:
+            run.log({"top1_vs_ipc": wandb.Image(str(plot(groups, Path(tmp) / "summary.png", title)))})
+    run.finish()
+    return run.dir
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m cvdd.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", type=Path, help="folder holding evaluate results (*.json), searched recursively")
@@ -216,8 +256,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--metric", choices=sorted(METRICS), default="final", help="final top-1 (default) or the best evaluation"
     )
+    parser.add_argument("--wandb", action="store_true", help="also log the tables and the plot as one W&B run")
+    parser.add_argument("--wandb-dir", type=Path, default=None, help="where the W&B run's files go (default ./wandb)")
     args = parser.parse_args(argv)
     print(write_report(args.folder, args.out, args.title, metric=args.metric), end="")
+    if args.wandb:
+        print(f"W&B run: {log_to_wandb(args.folder, args.metric, args.title, args.wandb_dir)}")
 
 
 if __name__ == "__main__":

@@ -44,6 +44,19 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list[Callback] | None = None
     return trainer, loggers
 
 
+def log_final(
+    loggers: list[Logger], metrics: dict[str, float], table: tuple[str, list[str], list[list]] | None = None
+) -> None:
+    """A stage's final numbers to every logger (CSV: one more row; W&B: history and summary) and, where the
+    logger takes tables (W&B), ``table`` as ``(key, columns, rows)``."""
+    for logger in loggers:
+        logger.log_metrics(metrics)
+        if table is not None and hasattr(logger, "log_table"):
+            key, columns, rows = table
+            logger.log_table(key=key, columns=columns, data=rows)
+        logger.save()
+
+
 def finish_loggers(loggers: list[Logger]) -> None:
     """Close W&B runs so the next job of a multirun sweep starts its own."""
     for logger in loggers:

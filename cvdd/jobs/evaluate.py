@@ -22,7 +22,7 @@ from cvdd.hardware import numerics_for
 from cvdd.image_sets import StudentSet, student_set
 from cvdd.metrics import evaluate_classifier
 from cvdd.precision import Numerics
-from cvdd.runtime import build_trainer, finish_loggers, task_overrides
+from cvdd.runtime import build_trainer, finish_loggers, log_final, task_overrides
 from cvdd.soft_labels import build_plan, label_settings, relabel_committee, teacher_weights
 from cvdd.student import StudentModule
 from cvdd.summary import stage_summary
@@ -206,6 +206,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         out = result_file(cfg, root, chosen, label_info.get("topk"), module.numerics)
         save_json(out, result)
         save_json(Path(cfg.paths.output_dir) / "result.json", result)  # this run's (and sweep's) record
+        columns = ["set", "method", "ipc", "seed", "student", "labels", "epochs", "test_top1", "test_top1_best"]
+        log_final(
+            loggers,
+            {"test/top1": test["top1"], "test/top1_best": best, "test/top5": test["top5"]},
+            ("results", columns, [[result[c] if c != "set" else name for c in columns]]),
+        )
         stage_summary(
             "evaluate",
             [

@@ -31,7 +31,7 @@ from cvdd.hardware import check_same_threads, cpu_threads
 from cvdd.image_sets import student_set
 from cvdd.label_store import check_storage, pack_logits, payload_bytes
 from cvdd.relabel import RelabelModule
-from cvdd.runtime import build_trainer, finish_loggers, log
+from cvdd.runtime import build_trainer, finish_loggers, log, log_final
 from cvdd.soft_labels import build_plan, label_settings, relabel_committee
 from cvdd.summary import LABEL_KEYS, next_command, size_on_disk, stage_summary
 
@@ -135,6 +135,15 @@ def relabel(cfg: DictConfig) -> dict[str, Any]:
             "config": OmegaConf.to_container(cfg, resolve=True),
         }
         save_json(artifact.manifest, manifest)
+        log_final(
+            loggers,
+            {
+                "labels/epochs": plan.epochs,
+                "labels/bytes_on_disk": sum(d["bytes"] for d in files.values()),
+                "labels/bytes_per_image_per_epoch": manifest["bytes_per_image_per_epoch"],
+                "labels/payload_bytes_per_image_per_epoch": manifest["payload_bytes_per_image_per_epoch"],
+            },
+        )
         stage_summary(
             "relabel",
             [
