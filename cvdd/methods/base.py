@@ -49,6 +49,7 @@ class DistillContext:
     data: ImageDataset
     artifact: DistilledArtifact
     trainer: L.Trainer
+    _committees: dict[tuple, Committee] = field(default_factory=dict, repr=False)
 
     @property
     def spec(self) -> DatasetSpec:
@@ -80,7 +81,15 @@ class DistillContext:
         self, members: list[str], priors: dict[str, float] | None = None, first_bn_multiplier: float = 10.0
     ) -> Committee:
         """``members`` (squeezed first when missing and ``committee.train_missing``), each in its recover
-        numerics, on the run's device."""
+        numerics, on the run's device; loaded once per run (a method's recipe and its images use the same)."""
+        key = (tuple(members), tuple(sorted((priors or {}).items())), first_bn_multiplier)
+        if key not in self._committees:
+            self._committees[key] = self._load_committee(members, priors, first_bn_multiplier)
+        return self._committees[key]
+
+    def _load_committee(
+        self, members: list[str], priors: dict[str, float] | None, first_bn_multiplier: float
+    ) -> Committee:
         ensure_teachers(self.cfg, members)
         committee = load_committee(
             self.root,

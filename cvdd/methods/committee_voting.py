@@ -66,18 +66,14 @@ class CommitteeVoting(Method):
         )
 
     def summary(self, made: ImageSet) -> list[tuple[str, str]]:
-        """Each member's final CE and BN term, averaged over the units it recovered."""
+        """Each member's final CE / BN term, averaged over the units it recovered, on one row."""
         terms: dict[str, list[tuple[float, float]]] = {}
         for unit in made.metadata["units"]:
             for member, losses in unit["losses"].items():
                 terms.setdefault(member, []).append((losses["ce"], losses["bn"]))
+        means = {m: [sum(t) / len(t) for t in zip(*v, strict=True)] for m, v in sorted(terms.items())}
         return [
-            (
-                member,
-                f"final CE {sum(c for c, _ in v) / len(v):.3f}, BN {sum(b for _, b in v) / len(v):.3f} "
-                f"(mean of {len(v)} unit{'s' if len(v) > 1 else ''})",
-            )
-            for member, v in sorted(terms.items())
+            ("CE / BN", ", ".join(f"{m.removesuffix('_small')} {ce:.2f} / {bn:.1f}" for m, (ce, bn) in means.items()))
         ]
 
     def _committee(self, ctx: DistillContext):
@@ -88,7 +84,7 @@ class CommitteeVoting(Method):
     def recipe(self, ctx: DistillContext) -> dict[str, Any]:
         """Dataset, IPC, seed, recover and committee settings, priors, the teachers' own fingerprints and each
         member's numerics (bf16/fp32, memory format); not the wave size or device count."""
-        self._loaded = self._committee(ctx)
+        committee = self._committee(ctx)
         comm = OmegaConf.to_container(self.committee_config(ctx.cfg), resolve=True)
         comm.pop("train_missing", None)
         comm.pop("train_overrides", None)
@@ -98,13 +94,13 @@ class CommitteeVoting(Method):
             **ctx.base_recipe(),
             "recover": recover,
             "committee": comm,
-            "priors": self._loaded.priors,
+            "priors": committee.priors,
             "teachers": ctx.teacher_fingerprints(list(comm["members"])),
-            "numerics": {name: n.tag for name, n in self._loaded.numerics.items()},
+            "numerics": {name: n.tag for name, n in committee.numerics.items()},
         }
 
     def make(self, ctx: DistillContext, recipe_hash: str) -> ImageSet | None:
-        cfg, committee, artifact, trainer = ctx.cfg, self._loaded, ctx.artifact, ctx.trainer
+        cfg, committee, artifact, trainer = ctx.cfg, self._committee(ctx), ctx.artifact, ctx.trainer
         if isinstance(trainer.strategy, HydraDDPStrategy):
             trainer.strategy.wrap_model = False  # each rank owns its images: no broadcast, no gradient averaging
         threads = cpu_threads(trainer)

@@ -58,17 +58,18 @@ class Herding(Method):
         require_real_images(ctx, "method=herding")
 
     def recipe(self, ctx: DistillContext) -> dict[str, Any]:
-        self._teacher = ctx.committee([self.model])
+        teacher = ctx.committee([self.model])
         return {
             **ctx.base_recipe(),
             "method": self.name,
             "model": self.model,
             "teachers": ctx.teacher_fingerprints([self.model]),
-            "numerics": {name: n.tag for name, n in self._teacher.numerics.items()},
+            "numerics": {name: n.tag for name, n in teacher.numerics.items()},
         }
 
     def make(self, ctx: DistillContext, recipe_hash: str) -> ImageSet:
-        net, numerics = self._teacher.members[self.model], self._teacher.numerics[self.model]
+        teacher = ctx.committee([self.model])
+        net, numerics = teacher.members[self.model], teacher.numerics[self.model]
         split = ctx.data.view("train")
         images, labels, ipc_index, sources = [], [], [], []
         for c in range(len(ctx.data.classes)):

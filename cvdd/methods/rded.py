@@ -44,17 +44,17 @@ class RDED(Method):
         self.settings(ctx)
 
     def recipe(self, ctx: DistillContext) -> dict[str, Any]:
-        self._committee = ctx.committee(list(ctx.cfg.committee.members))
+        committee = ctx.committee(list(ctx.cfg.committee.members))
         return {
             **ctx.base_recipe(),
             "method": self.name,
             "patches": vars(self.settings(ctx)),
             "teachers": ctx.teacher_fingerprints(list(ctx.cfg.committee.members)),
-            "numerics": {name: n.tag for name, n in self._committee.numerics.items()},
+            "numerics": {name: n.tag for name, n in committee.numerics.items()},
         }
 
     def make(self, ctx: DistillContext, recipe_hash: str) -> ImageSet:
-        committee = self._committee
+        committee = ctx.committee(list(ctx.cfg.committee.members))
         settings = self.settings(ctx)
         initializer = Initializer(
             "patches",
