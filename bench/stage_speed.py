@@ -15,6 +15,7 @@ and writes ``bench/results/stage_speed.json``; peak RSS is per subprocess.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import resource
 import subprocess
@@ -73,6 +74,9 @@ def worker(args: argparse.Namespace) -> None:
     os.environ.setdefault("WANDB_MODE", "disabled")
     from cvdd.compose import compose_job
 
+    # a checkout from before the methods seam (e.g. the baseline) names its jobs and sets the old way
+    methods_seam = (Path(args.code) / "conf" / "method").is_dir()
+    set_key = "set" if methods_seam else "name"
     common = [
         f"dataset={args.dataset}",
         f"paths.root={args.workdir}",
@@ -83,7 +87,9 @@ def worker(args: argparse.Namespace) -> None:
     logs = args.workdir / "logs" / f"{args.stage}_{args.variant}"
     s = args.settings
     if args.stage == "squeeze":
-        from cvdd.teachers import squeeze_teacher
+        squeeze_teacher = importlib.import_module(
+            "cvdd.teachers" if methods_seam else "cvdd.jobs.squeeze"
+        ).squeeze_teacher
 
         per_member = {}
         for member in MEMBERS:
@@ -108,7 +114,7 @@ def worker(args: argparse.Namespace) -> None:
         busy = sum(per_member.values())
         result = {"rate": len(MEMBERS) * s["squeeze_batch"] / busy, "unit": "images/s", "s_per_batch": per_member}
     elif args.stage == "recover":
-        from cvdd.jobs.distill import distill
+        distill = importlib.import_module("cvdd.jobs.distill" if methods_seam else "cvdd.jobs.recover").distill
 
         name = f"speed_{args.variant}"
         iterations = s["recover_iterations"]
@@ -121,7 +127,7 @@ def worker(args: argparse.Namespace) -> None:
                     f"recover.iterations={iterations}",
                     "recover.init.mode=real",
                     "committee.train_missing=false",
-                    f"set={name}",
+                    f"{set_key}={name}",
                     "overwrite=true",
                 ],
                 logs,
@@ -136,7 +142,7 @@ def worker(args: argparse.Namespace) -> None:
         relabel(
             compose_job(
                 "relabel",
-                [*common, "ipc=10", "set=speed_fp32", f"relabel.epochs={epochs}", "overwrite=true"],
+                [*common, "ipc=10", f"{set_key}=speed_fp32", f"relabel.epochs={epochs}", "overwrite=true"],
                 logs,
             )
         )
@@ -152,7 +158,7 @@ def worker(args: argparse.Namespace) -> None:
                 [
                     *common,
                     "ipc=10",
-                    "set=speed_fp32",
+                    f"{set_key}=speed_fp32",
                     f"relabel.epochs={epochs}",
                     f"validate.epochs={epochs}",
                     f"validate.eval_every={epochs}",
