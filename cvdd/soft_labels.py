@@ -9,12 +9,18 @@ from typing import Any
 from omegaconf import DictConfig
 
 from cvdd.artifacts import TeacherArtifact, load_json
+from cvdd.artifacts.labels import LabelArtifact, label_artifact
 from cvdd.augment import EpochPlan
 from cvdd.committee import Committee, load_committee, voting_weights
 from cvdd.compose import model_config
 from cvdd.data import get_spec
 from cvdd.hardware import numerics_for
 from cvdd.image_sets import StudentSet
+
+
+def labels_of(cfg: DictConfig, root: Path, chosen: StudentSet) -> LabelArtifact:
+    """Where the labels of ``chosen`` under this run's storage settings live (relabel writes, evaluate reads)."""
+    return label_artifact(root, cfg.dataset.name, chosen.name, chosen.image_format, cfg.relabel.get("topk"))
 
 
 def relabel_teachers(cfg: DictConfig) -> list[str]:

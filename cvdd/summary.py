@@ -3,7 +3,7 @@ command of the chain, with exactly the overrides of this run that the next stage
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from cvdd.runtime import log, task_overrides
@@ -17,14 +17,17 @@ TEACHER_KEYS = ("dataset", "paths", "hardware", "seed", "experiment")
 DISTILL_ONLY = ("committee.train_missing", "committee.train_overrides")
 
 
+def command_with(script: str, keep: Callable[[str], bool]) -> str:
+    """``python <script>`` with this run's overrides whose key ``keep`` accepts (lists quoted for the shell)."""
+    kept = [o if "[" not in o else f"'{o}'" for o in task_overrides() or [] if keep(o.lstrip("+~").split("=", 1)[0])]
+    return " ".join([f"python {script}", *kept])
+
+
 def next_command(script: str, keys: Sequence[str]) -> str:
     """``python <script>`` with this run's overrides whose key is one of ``keys`` (or below one)."""
-    kept = []
-    for override in task_overrides() or []:
-        key = override.lstrip("+~").split("=", 1)[0]
-        if any(key == k or key.startswith(k + ".") for k in keys) and key not in DISTILL_ONLY:
-            kept.append(override if "[" not in override else f"'{override}'")
-    return " ".join([f"python {script}", *kept])
+    return command_with(
+        script, lambda key: any(key == k or key.startswith(k + ".") for k in keys) and key not in DISTILL_ONLY
+    )
 
 
 def size_on_disk(path: Path) -> str:

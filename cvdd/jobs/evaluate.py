@@ -13,7 +13,6 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from cvdd.artifacts import check_files, ensure_writable, fingerprint, load_json, save_json
-from cvdd.artifacts.labels import label_artifact
 from cvdd.artifacts.results import result_path, results_folder
 from cvdd.bssl import soft_label_logits
 from cvdd.compose import model_config
@@ -22,10 +21,10 @@ from cvdd.hardware import numerics_for
 from cvdd.image_sets import StudentSet, student_set
 from cvdd.metrics import evaluate_classifier
 from cvdd.precision import Numerics
-from cvdd.runtime import build_trainer, finish_loggers, log_final, task_overrides
-from cvdd.soft_labels import build_plan, label_settings, relabel_committee, teacher_weights
+from cvdd.runtime import build_trainer, finish_loggers, log_final
+from cvdd.soft_labels import build_plan, label_settings, labels_of, relabel_committee, teacher_weights
 from cvdd.student import StudentModule
-from cvdd.summary import stage_summary
+from cvdd.summary import command_with, stage_summary
 
 LABEL_SETTING_KEYS = {  # label manifest field → the setting a user changes
     "teachers": "relabel.teachers and their weights (committee.priors, relabel.temperature)",
@@ -44,8 +43,8 @@ EVALUATE_ONLY = ("validate", "student", "labels", "method_label", "trainer")
 
 def relabel_command(overwrite: bool) -> str:
     """``python relabel.py`` with this run's overrides that relabel understands (evaluate's own left out)."""
-    kept = [o for o in task_overrides() or [] if not any(o.lstrip("+~").startswith(k) for k in EVALUATE_ONLY)]
-    return " ".join(["python relabel.py", *kept, *(["overwrite=true"] if overwrite else [])])
+    command = command_with("relabel.py", lambda key: not key.startswith(EVALUATE_ONLY))
+    return f"{command} overwrite=true" if overwrite else command
 
 
 def check_label_settings(manifest: dict, expected: dict, folder: Path) -> None:
@@ -66,7 +65,7 @@ def check_label_settings(manifest: dict, expected: dict, folder: Path) -> None:
 
 def offline_labels(cfg: DictConfig, root: Path, chosen: StudentSet, expected: dict):
     """Reader of the stored labels of set ``chosen``, after checking every label-defining setting."""
-    artifact = label_artifact(root, cfg.dataset.name, chosen.name, chosen.image_format, cfg.relabel.get("topk"))
+    artifact = labels_of(cfg, root, chosen)
     if not artifact.manifest.is_file():
         raise FileNotFoundError(
             f"no soft labels at {artifact.folder}; make them with:\n  {relabel_command(overwrite=False)}\n"

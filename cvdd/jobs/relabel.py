@@ -25,14 +25,13 @@ from cvdd.artifacts import (
     save_json,
     save_tensors,
 )
-from cvdd.artifacts.labels import label_artifact
 from cvdd.distributed import HydraDDPStrategy
 from cvdd.hardware import check_same_threads, cpu_threads
 from cvdd.image_sets import student_set
 from cvdd.label_store import check_storage, pack_logits, payload_bytes
 from cvdd.relabel import RelabelModule
 from cvdd.runtime import build_trainer, finish_loggers, log, log_final
-from cvdd.soft_labels import build_plan, label_settings, relabel_committee
+from cvdd.soft_labels import build_plan, label_settings, labels_of, relabel_committee
 from cvdd.summary import LABEL_KEYS, next_command, size_on_disk, stage_summary
 
 
@@ -47,7 +46,7 @@ def relabel(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(
             f"relabel.stack_images={cfg.relabel.stack_images} must be at least 1 (images per forward pass)"
         )
-    artifact = label_artifact(root, cfg.dataset.name, name, chosen.image_format, topk)
+    artifact = labels_of(cfg, root, chosen)
     ensure_writable(artifact.folder)
     committee, weights = relabel_committee(cfg, root, classes)
     plan = build_plan(cfg, len(chosen.images))

@@ -135,9 +135,9 @@ class Method(ABC):
     """One way to make a distilled set. ``name`` is recorded in the manifest; relabel and evaluate report it."""
 
     def __init__(self, name: str, set_name: str, labels_by: str):
+        # set_name and labels_by are read from the config (by the artifacts layer and the soft-label settings);
+        # they arrive here only because the method's whole config node is instantiated.
         self.name = name
-        self.set_name = set_name  # the default set name (conf/method/<name>.yaml); resolved by the artifacts layer
-        self.labels_by = labels_by  # relabel's default teachers for this method's sets
 
     def check(self, ctx: DistillContext) -> None:  # noqa: B027  (optional: most methods have nothing to check)
         """Refuse bad settings before any work starts."""
