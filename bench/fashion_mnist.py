@@ -6,9 +6,10 @@
 
 Runs every stage in-process (the same job functions as the command lines, configs composed from ``conf/``
 with the overrides below), in this order: squeeze the ``small`` committee until every member reaches 90 %
-and a ConvNet on all the training data (the upper bound); the crop-scale ablation at IPC 10, seed 0; the
-grid (IPC 1 / 10 / 50 × seeds × methods, soft and hard labels) with the better crop scale; the recover
-iterations curve; the 1,000-epoch students; the fp32 check of the fast numerics. Every finished stage and
+and a ConvNet on all the training data (the upper bound); the fp32 check of the fast numerics; the crop-scale
+ablation at IPC 10, seed 0; the grid (IPC 1 / 10 / 50 × methods, soft and hard labels) with the better crop
+scale for the first seed, then the recover iterations curve and the one-change checks (``CHECKS``) at IPC 10,
+then the grid for the other seeds; the 1,000-epoch students. Every finished stage and
 cell is written to ``bench/results/fashion_mnist.json`` at once, so a re-run skips it (and an interrupted
 stage resumes: the jobs do). ``fashion_mnist.md`` and ``fashion_mnist.png`` are written at the end.
 
@@ -26,7 +27,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,35 @@ METHODS: dict[str, tuple[list[str], str]] = {
 }
 ORDER = ["random_real", "sre2l", "rded", "cvdd"]
 
+
+@dataclass(frozen=True)
+class Check:
+    """One change to protocol v2 at IPC 10, seed 0, for every method it concerns: does it move one method more
+    than the others? ``image_set`` changes a method's set (its set, labels and student are redone); ``student``
+    changes only the student of every method (the sets and labels are the grid's)."""
+
+    question: str
+    image_set: dict[str, list[str]] = field(default_factory=dict)
+    student: tuple[str, ...] = ()
+
+    def methods(self) -> list[str]:
+        return ORDER if self.student else [m for m in ORDER if m in self.image_set]
+
+
+CHECKS: dict[str, Check] = {
+    # random_real is already whole real images: the reference row, unchanged
+    "init_real": Check(
+        "whole real images as the starting point: recover from the random-real set of the same seed "
+        "(`recover.init.mode=real`), RDED with one crop per image (`method.factor=1`)",
+        image_set={
+            "sre2l": ["recover.init.mode=real"],
+            "cvdd": ["recover.init.mode=real"],
+            "rded": ["method.factor=1"],
+        },
+    ),
+    "tau4": Check("student KL temperature τ = 4 instead of 20", student=("validate.temperature=4",)),
+}
+
 # Hard-label results with a ConvNet student (reference.md); none of them uses soft labels.
 CLASSIC = {
     "DC (published)": {1: 70.5, 10: 82.3, 50: 83.6},
@@ -106,6 +136,12 @@ class Cell:
     iterations: int = ITERATIONS
     teachers: str | None = None  # another labelling teacher than the method's own (random_real for IOR)
     precision: str = "auto"
+    check: str | None = None  # a one-change check (CHECKS) instead of protocol v2 as it stands
+
+    @property
+    def set_change(self) -> list[str]:
+        """The check's overrides of this method's image set (none: the set is the grid's)."""
+        return CHECKS[self.check].image_set.get(self.method, []) if self.check else []
 
     @property
     def optimised(self) -> bool:
@@ -114,10 +150,11 @@ class Cell:
 
     @property
     def set_name(self) -> str:
+        changed = f"_{self.check}" if self.set_change else ""
         if not self.optimised:
-            return f"{self.method}_ipc{self.ipc}_s{self.seed}"
+            return f"{self.method}_ipc{self.ipc}{changed}_s{self.seed}"
         suffix = "" if self.precision == "auto" else f"_fp{self.precision}"
-        return f"{self.method}_ipc{self.ipc}_it{self.iterations}_crop{self.crop}{suffix}_s{self.seed}"
+        return f"{self.method}_ipc{self.ipc}_it{self.iterations}_crop{self.crop}{suffix}{changed}_s{self.seed}"
 
     @property
     def label_teachers(self) -> str:
@@ -137,6 +174,8 @@ class Cell:
             parts.append(f"t-{self.teachers}")
         if self.precision != "auto":
             parts.append(f"fp{self.precision}")
+        if self.check:
+            parts.append(f"x-{self.check}")
         return "/".join(parts)
 
 
@@ -245,7 +284,7 @@ class Bench:
         common = [*image_set, f"ipc={cell.ipc}", f"seed={cell.seed}", f"hardware.precision={cell.precision}"]
         common.append(f"set={cell.set_name}")
         recover = [f"recover.iterations={cell.iterations}", f"recover.crop_scale={crop}"] if cell.optimised else []
-        self.stage(f"distill/{cell.set_name}", "distill", distill, [*common, *recover])
+        self.stage(f"distill/{cell.set_name}", "distill", distill, [*common, *recover, *cell.set_change])
         artifacts = self.variant_artifacts(cell.variant)
         labelled = [
             *common,
@@ -263,6 +302,7 @@ class Bench:
             f"student={STUDENT}",
             f"method_label={method}",
             f"labels={'offline' if cell.labels == 'soft' else 'hard'}",
+            *(CHECKS[cell.check].student if cell.check else ()),
         ]
         record = self.stage(f"evaluate/{cell.key}", "evaluate", evaluate, student)
         self.state["cells"][cell.key] = {**asdict(cell), **record}
@@ -286,6 +326,12 @@ class Bench:
         self.state["crop"] = {"chosen": chosen, "mean_over_methods": {str(k): v for k, v in means.items()}}
         self.save()
         return chosen
+
+    def checks(self, crop: float) -> None:
+        """Every one-change check for the methods it concerns, at IPC 10, seed 0 (soft labels)."""
+        for name, check in CHECKS.items():
+            for method in check.methods():
+                self.cell(Cell(method, 10, 0, crop, check=name))
 
     def grid(self, crop: float, ipcs, seeds) -> None:
         """Soft-label students of every method, random_real under SRe2L++'s one teacher (its IOR), and hard-label
@@ -331,7 +377,14 @@ def select(cells: dict, **match) -> list[dict]:
 def grid_cells(state: dict, **match) -> list[dict]:
     crop = state.get("crop", {}).get("chosen", PAPER_CROP)
     return select(
-        state["cells"], crop=crop, epochs=EPOCHS, iterations=ITERATIONS, precision="auto", teachers=None, **match
+        state["cells"],
+        crop=crop,
+        epochs=EPOCHS,
+        iterations=ITERATIONS,
+        precision="auto",
+        teachers=None,
+        check=None,
+        **match,
     )
 
 
@@ -532,6 +585,9 @@ def write_report(bench: Bench) -> None:
             "",
             *curve,
             "",
+            "## One change at a time (IPC 10, seed 0, soft labels, final / best top-1)",
+            "",
+            *check_lines(state),
             f"## {LONG_EPOCHS}-epoch students (IPC 10, seed 0)",
             "",
             *long_rows,
@@ -561,6 +617,25 @@ def write_report(bench: Bench) -> None:
             "Fashion-MNIST v2, ConvNet student, soft labels",
             reference=reference,
         )
+
+
+def check_lines(state: dict) -> list[str]:
+    """Per check: each method's final / best top-1 under protocol v2 and with the one change, and the change."""
+    crop = state.get("crop", {}).get("chosen", PAPER_CROP)
+    lines = []
+    for name, check in CHECKS.items():
+        rows = []
+        for method in ORDER:
+            base = state["cells"].get(Cell(method, 10, 0, crop).key)
+            changed = (
+                state["cells"].get(Cell(method, 10, 0, crop, check=name).key) if method in check.methods() else None
+            )
+            delta = f"{changed['test_top1'] - base['test_top1']:+.2f}" if base and changed else "–"
+            rows.append(
+                [method, final_best(base), final_best(changed) if method in check.methods() else "unchanged", delta]
+            )
+        lines += [f"**`{name}`**: {check.question}.", "", *table(["method", "v2", "changed", "Δ final"], rows), ""]
+    return lines
 
 
 def final_best(cell: dict | None) -> str:
@@ -653,6 +728,8 @@ def main() -> None:
             for iterations in CURVE_ITERATIONS:
                 for method in ("sre2l", "cvdd"):
                     bench.cell(Cell(method, 10, 0, crop, iterations=iterations))
+            tick()
+            bench.checks(crop)
             tick()
     for method in ORDER:
         bench.cell(Cell(method, 10, 0, crop, epochs=LONG_EPOCHS))

@@ -30,6 +30,19 @@ def class_generator(seed: int, class_index: int, salt: int) -> torch.Generator:
     return torch.Generator().manual_seed(derive_seed(seed, class_index, salt))
 
 
+REAL_ORDER_SALT = 0x4EA1
+
+
+def real_image_order(targets: torch.Tensor, class_index: int, seed: int) -> torch.Tensor:
+    """The class's training-image indices in one seeded order, shared by ``method=random_real`` (its first
+    ``ipc``) and ``recover.init.mode=real`` (IPC index ``i`` starts from the ``i``-th): a recovered set with real
+    initialisation starts from exactly the random-real set of the same seed, so the two compare pairwise."""
+    idx = torch.nonzero(targets == class_index).flatten()
+    if len(idx) == 0:
+        raise ValueError(f"no real training images of class {class_index}")
+    return idx[torch.randperm(len(idx), generator=class_generator(seed, class_index, REAL_ORDER_SALT))]
+
+
 @dataclass(frozen=True)
 class PatchSettings:
     """RDED-style patch initialisation of a set with ``ipc`` images per class (``recover.init.*``).
@@ -117,13 +130,9 @@ class Initializer:
 
     # -- real ---------------------------------------------------------------------------------------------
     def _class_order(self, class_index: int) -> torch.Tensor:
-        """The class's real images in a seeded order: IPC index ``i`` takes the ``i``-th (no repeats)."""
+        """The class's real images in :func:`real_image_order`: IPC index ``i`` takes the ``i``-th (no repeats)."""
         if class_index not in self._by_class:
-            idx = torch.nonzero(self.real.targets == class_index).flatten()
-            if len(idx) == 0:
-                raise ValueError(f"no real training images of class {class_index} to initialise from")
-            perm = torch.randperm(len(idx), generator=class_generator(self.seed, class_index, 1))
-            self._by_class[class_index] = idx[perm]
+            self._by_class[class_index] = real_image_order(self.real.targets, class_index, self.seed)
         return self._by_class[class_index]
 
     def _real_image(self, class_index: int, ipc_index: int) -> torch.Tensor:

@@ -98,3 +98,30 @@ def test_finished_cells_are_skipped(state: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(b, "job", lambda *a, **k: pytest.fail("a finished cell ran again"))
     record = b.cell(Cell("cvdd", 10, 0, bench.ALT_CROP))
     assert record["test_top1"] == 87.0 and len(b.state["cells"]) == 13
+
+
+def test_a_check_changes_only_what_it_names_and_stays_out_of_the_grid(state: Path, monkeypatch: pytest.MonkeyPatch):
+    b = bench.Bench(state / "work", state / "out")
+    crop = bench.ALT_CROP
+    calls: list[tuple[str, list[str]]] = []
+
+    def job(config_name, run, overrides, folder):
+        calls.append((config_name, overrides))
+        return {"test_top1": 88.0, "test_top1_best": 88.5}, 1.0, 2.0
+
+    monkeypatch.setattr(b, "job", job)
+    b.cell(Cell("cvdd", 10, 0, crop, check="init_real"))
+    distilled = [o for name, o in calls if name == "distill"]
+    assert distilled and "recover.init.mode=real" in distilled[0]
+    assert any("set=cvdd_ipc10_it1000_crop0.5_init_real_s0" in o for o in distilled)
+    calls.clear()
+    b.cell(Cell("random_real", 10, 0, crop, check="tau4"))  # a student-only check reuses the grid's set and labels
+    (evaluated,) = [o for name, o in calls if name == "evaluate"]
+    assert "validate.temperature=4" in evaluated and "set=random_real_ipc10_s0" in evaluated
+    assert not any("recover.init.mode=real" in o for _, o in calls)
+    # the check cells are not grid cells: the targets still compare 86.5 with 85.1
+    assert any(line.startswith("* IPC 10: CV-DD 86.50 vs random_real 85.10") for line in bench.targets(b.state))
+    lines = bench.check_lines(b.state)
+    assert "| cvdd | 87.00 / 87.50 | 88.00 / 88.50 | +1.00 |" in lines
+    assert "| random_real | 85.00 / 85.50 | unchanged | – |" in lines  # init_real leaves random_real as it is
+    assert "| random_real | 85.00 / 85.50 | 88.00 / 88.50 | +3.00 |" in lines  # tau4 changes every student

@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
+from cvdd.init import real_image_order
 from cvdd.methods.base import DistillContext, ImageSet, Method, require_real_images
-from cvdd.seeding import derive_seed
 
 
 class RandomReal(Method):
@@ -21,9 +21,7 @@ class RandomReal(Method):
         split = ctx.data.view("train")
         images, labels, ipc_index, sources = [], [], [], []
         for c in range(len(ctx.data.classes)):
-            idx = torch.nonzero(split.targets == c).flatten()
-            gen = torch.Generator().manual_seed(derive_seed(ctx.seed, c, 0x4EA1))
-            for i, source in enumerate(idx[torch.randperm(len(idx), generator=gen)[: ctx.ipc]].tolist()):
+            for i, source in enumerate(real_image_order(split.targets, c, ctx.seed)[: ctx.ipc].tolist()):
                 images.append(split[source][0])
                 labels.append(c)
                 ipc_index.append(i)
