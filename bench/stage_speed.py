@@ -10,6 +10,7 @@ and writes ``bench/results/stage_speed.json``; peak RSS is per subprocess.
 
     python bench/stage_speed.py
     python bench/stage_speed.py --baseline /tmp/cvdd_before --stages recover,relabel
+    python bench/stage_speed.py --baseline /tmp/cvdd_before --stages student --variants auto --repeats 5
 """
 
 from __future__ import annotations
@@ -190,6 +191,12 @@ def run_worker(args: argparse.Namespace, stage: str, variant: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median rate (the lower middle of an even count), keeping every run's rate."""
+    ordered = sorted(runs, key=lambda r: r["rate"])
+    return {**ordered[(len(ordered) - 1) // 2], "rates": [r["rate"] for r in runs]}
+
+
 def prepare(args: argparse.Namespace) -> None:
     """Teachers (briefly squeezed: speed does not depend on accuracy) and an fp32 set to relabel and train on."""
     teachers = args.workdir / "artifacts" / args.dataset / "teachers"
@@ -224,6 +231,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=ROOT / "bench" / "work" / "stage_speed")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "stage_speed.json")
     parser.add_argument("--dataset")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per (stage, variant); the table takes the median")
     parser.add_argument("--worker", nargs=2, metavar=("STAGE", "VARIANT"), help=argparse.SUPPRESS)
     parser.add_argument("--code", type=Path, default=ROOT, help=argparse.SUPPRESS)
     parser.add_argument("--settings", type=json.loads, help=argparse.SUPPRESS)
@@ -248,10 +256,12 @@ def main() -> None:
         variants = ["fp32", *[v for v in variants if v != "fp32"]]
     rows = []
     for stage in stages:
-        for variant in variants:
-            row = run_worker(args, stage, variant)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+        runs: dict[str, list[dict]] = {v: [] for v in variants}
+        for _ in range(args.repeats):  # interleaved rounds, so a slow spell of the machine hits every variant
+            for variant in variants:
+                runs[variant].append(run_worker(args, stage, variant))
+                print(json.dumps(runs[variant][-1]), flush=True)
+        rows += [median_run(r) for r in runs.values()]
     table = []
     for stage in stages:
         cells = {r["variant"]: r for r in rows if r["stage"] == stage}
@@ -259,11 +269,11 @@ def main() -> None:
         for r in cells.values():
             faster = reference["rate"] / r["rate"] if r["unit"].startswith("s/") else r["rate"] / reference["rate"]
             table.append({**r, "speedup": faster, "reference": reference["variant"]})
-    print(f"\n{'stage':8s} {'variant':9s} {'rate':>12s} {'unit':18s} {'× ref':>6s} {'peak RSS MiB':>12s}")
+    print(f"\n{'stage':8s} {'variant':9s} {'rate':>12s} {'unit':18s} {'× ref':>6s} {'peak RSS MiB':>12s}  runs")
     for r in table:
         print(
             f"{r['stage']:8s} {r['variant']:9s} {r['rate']:12.4g} {r['unit']:18s} {r['speedup']:6.2f} "
-            f"{r['peak_rss_mib']:12.0f}"
+            f"{r['peak_rss_mib']:12.0f}  {', '.join(f'{x:.4g}' for x in r['rates'])}"
         )
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
     args.out.parent.mkdir(parents=True, exist_ok=True)
