@@ -95,6 +95,7 @@ class Check:
     question: str
     image_set: dict[str, list[str]] = field(default_factory=dict)
     student: tuple[str, ...] = ()
+    curve: bool = False  # also the recover iterations curve of the changed sets
 
     def methods(self) -> list[str]:
         return ORDER if self.student else [m for m in ORDER if m in self.image_set]
@@ -110,6 +111,7 @@ CHECKS: dict[str, Check] = {
             "cvdd": ["recover.init.mode=real"],
             "rded": ["method.factor=1"],
         },
+        curve=True,
     ),
     "tau4": Check("student KL temperature τ = 4 instead of 20", student=("validate.temperature=4",)),
 }
@@ -332,6 +334,9 @@ class Bench:
         for name, check in CHECKS.items():
             for method in check.methods():
                 self.cell(Cell(method, 10, 0, crop, check=name))
+            for iterations in CURVE_ITERATIONS if check.curve else ():
+                for method in ("sre2l", "cvdd"):
+                    self.cell(Cell(method, 10, 0, crop, iterations=iterations, check=name))
 
     def grid(self, crop: float, ipcs, seeds) -> None:
         """Soft-label students of every method, random_real under SRe2L++'s one teacher (its IOR), and hard-label
@@ -493,16 +498,18 @@ def write_report(bench: Bench) -> None:
         }
     }
     main_groups = groups_of(soft, "soft")
+    curved = [None, *[name for name, check in CHECKS.items() if check.curve]]
     curve = table(
         ["method", *[f"{i} iterations" for i in (*CURVE_ITERATIONS, ITERATIONS)]],
         [
             [
-                m,
+                m if check is None else f"{m}, check `{check}`",
                 *[
-                    final_best(state["cells"].get(Cell(m, 10, 0, crop, iterations=i).key))
+                    final_best(state["cells"].get(Cell(m, 10, 0, crop, iterations=i, check=check).key))
                     for i in (*CURVE_ITERATIONS, ITERATIONS)
                 ],
             ]
+            for check in curved
             for m in ("sre2l", "cvdd")
         ],
     )

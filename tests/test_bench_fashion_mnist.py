@@ -125,3 +125,18 @@ def test_a_check_changes_only_what_it_names_and_stays_out_of_the_grid(state: Pat
     assert "| cvdd | 87.00 / 87.50 | 88.00 / 88.50 | +1.00 |" in lines
     assert "| random_real | 85.00 / 85.50 | unchanged | – |" in lines  # init_real leaves random_real as it is
     assert "| random_real | 85.00 / 85.50 | 88.00 / 88.50 | +3.00 |" in lines  # tau4 changes every student
+
+
+def test_checks_run_every_concerned_method_and_the_curve_of_changed_sets(state: Path, monkeypatch: pytest.MonkeyPatch):
+    b = bench.Bench(state / "work", state / "out")
+    ran: list = []
+    monkeypatch.setattr(b, "cell", ran.append)
+    b.checks(bench.ALT_CROP)
+    keys = {c.key for c in ran}
+    assert {m for m in bench.ORDER if f"{m}/ipc10/s0/crop0.5/soft/e300" in " ".join(keys)} == set(bench.ORDER)
+    assert "random_real/ipc10/s0/crop0.5/soft/e300/x-init_real" not in keys  # nothing changes for random_real
+    curve = [c for c in ran if c.iterations != bench.ITERATIONS]
+    assert {(c.method, c.iterations, c.check) for c in curve} == {
+        (m, i, "init_real") for m in ("sre2l", "cvdd") for i in bench.CURVE_ITERATIONS
+    }
+    assert Cell("cvdd", 10, 0, 0.5, iterations=80, check="init_real").set_name == "cvdd_ipc10_it80_crop0.5_init_real_s0"
