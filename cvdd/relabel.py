@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 
 from cvdd.augment import BatchPlan, EpochPlan, apply_batch
@@ -61,6 +62,13 @@ class RelabelModule(L.LightningModule):
         if not self._started or not self._labelled:
             return {}
         return {"images/s": f"{self._labelled / (time.perf_counter() - self._started):.0f}"}
+
+    def on_predict_batch_start(self, batch: torch.Tensor, batch_idx: int, dataloader_idx: int = 0) -> None:
+        # Lightning stops fit and validation on SIGTERM but lets predict run on: without this check `kill`,
+        # `timeout` or a cluster's pre-emption notice would leave relabel labelling to its last epoch. The
+        # finished epochs are on disk, so the next run resumes after them.
+        if self.trainer.received_sigterm:
+            raise SIGTERMException
 
     def predict_step(self, epoch: torch.Tensor, batch_idx: int) -> None:
         self._started = self._started or time.perf_counter()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -71,6 +73,29 @@ def test_relabel_resumes_per_epoch_and_fp32_doubles_the_payload(make_cfg, distil
     fp32 = relabel(make_cfg("relabel", *RELABEL, "relabel.dtype=float32", "overwrite=true"))
     assert torch.load(folder / "epoch_0000.pt", weights_only=True)["logits"].dtype == torch.float32
     assert fp32["dtype"] == "float32"
+
+
+def test_relabel_stops_on_sigterm_after_the_epoch_in_hand_and_resumes(
+    make_cfg, distilled: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Lightning leaves predict running on SIGTERM; relabel stops at the next epoch, keeping the finished ones."""
+    from cvdd.relabel import RelabelModule
+
+    labelled = RelabelModule.predict_step
+
+    def then_terminated(self, epoch, batch_idx):
+        labelled(self, epoch, batch_idx)
+        os.kill(os.getpid(), signal.SIGTERM)  # what `kill` does while the first epoch is being labelled
+
+    monkeypatch.setattr(RelabelModule, "predict_step", then_terminated)
+    with pytest.raises(SystemExit):
+        relabel(make_cfg("relabel", *RELABEL))
+    folder = labels_dir(distilled)
+    assert [p.name for p in folder.glob("epoch_*.pt")] == ["epoch_0000.pt"] and not (folder / "manifest.json").exists()
+    kept = (folder / "epoch_0000.pt").stat().st_mtime_ns
+    monkeypatch.setattr(RelabelModule, "predict_step", labelled)
+    manifest = relabel(make_cfg("relabel", *RELABEL))
+    assert manifest["epochs"] == 3 and (folder / "epoch_0000.pt").stat().st_mtime_ns == kept
 
 
 @pytest.mark.slow
