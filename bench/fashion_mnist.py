@@ -334,9 +334,14 @@ class Bench:
         for name, check in CHECKS.items():
             for method in check.methods():
                 self.cell(Cell(method, 10, 0, crop, check=name))
-            for iterations in CURVE_ITERATIONS if check.curve else ():
-                for method in ("sre2l", "cvdd"):
-                    self.cell(Cell(method, 10, 0, crop, iterations=iterations, check=name))
+            if check.curve:
+                self.curve(crop, name)
+
+    def curve(self, crop: float, check: str | None = None) -> None:
+        """The recover iterations curve at IPC 10, seed 0 (the grid's cell is its last point)."""
+        for iterations in CURVE_ITERATIONS:
+            for method in ("sre2l", "cvdd"):
+                self.cell(Cell(method, 10, 0, crop, iterations=iterations, check=check))
 
     def grid(self, crop: float, ipcs, seeds) -> None:
         """Soft-label students of every method, random_real under SRe2L++'s one teacher (its IOR), and hard-label
@@ -731,9 +736,7 @@ def main() -> None:
     ipcs = sorted(args.ipcs, key=lambda ipc: (ipc != 10, ipc))
     if 10 in ipcs:  # the diagnostics at IPC 10, seed 0 come before the long cells: they say what the rest means
         bench.grid(crop, [10], [0])
-        for iterations in CURVE_ITERATIONS:
-            for method in ("sre2l", "cvdd"):
-                bench.cell(Cell(method, 10, 0, crop, iterations=iterations))
+        bench.curve(crop)
         tick()
         bench.checks(crop)
         tick()
