@@ -114,6 +114,14 @@ CHECKS: dict[str, Check] = {
         curve=True,
     ),
     "tau4": Check("student KL temperature τ = 4 instead of 20", student=("validate.temperature=4",)),
+    # the two knobs of recovery's drift away from real images: the BN prior's weight and the step size
+    "rbn0.1": Check(
+        "BN-statistics weight r_bn = 0.1 instead of 0.01",
+        image_set={m: ["recover.r_bn=0.1"] for m in ("sre2l", "cvdd")},
+    ),
+    "lr0.05": Check(
+        "recover learning rate 0.05 instead of 0.25", image_set={m: ["recover.lr=0.05"] for m in ("sre2l", "cvdd")}
+    ),
 }
 
 # Hard-label results with a ConvNet student (reference.md); none of them uses soft labels.
