@@ -645,15 +645,12 @@ def check_lines(state: dict) -> list[str]:
     lines = []
     for name, check in CHECKS.items():
         rows = []
+        concerned = check.methods()
         for method in ORDER:
             base = state["cells"].get(Cell(method, 10, 0, crop).key)
-            changed = (
-                state["cells"].get(Cell(method, 10, 0, crop, check=name).key) if method in check.methods() else None
-            )
+            changed = state["cells"].get(Cell(method, 10, 0, crop, check=name).key)
             delta = f"{changed['test_top1'] - base['test_top1']:+.2f}" if base and changed else "–"
-            rows.append(
-                [method, final_best(base), final_best(changed) if method in check.methods() else "unchanged", delta]
-            )
+            rows.append([method, final_best(base), final_best(changed) if method in concerned else "unchanged", delta])
         lines += [f"**`{name}`**: {check.question}.", "", *table(["method", "v2", "changed", "Δ final"], rows), ""]
     return lines
 
