@@ -1,4 +1,4 @@
-"""The committee: frozen teachers, their BN-statistic taps, member selection and voting weights.
+"""The committee: frozen teachers, their BN-statistic hooks, member selection and voting weights.
 
 Notation follows CV-DD: a pool of ``n`` members, ``k`` chosen per synthetic unit, voting
 weights ``w = softmax(α / T)`` over the chosen members' prior scores ``α``.
@@ -15,11 +15,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from timm.layers import BatchNormAct2d
 from torch import nn
 
 from cvdd.artifacts import TeacherArtifact, load_json, load_tensors
-from cvdd.moments import BatchNormMoments
+from cvdd.moments import group_moments
 from cvdd.precision import FP32, Numerics
 
 SCHEDULES = ("fixed", "cycle", "random", "auto")
@@ -107,54 +106,46 @@ def voting_weights(
     return torch.softmax(alpha / temperature, dim=0).tolist()
 
 
+class UnitMoments(torch.autograd.Function):
+    """Per-unit, per-channel mean and biased variance of a ``(U·B, C, H, W)`` activation, in fp32 whatever the
+    activation's dtype or memory format.
+
+    Written out because this is a third of a recover step done naively: the forward is
+    :func:`~cvdd.moments.group_moments` (sums along memory order, not a strided ``var_mean``), and autograd's
+    graph for ``((x − μ)²).mean()`` would make five elementwise passes in the backward where one fused pass
+    does: ``∂/∂x = a·x + b`` with ``a = 2·g_var / n`` and ``b = g_mean / n − a·μ`` per unit and channel.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, units: int) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, var = group_moments(x, units)
+        ctx.save_for_backward(x, mean)
+        ctx.units = units
+        return mean, var
+
+    @staticmethod
+    def backward(ctx, grad_mean: torch.Tensor, grad_var: torch.Tensor) -> tuple[torch.Tensor, None]:
+        x, mean = ctx.saved_tensors
+        per_unit = x.unflatten(0, (ctx.units, -1))
+        n = per_unit.shape[1] * per_unit.shape[3] * per_unit.shape[4]
+        a = 2.0 * grad_var / n
+        b = grad_mean / n - a * mean
+        shape = (ctx.units, 1, -1, 1, 1)
+        grad = torch.addcmul(b.view(shape), a.view(shape), per_unit)
+        return grad.to(x.dtype).flatten(0, 1), None
+
+
 @dataclass
 class _BNCapture:
-    """Per-forward state the BN taps write into: units in the batch and the per-unit losses."""
+    """Per-forward state the BN hooks write into: units in the batch and the per-unit losses."""
 
     units: int = 1
-    active: bool = False  # taps record only inside Committee.losses, not on other forwards
+    active: bool = False  # hooks record only inside Committee.losses, not on other forwards
     losses: list[torch.Tensor] = field(default_factory=list)
 
 
-def _after_norm(bn: nn.modules.batchnorm._BatchNorm) -> Callable[[torch.Tensor], torch.Tensor]:
-    """What ``bn``'s forward does after normalising: nothing for torch's layers, dropout and activation for
-    timm's ``BatchNormAct2d`` (DenseNet). Other subclasses may do anything, so they are refused."""
-    if type(bn) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm):
-        return lambda out: out
-    if type(bn) is BatchNormAct2d:
-        return lambda out: bn.act(bn.drop(out))
-    raise TypeError(
-        f"committee members' BatchNorm layers must be torch's BatchNorm1d/2d/3d or timm's BatchNormAct2d, not "
-        f"{type(bn).__qualname__}: recover replaces their forward to read the input statistics"
-    )
-
-
-class _BNTap(nn.Module):
-    """Stands in for one of a member's BatchNorm layers: the same output, and inside :meth:`Committee.losses`
-    also the layer's per-unit term ``scale (‖μ − μ^run‖₂ + ‖σ² − σ²^run‖₂)`` of its input, in one fused
-    autograd step (:class:`~cvdd.moments.BatchNormMoments`)."""
-
-    def __init__(self, bn: nn.modules.batchnorm._BatchNorm, capture: _BNCapture, scale: float):
-        super().__init__()
-        self.bn = bn
-        self.after = _after_norm(bn)
-        self.capture = capture
-        self.scale = scale
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.capture.active:
-            return self.bn(x)
-        out, mean, var = BatchNormMoments.apply(x, self.bn, self.capture.units)
-        loss = torch.linalg.vector_norm(mean - self.bn.running_mean, dim=1) + torch.linalg.vector_norm(
-            var - self.bn.running_var, dim=1
-        )
-        self.capture.losses.append(self.scale * loss)
-        return self.after(out)
-
-
 class Committee(nn.Module):
-    """Frozen members whose BatchNorm layers report their input statistics; :meth:`losses` gives per-unit CE and
-    BN terms.
+    """Frozen members with BN-statistic hooks; :meth:`losses` gives per-unit CE and BN terms.
 
     A forward pass of a stacked batch of ``U`` units (unit-major) computes, in every
     ``_BatchNorm`` layer ``l``, the mean and biased variance of its input over each unit and
@@ -177,16 +168,28 @@ class Committee(nn.Module):
         self.first_bn_multiplier = first_bn_multiplier
         self._capture: dict[str, _BNCapture] = {}
         for name, net in self.members.items():
-            bns = [(n, m) for n, m in net.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+            net.eval()
+            net.requires_grad_(False)
+            bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
             if not bns:
                 raise ValueError(f"committee member {name} has no BatchNorm layer to match statistics with")
             capture = self._capture[name] = _BNCapture()
-            for i, (path, bn) in enumerate(bns):
-                parent, _, attr = path.rpartition(".")
+            for i, bn in enumerate(bns):
                 scale = first_bn_multiplier if i == 0 else 1.0
-                setattr(net.get_submodule(parent), attr, _BNTap(bn, capture, scale))
-            net.eval()
-            net.requires_grad_(False)
+                bn.register_forward_hook(self._bn_hook(capture, scale))
+
+    @staticmethod
+    def _bn_hook(capture: _BNCapture, scale: float):
+        def hook(module: nn.modules.batchnorm._BatchNorm, inputs: tuple[torch.Tensor], output: torch.Tensor) -> None:
+            if not capture.active:
+                return
+            mean, var = UnitMoments.apply(inputs[0], capture.units)
+            loss = torch.linalg.vector_norm(mean - module.running_mean, dim=1) + torch.linalg.vector_norm(
+                var - module.running_var, dim=1
+            )
+            capture.losses.append(scale * loss)
+
+        return hook
 
     def train(self, mode: bool = True) -> Committee:
         # Frozen teachers are never put in train mode, whatever the training loop does.

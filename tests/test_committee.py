@@ -49,11 +49,11 @@ def hand_bn_term(x: torch.Tensor, mean_run: torch.Tensor, var_run: torch.Tensor)
 
 def test_bn_loss_and_ce_per_unit_match_hand_computation():
     net = two_bn_net()
-    bn0, bn1 = net[0], net[2]
     committee = Committee({"m": net}, {"m": 1.0}, first_bn_multiplier=10.0)
     x = torch.randn(2 * 3, 2, 3, 3, generator=torch.Generator().manual_seed(1))  # 2 units of 3 images
     labels = torch.tensor([0, 1, 2, 3, 0, 1])
     ce, bn = committee.losses("m", x, labels, units=2)
+    bn0, bn1 = net[0], net[2]
     for u in range(2):
         xu = x[u * 3 : (u + 1) * 3]
         first = hand_bn_term(xu, bn0.running_mean, bn0.running_var)

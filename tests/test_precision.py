@@ -130,3 +130,32 @@ def test_teacher_and_student_modules_train_their_network_in_the_given_numerics()
 def test_numerics_tags_name_precision_and_format():
     assert [n.tag for n in (FP32, FP32_CL, BF16, BF16_CL)] == ["fp32", "fp32_cl", "bf16", "bf16_cl"]
     assert Numerics(True, False) == BF16
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_unit_moments_match_autograd_reference(channels_last):
+    from cvdd.committee import UnitMoments
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 5, 4, 3, dtype=torch.float64) * 2 + 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    mean, var = UnitMoments.apply(x, 3)
+    per_unit = x.unflatten(0, (3, -1))
+    ref_var, ref_mean = torch.var_mean(per_unit, dim=(1, 3, 4), correction=0)
+    assert torch.allclose(mean.double(), ref_mean, atol=1e-6) and torch.allclose(var.double(), ref_var, atol=1e-5)
+    g_mean, g_var = torch.randn_like(ref_mean), torch.randn_like(ref_var)
+    (grad,) = torch.autograd.grad((mean.double() * g_mean).sum() + (var.double() * g_var).sum(), x)
+    (ref,) = torch.autograd.grad((ref_mean * g_mean).sum() + (ref_var * g_var).sum(), x)
+    assert grad.dtype == x.dtype and torch.allclose(grad, ref, atol=1e-6)
+
+
+def test_unit_moments_of_bf16_activations_are_fp32():
+    from cvdd.committee import UnitMoments
+
+    x = torch.randn(8, 4, 5, 5).bfloat16().requires_grad_(True)
+    mean, var = UnitMoments.apply(x, 2)
+    assert mean.dtype == var.dtype == torch.float32 and mean.shape == (2, 4)
+    (mean.sum() + var.sum()).backward()
+    assert x.grad.dtype == torch.bfloat16
