@@ -7,8 +7,8 @@ weights ``w = softmax(α / T)`` over the chosen members' prior scores ``α``.
 from __future__ import annotations
 
 import itertools
+import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -135,13 +135,14 @@ class UnitMoments(torch.autograd.Function):
         return grad.to(x.dtype).flatten(0, 1), None
 
 
-@dataclass
-class _BNCapture:
-    """Per-forward state the BN hooks write into: units in the batch and the per-unit losses."""
+class _BNCapture(threading.local):
+    """Per-forward state the BN hooks write into: units in the batch and the per-unit losses. Thread-local, so
+    passes of one member in several threads at once (:mod:`cvdd.member_passes`) keep their own."""
 
-    units: int = 1
-    active: bool = False  # hooks record only inside Committee.losses, not on other forwards
-    losses: list[torch.Tensor] = field(default_factory=list)
+    def __init__(self) -> None:
+        self.units = 1
+        self.active = False  # hooks record only inside Committee.losses, not on other forwards
+        self.losses: list[torch.Tensor] = []
 
 
 class Committee(nn.Module):

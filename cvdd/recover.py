@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from cvdd.augment import crop_flip_theta, resized_crop, sample_crop_box
 from cvdd.committee import Committee
 from cvdd.hardware import peak_memory_mib
+from cvdd.member_passes import MemberPasses
 from cvdd.memory import (
     BUDGET_FRACTION,
     HEADROOM,
@@ -129,17 +130,46 @@ class GroupState:
         }
         self.index = torch.arange(len(self.units), device=device)
 
-    def loss(self, committee: Committee, r_bn: float) -> torch.Tensor:
-        """``Σ_units Σ_m w_m (CE_m + r_bn · R_m)`` on this step's augmentation of the group's images."""
+    def start_step(self) -> None:
+        """Draw this step's augmentation of the group's images; member passes read it, detached."""
         count, batch_size = self.images.shape[:2]
-        augmented = self.augment(self.images, range(count)).reshape(count, batch_size, *self.images.shape[2:])
-        unit_loss = torch.zeros(count, device=self.images.device)
-        for member, ids in self.batches:
-            x = augmented[ids].flatten(0, 1)
-            ce, bn = committee.losses(member, x, self.labels[ids].reshape(-1), units=len(ids))
-            unit_loss = unit_loss.index_add(0, self.index[ids], self.weights[member][ids] * (ce + r_bn * bn))
-            self.last_losses[member][ids] = torch.stack([ce, bn], dim=1).detach()
-        return unit_loss.sum()
+        self._augmented = self.augment(self.images, range(count)).reshape(count, batch_size, *self.images.shape[2:])
+        self._inputs = self._augmented.detach()
+        self._grad = torch.zeros_like(self._inputs)
+
+    def member_pass(
+        self, committee: Committee, r_bn: float, member: str, ids: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Gradient of ``Σ_units w_member (CE + r_bn · R_bn)`` over units ``ids`` w.r.t. their augmented images,
+        with the per-unit CE and BN terms. Reads the group, writes nothing: passes may run in threads."""
+        x = self._inputs[ids].flatten(0, 1).requires_grad_(True)
+        ce, bn = committee.losses(member, x, self.labels[ids].reshape(-1), units=len(ids))
+        (grad,) = torch.autograd.grad((self.weights[member][ids] * (ce + r_bn * bn)).sum(), x)
+        return grad.view(len(ids), *self._inputs.shape[1:]), ce.detach(), bn.detach()
+
+    def add_pass(self, member: str, ids: list[int], result: tuple[torch.Tensor, ...]) -> None:
+        grad, ce, bn = result
+        self._grad.index_add_(0, self.index[ids], grad)
+        self.last_losses[member][ids] = torch.stack([ce, bn], dim=1)
+
+    def surrogate(self) -> torch.Tensor:
+        """A scalar whose gradient w.r.t. the images is the step's: the passes' gradients, summed in pass order,
+        carried back through the augmentation."""
+        return (self._augmented * self._grad).sum()
+
+
+def step_surrogate(
+    groups: Sequence[GroupState], committee: Committee, r_bn: float, passes: MemberPasses
+) -> torch.Tensor:
+    """One step's member passes of every group (run by ``passes``), summed per group in a fixed order; the
+    returned scalar's backward gives each group's images ``∇ Σ_units Σ_m w_m (CE_m + r_bn · R_m)``."""
+    for group in groups:
+        group.start_step()
+    jobs = [(group, member, ids) for group in groups for member, ids in group.batches]
+    results = passes.run(jobs, lambda job: job[0].member_pass(committee, r_bn, job[1], job[2]), kind=lambda job: job[1])
+    for (group, member, ids), result in zip(jobs, results, strict=True):
+        group.add_pass(member, ids, result)
+    return torch.stack([group.surrogate() for group in groups]).sum()
 
 
 class RecoverModule(L.LightningModule):
@@ -164,6 +194,7 @@ class RecoverModule(L.LightningModule):
         grouping: bool = True,
         wave_images: int | None = None,
         image_shape: Sequence[int] = (),
+        member_workers: int = 1,
     ):
         super().__init__()
         self.automatic_optimization = False
@@ -176,6 +207,8 @@ class RecoverModule(L.LightningModule):
         self.settings = settings
         self.grouping = grouping
         self.on_unit_done = on_unit_done
+        self.member_workers = member_workers
+        self.passes = MemberPasses(1, 1)
         low, high = (torch.tensor(v, dtype=torch.float32).view(1, 1, -1, 1, 1) for v in pixel_range)
         self.register_buffer("low", low, persistent=False)
         self.register_buffer("high", high, persistent=False)
@@ -192,6 +225,16 @@ class RecoverModule(L.LightningModule):
         per_rank = [plan_waves(self.todo[r::world], wave_images) for r in range(world)]
         self.waves = per_rank[rank]
         self.n_waves = max(len(w) for w in per_rank)
+        self.passes = MemberPasses(self.member_workers, torch.get_num_threads())
+        if self.device.type == "cpu":
+            log.info(
+                "recover: member passes %s, %d intra-op thread(s) each",
+                "one at a time" if self.passes.workers == 1 else f"{self.passes.workers} at a time",
+                self.passes.pass_threads,
+            )
+
+    def teardown(self, stage: str) -> None:
+        self.passes.close()
 
     def _auto_wave_images(self, largest_group: int, total: int) -> int:
         """Images per wave from this device's free memory, the smallest of all ranks' choices."""
@@ -272,8 +315,8 @@ class RecoverModule(L.LightningModule):
             for param_group in group.optimizer.param_groups:
                 param_group["lr"] = lr
             group.optimizer.zero_grad(set_to_none=True)
-        total = torch.stack([group.loss(self.committee, self.settings.r_bn) for group in self.groups]).sum()
-        self.manual_backward(total)  # the groups' graphs are disjoint: each gets exactly its own gradient
+        surrogate = step_surrogate(self.groups, self.committee, self.settings.r_bn, self.passes)
+        self.manual_backward(surrogate)  # the groups' graphs are disjoint: each gets exactly its own gradient
         for group in self.groups:
             group.optimizer.step()
             with torch.no_grad():

@@ -20,6 +20,7 @@ from cvdd.committee import select_members, voting_weights
 from cvdd.distributed import HydraDDPStrategy
 from cvdd.hardware import check_same_threads, cpu_threads
 from cvdd.init import INIT_MODES, Initializer, PatchSettings
+from cvdd.member_passes import member_workers, threads_per_pass
 from cvdd.methods.base import DistillContext, ImageSet, Method, require_real_images
 from cvdd.recover import RecoverModule, RecoverSettings, Unit, class_blocks, plan_groups
 from cvdd.runtime import log
@@ -104,6 +105,8 @@ class CommitteeVoting(Method):
         if isinstance(trainer.strategy, HydraDDPStrategy):
             trainer.strategy.wrap_model = False  # each rank owns its images: no broadcast, no gradient averaging
         threads = cpu_threads(trainer)
+        workers = member_workers(cfg.hardware.get("member_threads"), threads or 1, "cpu" if threads else "cuda")
+        threads = None if threads is None else threads_per_pass(workers, threads)  # what a member pass rounds with
         units = plan_units(self.committee_config(cfg), cfg, ctx.spec.num_classes, committee.priors)
         done = set() if cfg.get("overwrite", False) else finished_units(artifact, units, recipe_hash, threads)
         groups = plan_groups(units, int(cfg.recover.group_images), bool(cfg.recover.grouping))
@@ -151,6 +154,7 @@ class CommitteeVoting(Method):
                 grouping=bool(rec.grouping),
                 wave_images=None if rec.wave_images is None else int(rec.wave_images),
                 image_shape=ctx.image_shape,
+                member_workers=workers,
             )
             trainer.fit(module)
         if dist.is_available() and dist.is_initialized():
@@ -172,8 +176,9 @@ def plan_units(comm: DictConfig, cfg: DictConfig, num_classes: int, priors: dict
 
 
 def finished_units(artifact: DistilledArtifact, units: list[Unit], recipe_hash: str, threads: int | None) -> set[str]:
-    """Units already on disk for this recipe; a damaged unit file is left to be recomputed. Units computed at
-    another CPU thread count are refused (:func:`check_same_threads`)."""
+    """Units already on disk for this recipe; a damaged unit file is left to be recomputed. Units whose member
+    passes ran at another CPU thread count (``threads``, see :func:`cvdd.member_passes.threads_per_pass`) are
+    refused (:func:`check_same_threads`)."""
     done = set()
     for unit in units:
         path = artifact.unit_path(unit.key)
@@ -185,7 +190,9 @@ def finished_units(artifact: DistilledArtifact, units: list[Unit], recipe_hash: 
             log.warning("unit file %s is damaged; recomputing that unit", path)
             continue
         if saved["recipe"] == recipe_hash:
-            check_same_threads(saved.get("cpu_threads"), threads, f"distilled set {artifact.folder}")
+            recorded = saved.get("cpu_threads")
+            in_turn = f"hardware.threads={recorded} hardware.member_threads=1"  # passes with all of them
+            check_same_threads(recorded, threads, f"distilled set {artifact.folder} (its member passes)", in_turn)
             done.add(unit.key)
     return done
 

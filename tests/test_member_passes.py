@@ -1,0 +1,54 @@
+"""Recover's member passes: how many run at once, with how many threads, and results in job order."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from cvdd.member_passes import MemberPasses, member_workers, threads_per_pass
+
+
+def test_workers_default_to_one_pass_per_cpu_thread_and_one_on_a_gpu():
+    assert member_workers(None, 2, "cpu") == 2
+    assert member_workers(None, 1, "cpu") == 1
+    assert member_workers("3", 2, "cpu") == 3
+    assert member_workers(None, 16, "cuda") == member_workers(4, 16, "cuda") == 1
+    assert [threads_per_pass(w, 8) for w in (1, 2, 3, 8, 16)] == [8, 4, 2, 1, 1]
+
+
+@pytest.mark.parametrize("bad", [0, -1, "many"])
+def test_a_bad_worker_count_names_the_setting(bad):
+    with pytest.raises(ValueError, match=r"hardware\.member_threads"):
+        member_workers(bad, 2, "cpu")
+
+
+def test_passes_run_side_by_side_with_their_share_of_threads_and_return_in_job_order():
+    own_threads = torch.get_num_threads()
+    passes = MemberPasses(2, 4)
+    together = threading.Barrier(2, timeout=10)  # passes only if two jobs are in flight at once
+    seen: list[tuple[str, int]] = []
+    lock = threading.Lock()
+
+    def work(job: str) -> str:
+        if job in ("a", "b"):
+            together.wait()
+        with lock:
+            seen.append((threading.current_thread().name, torch.get_num_threads()))
+        return job
+
+    try:
+        for _ in range(2):  # the second round is scheduled by the first round's times
+            together.reset()
+            assert passes.run(["a", "c", "b"], work, kind=lambda job: job) == ["a", "c", "b"]
+    finally:
+        passes.close()
+    assert len(seen) == 6 and all(name.startswith("cvdd-member") and threads == 2 for name, threads in seen)
+    assert torch.get_num_threads() == own_threads, "the calling thread keeps its own count"
+
+
+def test_one_worker_runs_the_passes_in_the_calling_thread():
+    passes = MemberPasses(1, torch.get_num_threads())
+    names = passes.run([1, 2], lambda job: threading.current_thread().name, kind=lambda job: job)
+    assert names == [threading.current_thread().name] * 2 and passes.pass_threads == torch.get_num_threads()
