@@ -1,9 +1,10 @@
 """How many synthetic images recover optimises at once when ``recover.wave_images`` is unset.
 
-A wave's groups run their forward passes and then one backward, so the tensors autograd saves for
-every member's pass over every image of the wave are alive together; they are nearly all of a wave's
-memory. :func:`member_bytes_per_image` measures them for one image through one member, exactly as
-recover runs it (the member's numerics, the BN-statistics hook), by counting the storage autograd
+The tensors autograd saves for the members' passes over a wave's images are nearly all of a wave's
+memory. Each pass frees its graph once its gradient is taken (:mod:`cvdd.member_passes`), so only the
+passes in flight hold theirs; the estimate counts every member's pass over every image of the wave
+alive together, an upper bound. :func:`member_bytes_per_image` measures them for one image through
+one member, exactly as recover runs it (the member's numerics, the BN-statistics hook), by counting the storage autograd
 saves at two batch sizes: the difference is per image and excludes what does not grow with the batch
 (weights, their bf16 copies). A unit's image passes through each of the unit's members, and also
 costs its fp32 state (the image, its gradient, Adam's two moments, the augmented copy and the
