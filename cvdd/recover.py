@@ -3,7 +3,9 @@
 Work is split into *units*: one IPC index × one block of classes, one image per class. Each
 unit has its own seed (from ``(seed, ipc index, class block)``), members, voting weights and
 augmentation stream, so its result does not depend on which other units share its forward
-pass, its wave or its rank. Units with the same members are stacked into one forward pass.
+pass, its wave or its rank. Units with the same members are stacked into one forward pass per member; a
+step's member passes each take their own input gradient, run one after another or side by side on CPU
+(:mod:`cvdd.member_passes`), and are summed in a fixed order.
 """
 
 from __future__ import annotations
