@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from timm.layers import BatchNormAct2d
 from torch import nn
 
+from cvdd.member_passes import MemberPasses
 from cvdd.precision import FP32, Numerics
 
 PLAIN_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -100,16 +101,26 @@ def soft_label_logits(
     halves: bool = False,
     numerics: Mapping[str, Numerics] | None = None,
     batch_sizes: Sequence[int] | None = None,
+    passes: MemberPasses | None = None,
 ) -> torch.Tensor:
     """``Σ_t w_t · logits_t`` in fp32 on ``images`` — consecutive planned batches of ``batch_sizes`` (default:
     one batch). With ``bssl`` BN uses each batch's own statistics (each half's with ``halves``, as the
-    released SRe2L/CV-DD code forwards a batch as two halves). Teacher ``t`` runs in ``numerics[t]``."""
+    released SRe2L/CV-DD code forwards a batch as two halves). Teacher ``t`` runs in ``numerics[t]``; the
+    teachers' passes run as ``passes`` schedules them (default one after another) and sum in teacher order."""
     groups = stat_groups(batch_sizes or [len(images)], halves)
+    grad_enabled, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+    def logits_of(name: str) -> torch.Tensor:
+        net, run = teachers[name], (numerics or {}).get(name, FP32).forward
+        # grad mode and inference mode are per thread: a worker takes the caller's
+        statistics = batch_statistics(net, groups) if bssl else contextlib.nullcontext()
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad_enabled), statistics:
+            return run(net, images)
+
+    names = list(teachers)
+    logits = (passes or MemberPasses(1, 1)).run(names, logits_of, kind=lambda name: name)
     total = None
-    for name, net in teachers.items():
-        run = (numerics or {}).get(name, FP32).forward
-        with batch_statistics(net, groups) if bssl else contextlib.nullcontext():
-            logits = run(net, images)
-        term = weights[name] * logits
+    for name, teacher_logits in zip(names, logits, strict=True):
+        term = weights[name] * teacher_logits
         total = term if total is None else total + term
     return total

@@ -12,6 +12,7 @@ from torch import nn
 
 from cvdd.augment import BatchPlan, EpochPlan, apply_batch
 from cvdd.bssl import soft_label_logits
+from cvdd.member_passes import MemberPasses
 from cvdd.packing import pack_consecutive
 from cvdd.precision import Numerics
 
@@ -27,8 +28,8 @@ class RelabelModule(L.LightningModule):
 
     Teachers are frozen sub-modules, each in its own ``numerics``; BSSL normalises by batch statistics without
     touching their buffers, so they are bit-identical afterwards. Consecutive batches of one size share a
-    forward pass of up to ``stack_images`` images (each still normalised by its own statistics). Labels are
-    fp32 until stored.
+    forward pass of up to ``stack_images`` images (each still normalised by its own statistics); on CPU the
+    teachers' passes run ``member_workers`` at a time (:mod:`cvdd.member_passes`). Labels are fp32 until stored.
     """
 
     def __init__(
@@ -42,6 +43,7 @@ class RelabelModule(L.LightningModule):
         halves: bool = False,
         numerics: Mapping[str, Numerics] | None = None,
         stack_images: int = 1,
+        member_workers: int = 1,
     ):
         super().__init__()
         self.teachers = nn.ModuleDict(dict(teachers))
@@ -52,6 +54,8 @@ class RelabelModule(L.LightningModule):
         self.bssl, self.halves = bssl, halves
         self.numerics = dict(numerics or {})
         self.stack_images = stack_images
+        self.member_workers = member_workers
+        self.passes = MemberPasses(1, 1)
         self._started: float | None = None
         self._labelled = 0
 
@@ -62,6 +66,12 @@ class RelabelModule(L.LightningModule):
         if not self._started or not self._labelled:
             return {}
         return {"images/s": f"{self._labelled / (time.perf_counter() - self._started):.0f}"}
+
+    def on_predict_start(self) -> None:
+        self.passes = MemberPasses(self.member_workers, torch.get_num_threads())
+
+    def teardown(self, stage: str) -> None:
+        self.passes.close()
 
     def on_predict_batch_start(self, batch: torch.Tensor, batch_idx: int, dataloader_idx: int = 0) -> None:
         # Lightning stops fit and validation on SIGTERM but lets predict run on: without this check `kill`,
@@ -79,7 +89,14 @@ class RelabelModule(L.LightningModule):
             sizes = [len(batch.indices) for batch in stack]
             logits.append(
                 soft_label_logits(
-                    self.teachers, self.weights, images, self.bssl, self.halves, self.numerics, batch_sizes=sizes
+                    self.teachers,
+                    self.weights,
+                    images,
+                    self.bssl,
+                    self.halves,
+                    self.numerics,
+                    batch_sizes=sizes,
+                    passes=self.passes,
                 )
             )
         self.on_epoch_done(int(epoch), torch.cat(logits).cpu())

@@ -109,11 +109,24 @@ def test_ddp_relabel_equals_single_process_at_the_same_thread_count(make_cfg, di
     assert all(torch.equal(a, b) for a, b in zip(single, ddp, strict=True))
 
 
+def test_teacher_passes_side_by_side_give_bitwise_the_labels_of_one_thread(make_cfg, distilled: Path):
+    """Two threads label with one teacher each at a time (one intra-op thread per pass): the arithmetic of one
+    thread labelling with the teachers in turn, so the same logits, recorded as 1-thread work."""
+    one = relabel(make_cfg("relabel", *RELABEL, "hardware.threads=1"))
+    single = [torch.load(p, weights_only=True)["logits"] for p in sorted(labels_dir(distilled).glob("epoch_*.pt"))]
+    both = relabel(make_cfg("relabel", *RELABEL, "hardware.threads=2", "overwrite=true"))
+    side = [torch.load(p, weights_only=True)["logits"] for p in sorted(labels_dir(distilled).glob("epoch_*.pt"))]
+    assert len(single) == len(side) == 3 and all(torch.equal(a, b) for a, b in zip(single, side, strict=True))
+    assert one["cpu_threads"] == both["cpu_threads"] == 1
+
+
 def test_relabel_resumed_at_another_thread_count_is_refused(make_cfg, distilled: Path):
-    relabel(make_cfg("relabel", *RELABEL, "hardware.threads=2"))
+    in_turn = ("hardware.threads=2", "hardware.member_threads=1")  # teacher passes with two intra-op threads
+    relabel(make_cfg("relabel", *RELABEL, *in_turn))
     folder = labels_dir(distilled)
     (folder / "epoch_0002.pt").unlink()
     (folder / "manifest.json").unlink()  # as if killed after two epochs
-    with pytest.raises(ArtifactConflictError, match=r"begun with 2 CPU thread.*has 1.*hardware\.threads=2"):
+    hint = r"hardware\.threads=2 hardware\.member_threads=1"
+    with pytest.raises(ArtifactConflictError, match=rf"begun with 2 CPU thread.*has 1.*{hint}"):
         relabel(make_cfg("relabel", *RELABEL, "hardware.threads=1"))
-    assert relabel(make_cfg("relabel", *RELABEL, "hardware.threads=2"))["cpu_threads"] == 2
+    assert relabel(make_cfg("relabel", *RELABEL, *in_turn))["cpu_threads"] == 2
