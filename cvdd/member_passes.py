@@ -1,5 +1,5 @@
-"""Recover's member passes (one member's forward and input gradient over its units), one after another or
-side by side in worker threads.
+"""Member passes, one after another or side by side in worker threads: recover's (one member's forward and
+input gradient over its units) and relabel's (one teacher's logits).
 
 A CPU-sized member at recover's batch (tens of 28-px images) keeps two intra-op threads only partly busy:
 on this project's 2-core machine the five ``small`` members ran 1.39× faster as two threads of one
