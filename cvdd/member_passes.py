@@ -22,12 +22,10 @@ Job = TypeVar("Job")
 Result = TypeVar("Result")
 
 
-def member_workers(requested: int | str | None, threads: int, device_type: str) -> int:
-    """Passes run at once: ``requested``, or on CPU every thread its own pass (``threads``); one on a GPU."""
-    if device_type != "cpu":
-        return 1
+def requested_workers(requested: int | str | None) -> int | None:
+    """``hardware.member_threads`` checked: ``None`` (one pass per thread) or a positive integer."""
     if requested is None:
-        return max(1, threads)
+        return None
     try:
         workers = int(requested)
     except (TypeError, ValueError):
@@ -37,6 +35,14 @@ def member_workers(requested: int | str | None, threads: int, device_type: str) 
             f"hardware.member_threads={requested!r} must be a positive integer, or null for one pass per CPU thread"
         )
     return workers
+
+
+def member_workers(requested: int | str | None, threads: int, device_type: str) -> int:
+    """Passes run at once: ``requested``, or on CPU every thread its own pass (``threads``); one on a GPU."""
+    workers = requested_workers(requested)
+    if device_type != "cpu":
+        return 1
+    return max(1, threads) if workers is None else workers
 
 
 def threads_per_pass(workers: int, threads: int) -> int:

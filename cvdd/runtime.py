@@ -13,6 +13,7 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from cvdd.hardware import configure_threads
+from cvdd.member_passes import requested_workers
 from cvdd.quiet import quiet_libraries
 
 log = logging.getLogger("cvdd")
@@ -39,6 +40,7 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list[Callback] | None = None
     callbacks: list[Callback] = instantiate_named(cfg.get("callbacks")) + list(extra_callbacks or [])
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     trainer.callbacks.append(configure_threads(cfg.hardware.get("threads"), trainer.num_devices))
+    requested_workers(cfg.hardware.get("member_threads"))  # a bad value stops the job before any work
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     return trainer, loggers

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from cvdd.member_passes import MemberPasses, member_workers, threads_per_pass
+from cvdd.runtime import build_trainer
 
 
 def test_workers_default_to_one_pass_per_cpu_thread_and_one_on_a_gpu():
@@ -22,6 +23,13 @@ def test_workers_default_to_one_pass_per_cpu_thread_and_one_on_a_gpu():
 def test_a_bad_worker_count_names_the_setting(bad):
     with pytest.raises(ValueError, match=r"hardware\.member_threads"):
         member_workers(bad, 2, "cpu")
+    with pytest.raises(ValueError, match=r"hardware\.member_threads"):
+        member_workers(bad, 2, "cuda")  # a GPU run ignores the count but not a typo in it
+
+
+def test_a_job_with_a_bad_worker_count_stops_before_any_work(make_cfg):
+    with pytest.raises(ValueError, match=r"hardware\.member_threads=0 must be a positive integer"):
+        build_trainer(make_cfg("distill", "hardware.member_threads=0"))
 
 
 def test_passes_run_side_by_side_with_their_share_of_threads_and_return_in_job_order():
