@@ -50,6 +50,21 @@ def threads_per_pass(workers: int, threads: int) -> int:
     return max(1, threads // workers)
 
 
+def plan_passes(requested: int | str | None, threads: int | None) -> tuple[int, int | None]:
+    """``(passes at once, intra-op threads of each pass)`` for a stage whose processes run ``threads`` CPU
+    threads; ``threads`` ``None`` (not on CPU) gives one pass at a time and no count to record."""
+    if threads is None:
+        return member_workers(requested, 1, "cuda"), None
+    workers = member_workers(requested, threads, "cpu")
+    return workers, threads_per_pass(workers, threads)
+
+
+def in_turn(threads: int | None) -> str:
+    """The settings whose passes run one at a time with ``threads`` intra-op threads: how to resume work
+    recorded at that count."""
+    return f"hardware.threads={threads} hardware.member_threads=1"
+
+
 class MemberPasses:
     """Runs a step's passes: in order with every intra-op thread (``workers`` 1), or ``workers`` at a time, each
     in a thread of ``threads // workers`` intra-op threads, the costliest first (last step's times)."""

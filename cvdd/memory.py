@@ -4,10 +4,10 @@ The tensors autograd saves for the members' passes over a wave's images are near
 memory. Each pass frees its graph once its gradient is taken (:mod:`cvdd.member_passes`), so only the
 passes in flight hold theirs; the estimate counts every member's pass over every image of the wave
 alive together, an upper bound. :func:`member_bytes_per_image` measures them for one image through
-one member, exactly as recover runs it (the member's numerics, the BN-statistics hook), by counting the storage autograd
-saves at two batch sizes: the difference is per image and excludes what does not grow with the batch
-(weights, their bf16 copies). A unit's image passes through each of the unit's members, and also
-costs its fp32 state (the image, its gradient, Adam's two moments, the augmented copy and the
+one member, exactly as recover runs it (the member's numerics, the BN-statistics hook), by counting
+the storage autograd saves at two batch sizes: the difference is per image and excludes what does not
+grow with the batch (weights, their bf16 copies). A unit's image passes through each of the unit's
+members, and also costs its fp32 state (the image, its gradient, Adam's two moments, the augmented copy and the
 augmentation's saved input: :data:`STATE_COPIES` copies).
 
 The wave takes :data:`BUDGET_FRACTION` of the free memory, divided by the worst unit's cost per

@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from cvdd.member_passes import MemberPasses, member_workers, threads_per_pass
+from cvdd.member_passes import MemberPasses, member_workers, plan_passes, threads_per_pass
 from cvdd.runtime import build_trainer
 
 
@@ -17,6 +17,8 @@ def test_workers_default_to_one_pass_per_cpu_thread_and_one_on_a_gpu():
     assert member_workers("3", 2, "cpu") == 3
     assert member_workers(None, 16, "cuda") == member_workers(4, 16, "cuda") == 1
     assert [threads_per_pass(w, 8) for w in (1, 2, 3, 8, 16)] == [8, 4, 2, 1, 1]
+    # what a stage records: passes at once and each pass's intra-op threads (none off CPU)
+    assert plan_passes(None, 2) == (2, 1) and plan_passes(1, 2) == (1, 2) and plan_passes(None, None) == (1, None)
 
 
 @pytest.mark.parametrize("bad", [0, -1, "many"])

@@ -20,7 +20,7 @@ from cvdd.committee import select_members, voting_weights
 from cvdd.distributed import HydraDDPStrategy
 from cvdd.hardware import check_same_threads, cpu_threads
 from cvdd.init import INIT_MODES, Initializer, PatchSettings
-from cvdd.member_passes import member_workers, threads_per_pass
+from cvdd.member_passes import in_turn, plan_passes
 from cvdd.methods.base import DistillContext, ImageSet, Method, require_real_images
 from cvdd.recover import RecoverModule, RecoverSettings, Unit, class_blocks, plan_groups
 from cvdd.runtime import log
@@ -104,9 +104,7 @@ class CommitteeVoting(Method):
         cfg, committee, artifact, trainer = ctx.cfg, self._committee(ctx), ctx.artifact, ctx.trainer
         if isinstance(trainer.strategy, HydraDDPStrategy):
             trainer.strategy.wrap_model = False  # each rank owns its images: no broadcast, no gradient averaging
-        threads = cpu_threads(trainer)
-        workers = member_workers(cfg.hardware.get("member_threads"), threads or 1, "cpu" if threads else "cuda")
-        threads = None if threads is None else threads_per_pass(workers, threads)  # what a member pass rounds with
+        workers, threads = plan_passes(cfg.hardware.get("member_threads"), cpu_threads(trainer))
         units = plan_units(self.committee_config(cfg), cfg, ctx.spec.num_classes, committee.priors)
         done = set() if cfg.get("overwrite", False) else finished_units(artifact, units, recipe_hash, threads)
         groups = plan_groups(units, int(cfg.recover.group_images), bool(cfg.recover.grouping))
@@ -191,8 +189,8 @@ def finished_units(artifact: DistilledArtifact, units: list[Unit], recipe_hash: 
             continue
         if saved["recipe"] == recipe_hash:
             recorded = saved.get("cpu_threads")
-            in_turn = f"hardware.threads={recorded} hardware.member_threads=1"  # passes with all of them
-            check_same_threads(recorded, threads, f"distilled set {artifact.folder} (its member passes)", in_turn)
+            what = f"distilled set {artifact.folder} (its member passes)"
+            check_same_threads(recorded, threads, what, in_turn(recorded))
             done.add(unit.key)
     return done
 
