@@ -83,15 +83,16 @@ def cpu_threads(trainer: Trainer) -> int | None:
     return torch.get_num_threads() if isinstance(trainer.accelerator, CPUAccelerator) else None
 
 
-def check_same_threads(recorded: int | None, current: int | None, what: str, resume_with: str | None = None) -> None:
+def check_same_threads(recorded: int | None, current: int | None, what: str) -> None:
     """Refuse to finish work begun at another CPU thread count: the parts would not add up to the result
-    of either count. ``resume_with`` is the setting that gives the recorded count (default ``hardware.threads``)."""
+    of either count. The counts are those of each member pass (:func:`cvdd.member_passes.threads_per_pass`);
+    passes one at a time with every thread give any count back."""
     if recorded is None or current is None or recorded == current:
         return
     raise ArtifactConflictError(
         f"{what} was begun with {recorded} CPU thread(s) per process and this run has {current}; on CPU the "
         f"thread count changes the rounding of some kernels, so the parts would not match. Resume with "
-        f"{resume_with or f'hardware.threads={recorded}'}, or start over with overwrite=true"
+        f"hardware.threads={recorded} hardware.member_threads=1, or start over with overwrite=true"
     )
 
 

@@ -59,12 +59,6 @@ def plan_passes(requested: int | str | None, threads: int | None) -> tuple[int, 
     return workers, threads_per_pass(workers, threads)
 
 
-def in_turn(threads: int | None) -> str:
-    """The settings whose passes run one at a time with ``threads`` intra-op threads: how to resume work
-    recorded at that count."""
-    return f"hardware.threads={threads} hardware.member_threads=1"
-
-
 class MemberPasses:
     """Runs a step's passes: in order with every intra-op thread (``workers`` 1), or ``workers`` at a time, each
     in a thread of ``threads // workers`` intra-op threads, the costliest first (last step's times)."""

@@ -29,7 +29,7 @@ from cvdd.distributed import HydraDDPStrategy
 from cvdd.hardware import check_same_threads, cpu_threads
 from cvdd.image_sets import student_set
 from cvdd.label_store import check_storage, pack_logits, payload_bytes
-from cvdd.member_passes import in_turn, plan_passes
+from cvdd.member_passes import plan_passes
 from cvdd.relabel import RelabelModule
 from cvdd.runtime import build_trainer, finish_loggers, log, log_final
 from cvdd.soft_labels import build_plan, label_settings, labels_of, relabel_committee
@@ -92,8 +92,9 @@ def relabel(cfg: DictConfig) -> dict[str, Any]:
         workers, threads = plan_passes(cfg.hardware.get("member_threads"), cpu_threads(trainer))
         todo = [e for e in range(plan.epochs) if not done(e)]
         if len(todo) < plan.epochs:
-            recorded = load_json(stamp).get("cpu_threads")
-            check_same_threads(recorded, threads, f"labels {artifact.folder} (their teacher passes)", in_turn(recorded))
+            check_same_threads(
+                load_json(stamp).get("cpu_threads"), threads, f"labels {artifact.folder} (their teacher passes)"
+            )
         if trainer.global_rank == 0:
             save_json(stamp, {"fingerprint": recipe_hash, "cpu_threads": threads})
         mine = todo[trainer.global_rank :: trainer.world_size]

@@ -20,7 +20,7 @@ from cvdd.committee import select_members, voting_weights
 from cvdd.distributed import HydraDDPStrategy
 from cvdd.hardware import check_same_threads, cpu_threads
 from cvdd.init import INIT_MODES, Initializer, PatchSettings
-from cvdd.member_passes import in_turn, plan_passes
+from cvdd.member_passes import plan_passes
 from cvdd.methods.base import DistillContext, ImageSet, Method, require_real_images
 from cvdd.recover import RecoverModule, RecoverSettings, Unit, class_blocks, plan_groups
 from cvdd.runtime import log
@@ -188,9 +188,9 @@ def finished_units(artifact: DistilledArtifact, units: list[Unit], recipe_hash: 
             log.warning("unit file %s is damaged; recomputing that unit", path)
             continue
         if saved["recipe"] == recipe_hash:
-            recorded = saved.get("cpu_threads")
-            what = f"distilled set {artifact.folder} (its member passes)"
-            check_same_threads(recorded, threads, what, in_turn(recorded))
+            check_same_threads(
+                saved.get("cpu_threads"), threads, f"distilled set {artifact.folder} (its member passes)"
+            )
             done.add(unit.key)
     return done
 
