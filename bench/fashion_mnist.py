@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -213,6 +214,7 @@ class Bench:
         for key in ("teachers", "stages", "cells"):
             self.state.setdefault(key, {})
         self.state.setdefault("sessions", [])
+        self.commit = git_commit()
 
     def save(self) -> None:
         save_json(self.path, self.state)
@@ -231,7 +233,12 @@ class Bench:
         """Run a stage once: its record (result fields and seconds) is kept under ``stages[key]``."""
         if key not in self.state["stages"]:
             result, seconds, cpu = self.job(config_name, run, overrides, key.replace("/", "_"))
-            self.state["stages"][key] = {"seconds": seconds, "cpu_seconds": cpu, **stage_record(config_name, result)}
+            self.state["stages"][key] = {
+                "seconds": seconds,
+                "cpu_seconds": cpu,
+                "commit": self.commit,
+                **stage_record(config_name, result),
+            }
             self.save()
             print(f"[bench] {key}: {seconds:.0f}s", flush=True)
         return self.state["stages"][key]
@@ -267,6 +274,7 @@ class Bench:
                         "test_top1": record["test_top1"],
                         "seconds": seconds,
                         "cpu_seconds": cpu,
+                        "commit": self.commit,
                     }
                 )
                 self.save()
@@ -678,24 +686,26 @@ def numerics_lines(state: dict) -> list[str]:
 
 
 def stage_totals(state: dict) -> list[str]:
-    """Wall and CPU minutes per stage. CPU time (both threads) is the comparable one: the run was paused while
-    tests ran on this 2-core machine, which wall time includes."""
+    """Wall and CPU minutes per stage, and the code each stage ran. CPU time (both threads) is the comparable
+    one: the run was paused while tests ran on this 2-core machine, which wall time includes. Runs recorded
+    before CPU time (or the commit) was kept are counted and named, not guessed."""
     records = {"squeeze (teachers, every try)": [t for rec in state["teachers"].values() for t in rec.get("tries", [])]}
     for key, rec in state["stages"].items():
         records.setdefault(key.split("/")[0], []).append(rec)
-    totals = {
-        stage: (sum(r["seconds"] for r in recs), sum(r.get("cpu_seconds", float("nan")) for r in recs))
-        for stage, recs in records.items()
-    }
-    rows = [[stage, f"{wall / 60:.1f}", f"{cpu / 60:.1f}"] for stage, (wall, cpu) in totals.items()]
-    rows.append(
-        [
-            "all stages",
-            f"{sum(w for w, _ in totals.values()) / 60:.1f}",
-            f"{sum(c for _, c in totals.values()) / 60:.1f}",
-        ]
-    )
-    return table(["stage", "wall minutes", "CPU minutes (2 threads)"], rows)
+    records["all stages"] = [r for recs in list(records.values()) for r in recs]
+
+    def cpu_minutes(recs: list[dict]) -> str:
+        timed = [r["cpu_seconds"] for r in recs if "cpu_seconds" in r]
+        text = f"{sum(timed) / 60:.1f}"
+        return text if len(timed) == len(recs) else f"{text} ({len(timed)} of {len(recs)} runs timed)"
+
+    rows = [
+        [stage, f"{sum(r['seconds'] for r in recs) / 60:.1f}", cpu_minutes(recs)] for stage, recs in records.items()
+    ]
+    commits = Counter(rec.get("commit", "")[:8] or "not recorded" for rec in records["all stages"])
+    code = "Code per run (teacher tries and stages): " + ", ".join(f"{c}: {n}" for c, n in commits.items())
+    note = '("not recorded": runs before stages kept their commit; the script\'s runs and their commits are below.)'
+    return [*table(["stage", "wall minutes", "CPU minutes (2 threads)"], rows), "", code, note]
 
 
 def git_commit() -> str:
@@ -721,7 +731,7 @@ def main() -> None:
         return
     started = time.time()
     bench.state["sessions"].append(
-        {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seconds": 0.0, "commit": git_commit()}
+        {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seconds": 0.0, "commit": bench.commit}
     )
 
     def tick() -> None:

@@ -91,6 +91,20 @@ def test_the_report_holds_protocol_tables_and_plot(state: Path):
     assert "| ConvNet on all 60k images, hard labels (20 epochs) | 93.0 | 93.0 |" in text
     assert "| resnet18_small | 10 → 91.00 | 10 | 91.00 | 80 |" in text
     assert (state / "out" / "fashion_mnist.png").stat().st_size > 10_000
+    # the teacher's try predates CPU timing: counted, not summed as zero or shown as nan
+    assert "| squeeze (teachers, every try) | 1.3 | 0.0 (0 of 1 runs timed) |" in text
+    assert "| all stages | 3.0 | 3.2 (1 of 2 runs timed) |" in text
+    assert "Code per run (teacher tries and stages): not recorded: 2" in text
+
+
+def test_a_stage_keeps_the_commit_that_ran_it(state: Path, monkeypatch: pytest.MonkeyPatch):
+    b = bench.Bench(state / "work", state / "out")
+    b.commit = "0123456789abcdef"
+    monkeypatch.setattr(b, "job", lambda *a, **k: ({}, 5.0, 9.0))
+    record = b.stage("distill/x", "distill", None, [])
+    assert record == {"seconds": 5.0, "cpu_seconds": 9.0, "commit": "0123456789abcdef"}
+    bench.write_report(b)
+    assert "not recorded: 2, 01234567: 1" in (state / "out" / "fashion_mnist.md").read_text()
 
 
 def test_finished_cells_are_skipped(state: Path, monkeypatch: pytest.MonkeyPatch):
