@@ -38,12 +38,16 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 import torch  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
+from torchvision.io import read_image  # noqa: E402
 
 from cvdd.artifacts import load_json, save_json  # noqa: E402
+from cvdd.artifacts.distilled import png_path  # noqa: E402
 from cvdd.bssl import soft_label_logits  # noqa: E402
 from cvdd.compose import compose_job  # noqa: E402
 from cvdd.data import load_dataset  # noqa: E402
+from cvdd.grid import LABEL_WIDTH, distilled_grid, save_image_atomic  # noqa: E402
 from cvdd.jobs.distill import distill  # noqa: E402
 from cvdd.jobs.evaluate import evaluate  # noqa: E402
 from cvdd.jobs.relabel import relabel  # noqa: E402
@@ -72,6 +76,7 @@ CURVE_ITERATIONS = (80, 300)  # the iterations curve at IPC 10, seed 0 (1,000 is
 STUDENT = "convnet"  # ConvNet-3, width 128, BatchNorm
 EPOCHS = 300  # student epochs at every IPC (= epochs of label plans); LONG_EPOCHS is the later papers' choice
 LONG_EPOCHS = 1000
+PICTURES, PICTURE_COLUMNS = "fashion_mnist_sets.png", 5  # the sets side by side: 5 images per class each
 # Lower bound of the random-resized-crop scale (recover, relabel, student): the paper's, and for 28-px images
 # crops of at least half the image (v1's one-change check at IPC 10: +1.4 points for CV-DD, +5.7 for real images).
 PAPER_CROP, ALT_CROP = 0.08, 0.5
@@ -255,6 +260,21 @@ class Bench:
                 link.symlink_to(shared / name, target_is_directory=True)
         return folder
 
+    def pictures(self, crop: float) -> None:
+        """The IPC-10, seed-0 set of every method side by side (``fashion_mnist_sets.png``); the state keeps which
+        sets are pictured, so the report can be rewritten without them."""
+        folders = {m: self.work / "artifacts" / DATASET / "distilled" / Cell(m, 10, 0, crop).set_name for m in ORDER}
+        if not all((folder / "manifest.json").is_file() for folder in folders.values()):
+            return
+        panels = []
+        for method, folder in folders.items():
+            pixels, labels, ipc_index, names = set_pixels(folder, PICTURE_COLUMNS)
+            grid = distilled_grid(pixels, labels, ipc_index, names)
+            panels.append((method, grid if not panels else grid.crop((LABEL_WIDTH, 0, grid.width, grid.height))))
+        save_image_atomic(side_by_side(panels), self.out / PICTURES)
+        self.state["pictures"] = {m: folder.name for m, folder in folders.items()}
+        self.save()
+
     # --- teachers ---------------------------------------------------------------------------------------------
     def squeeze(self) -> None:
         """Each member squeezed at its first epoch count that reaches the target (every try recorded), then the
@@ -369,6 +389,30 @@ class Bench:
                 self.cell(Cell("random_real", ipc, seed, crop, teachers=METHODS["sre2l"][1]))
                 for method in ORDER:
                     self.cell(Cell(method, ipc, seed, crop, labels="hard"))
+
+
+def set_pixels(folder: Path, columns: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+    """The first ``columns`` images of every class of a finished set, as its student reads them: the exported
+    PNGs (uint8, N × C × H × W), with their labels, IPC indices and the class names."""
+    names = load_json(folder / "manifest.json")["class_names"]
+    labels = torch.arange(len(names)).repeat_interleave(columns)
+    ipc_index = torch.arange(columns).repeat(len(names))
+    pixels = torch.stack(
+        [read_image(str(png_path(folder, int(c), int(i), names))) for c, i in zip(labels, ipc_index, strict=True)]
+    )
+    return pixels, labels, ipc_index, names
+
+
+def side_by_side(panels: list[tuple[str, Image.Image]], title_height: int = 18, gap: int = 12) -> Image.Image:
+    """Grid images in a row with their titles above."""
+    width = sum(image.width for _, image in panels) + gap * (len(panels) - 1)
+    canvas = Image.new("RGB", (width, title_height + max(image.height for _, image in panels)), "white")
+    draw, x = ImageDraw.Draw(canvas), 0
+    for i, (title, image) in enumerate(panels):
+        canvas.paste(image, (x, title_height))
+        draw.text((x + (LABEL_WIDTH if i == 0 else 0) + 4, 3), title, fill="black")
+        x += image.width + gap
+    return canvas
 
 
 def stage_record(config_name: str, result: dict) -> dict:
@@ -605,6 +649,7 @@ def write_report(bench: Bench) -> None:
             markdown_table(groups_of(soft, "soft", "best"), ORDER),
             "![top-1 vs IPC](fashion_mnist.png)",
             "",
+            *picture_lines(state),
             "## Hard labels and DD-Ranking",
             "",
             *table(["method", "IPC", "top-1 with hard labels", "HLR", "IOR"], ranking_rows(state)),
@@ -645,6 +690,21 @@ def write_report(bench: Bench) -> None:
             "Fashion-MNIST v2, ConvNet student, soft labels",
             reference=reference,
         )
+
+
+def picture_lines(state: dict) -> list[str]:
+    """The sets side by side (nothing until the picture was made)."""
+    if "pictures" not in state:
+        return []
+    sets = ", ".join(f"{m}: `{name}`" for m, name in state["pictures"].items())
+    return [
+        f"## The sets (IPC 10, seed 0; the first {PICTURE_COLUMNS} images per class, as the student reads them)",
+        "",
+        f"![sets]({PICTURES})",
+        "",
+        f"Left to right: {sets}.",
+        "",
+    ]
 
 
 def check_lines(state: dict) -> list[str]:
@@ -727,6 +787,7 @@ def main() -> None:
 
     bench = Bench(args.work, args.out)
     if args.report:
+        bench.pictures(bench.state.get("crop", {}).get("chosen", PAPER_CROP))
         write_report(bench)
         return
     started = time.time()
@@ -751,6 +812,7 @@ def main() -> None:
     ipcs = sorted(args.ipcs, key=lambda ipc: (ipc != 10, ipc))
     if 10 in ipcs:  # the diagnostics at IPC 10, seed 0 come before the long cells: they say what the rest means
         bench.grid(crop, [10], [0])
+        bench.pictures(crop)
         bench.curve(crop)
         tick()
         bench.checks(crop)

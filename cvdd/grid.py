@@ -12,6 +12,7 @@ from cvdd.artifacts import atomic_write
 
 MAX_GRID_CLASSES = 100
 MAX_GRID_COLUMNS = 10
+LABEL_WIDTH = 110  # pixels left of the images for the class names
 
 
 def grid_rows(num_classes: int, seed: int = 0) -> list[int]:
@@ -40,9 +41,8 @@ def distilled_grid(
     image = Image.fromarray(grid.permute(1, 2, 0).numpy()).resize(
         (grid.shape[2] * scale, grid.shape[1] * scale), Image.NEAREST
     )
-    label_width = 110
-    canvas = Image.new("RGB", (image.width + label_width, image.height), "white")
-    canvas.paste(image, (label_width, 0))
+    canvas = Image.new("RGB", (image.width + LABEL_WIDTH, image.height), "white")
+    canvas.paste(image, (LABEL_WIDTH, 0))
     draw = ImageDraw.Draw(canvas)
     row_height = (h + 2) * scale
     for r, cls in enumerate(rows):

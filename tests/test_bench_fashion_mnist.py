@@ -9,6 +9,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+import torch
+from PIL import Image
+
+from cvdd.artifacts.distilled import DistilledArtifact, write_set
 
 SPEC = importlib.util.spec_from_file_location(
     "fashion_mnist_bench", Path(__file__).parents[1] / "bench/fashion_mnist.py"
@@ -154,3 +158,34 @@ def test_checks_run_every_concerned_method_and_the_curve_of_changed_sets(state: 
         (m, i, "init_real") for m in ("sre2l", "cvdd") for i in bench.CURVE_ITERATIONS
     }
     assert Cell("cvdd", 10, 0, 0.5, iterations=80, check="init_real").set_name == "cvdd_ipc10_it80_crop0.5_init_real_s0"
+
+
+def test_the_sets_are_pictured_side_by_side_as_their_students_read_them(state: Path):
+    b = bench.Bench(state / "work", state / "out")
+    names, ipc = [f"class{c}" for c in range(3)], 10
+    labels, ipc_index = torch.arange(3).repeat_interleave(ipc), torch.arange(ipc).repeat(3)
+    shades = [51, 102, 153, 204]  # one pixel level per method, in ORDER
+    for shade, method in zip(shades, bench.ORDER, strict=True):
+        artifact = DistilledArtifact(state / "work" / "artifacts", bench.DATASET, Cell(method, 10, 0, 0.5).set_name)
+        images = torch.full((3 * ipc, 1, 28, 28), shade / 255)  # mean 0, std 1: the PNGs hold exactly `shade`
+        write_set(artifact, images, labels, ipc_index, names, [0.0], [1.0], 0, {"class_names": names})
+    b.pictures(0.5)
+
+    picture = Image.open(state / "out" / bench.PICTURES).convert("L")
+    first = bench.distilled_grid(*bench.set_pixels(artifact.folder, bench.PICTURE_COLUMNS)[:3], names)
+    panel = first.width - bench.LABEL_WIDTH  # five columns, not the set's ten
+    assert panel < 6 * 28 * 2 and picture.width == first.width + 3 * (panel + 12)
+    starts = [bench.LABEL_WIDTH] + [first.width + 12 + k * (panel + 12) for k in range(3)]
+    for start, shade in zip(starts, shades, strict=True):
+        region = picture.crop((start, 18, start + panel, picture.height))
+        levels = {level for count, level in region.getcolors() if count}
+        assert shade in levels and not levels & (set(shades) - {shade}), "each panel shows its own method's set"
+    assert b.state["pictures"]["cvdd"] == "cvdd_ipc10_it1000_crop0.5_s0"
+    bench.write_report(bench.Bench(state / "work", state / "out"))  # the report reads the pictures from the state
+    assert f"![sets]({bench.PICTURES})" in (state / "out" / "fashion_mnist.md").read_text()
+
+
+def test_no_picture_until_every_method_has_its_set(state: Path):
+    b = bench.Bench(state / "work", state / "out")
+    b.pictures(0.5)
+    assert not (state / "out" / bench.PICTURES).exists() and "pictures" not in b.state
