@@ -627,6 +627,10 @@ def write_report(bench: Bench) -> None:
             "  labelled by resnet18_small alone).",
             f"* Seeds {', '.join(map(str, sorted({c['seed'] for c in soft}) or SEEDS))}; mean ± sample std. "
             "Numerics: the fast default (`hardware.precision=auto`).",
+            "* Code: each stage's commit is in `fashion_mnist.json` (tally under Wall time). From `11e388f` on,",
+            "  recover's member passes and relabel's teacher passes run side by side (`hardware.member_threads`,",
+            "  one thread each); before, in turn with 2 threads each: the same arithmetic, in another",
+            "  floating-point summation order.",
             "",
             "## Teachers",
             "",
