@@ -32,6 +32,7 @@ VARIANTS = {
     "bf16": ["hardware.precision=bf16", "hardware.channels_last=false"],
     "bf16_cl": ["hardware.precision=bf16", "hardware.channels_last=true"],
     "auto": [],
+    "auto_in_turn": ["hardware.member_threads=1"],  # recover's / relabel's passes one at a time, all threads each
 }
 STAGES = ("squeeze", "recover", "relabel", "student")
 BUSY: list[float] = []
