@@ -11,7 +11,7 @@ ablation at IPC 10, seed 0; with the better crop scale, the IPC 10 cells of seed
 curve, the one-change checks (``CHECKS``) and the 1,000-epoch students at IPC 10, seed 0; the grid (IPC 10 / 1 /
 50 × seeds × methods, soft and hard labels). Every finished stage and cell is written to
 ``bench/results/fashion_mnist.json`` at once, so a re-run skips it (and an interrupted stage resumes: the jobs
-do). ``fashion_mnist.md`` and ``fashion_mnist.png`` are written at the end.
+do). ``fashion_mnist.md``, ``fashion_mnist.png`` and ``fashion_mnist_sets.png`` are rewritten as parts finish.
 
 Label sets are stored per set name, so every label variant (epochs, crop scale, teachers, numerics) gets its
 own artifacts folder under ``<work>/variants/`` that links the shared teachers, distilled sets and patch cache.
