@@ -40,10 +40,9 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
-from torchvision.io import read_image  # noqa: E402
 
 from cvdd.artifacts import load_json, save_json  # noqa: E402
-from cvdd.artifacts.distilled import png_path  # noqa: E402
+from cvdd.artifacts.distilled import read_pngs  # noqa: E402
 from cvdd.bssl import soft_label_logits  # noqa: E402
 from cvdd.compose import compose_job  # noqa: E402
 from cvdd.data import load_dataset  # noqa: E402
@@ -394,13 +393,12 @@ class Bench:
 def set_pixels(folder: Path, columns: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
     """The first ``columns`` images of every class of a finished set, as its student reads them: the exported
     PNGs (uint8, N × C × H × W), with their labels, IPC indices and the class names."""
-    names = load_json(folder / "manifest.json")["class_names"]
+    manifest = load_json(folder / "manifest.json")
+    names = manifest["class_names"]
     labels = torch.arange(len(names)).repeat_interleave(columns)
     ipc_index = torch.arange(columns).repeat(len(names))
-    pixels = torch.stack(
-        [read_image(str(png_path(folder, int(c), int(i), names))) for c, i in zip(labels, ipc_index, strict=True)]
-    )
-    return pixels, labels, ipc_index, names
+    rebuild = f"delete {folder} and its distill/ stage in fashion_mnist.json, then run python bench/fashion_mnist.py"
+    return read_pngs(folder, labels, ipc_index, names, manifest.get("files", {}), rebuild), labels, ipc_index, names
 
 
 def side_by_side(panels: list[tuple[str, Image.Image]], title_height: int = 18, gap: int = 12) -> Image.Image:
