@@ -442,7 +442,9 @@ def select(cells: dict, **match) -> list[dict]:
     return [c for c in cells.values() if all(c.get(k) == v for k, v in match.items())]
 
 
-def grid_cells(state: dict, **match) -> list[dict]:
+def grid_cells(state: dict, teachers: str | None = None, **match) -> list[dict]:
+    """The grid's cells (chosen crop, 300 epochs, 1,000 iterations, fast numerics, no check): under their own
+    labelling teachers, or under ``teachers`` (random real images labelled as SRe2L++'s are, for its IOR)."""
     crop = state.get("crop", {}).get("chosen", PAPER_CROP)
     return select(
         state["cells"],
@@ -450,7 +452,7 @@ def grid_cells(state: dict, **match) -> list[dict]:
         epochs=EPOCHS,
         iterations=ITERATIONS,
         precision="auto",
-        teachers=None,
+        teachers=teachers,
         check=None,
         **match,
     )
@@ -481,7 +483,6 @@ def ranking_rows(state: dict) -> list[list[str]]:
         "rded": ("random_real", None),
         "sre2l": ("random_real", METHODS["sre2l"][1]),
     }
-    crop = state.get("crop", {}).get("chosen", PAPER_CROP)
     rows = []
     for method in ORDER:
         for ipc in IPCS:
@@ -490,9 +491,7 @@ def ranking_rows(state: dict) -> list[list[str]]:
             ior = "0 (the reference)" if method == "random_real" else "–"
             if method in same_labels:
                 base, teachers = same_labels[method]
-                ref = select(
-                    state["cells"], method=base, crop=crop, labels="soft", epochs=EPOCHS, teachers=teachers, ipc=ipc
-                )
+                ref = grid_cells(state, teachers=teachers, labels="soft")
                 own, other = mean_of(soft, method, ipc), mean_of(ref, base, ipc)
                 if own and other:
                     ior = f"{own[0] - other[0]:+.2f}"
