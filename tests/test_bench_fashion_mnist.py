@@ -93,6 +93,16 @@ def test_hlr_and_ior_follow_dd_ranking(state: Path):
     assert rows[("random_real", "10")][3] == "15.00"
 
 
+def test_each_seed_is_shown_with_cvdd_s_lead_over_random_real(state: Path):
+    lines = bench.per_seed_lines(bench.Bench(state / "work", state / "out").state)
+    assert lines[0] == "| IPC | method | seed 0 | seed 1 |"
+    assert "| 10 | cvdd | 87.00 | 86.00 |" in lines
+    assert "| 10 | random_real | 85.00 | 85.20 |" in lines
+    assert "| 10 | cvdd − random_real | +2.00 | +0.80 |" in lines  # seed by seed, not the means' gap
+    assert "| 1 | cvdd − random_real | +0.10 | – |" in lines  # seed 1 has no IPC-1 cells
+    assert not any("| 50 |" in line for line in lines) and not any("82.00" in line for line in lines)
+
+
 def test_the_report_holds_protocol_tables_and_plot(state: Path):
     b = bench.Bench(state / "work", state / "out")
     bench.write_report(b)
