@@ -12,7 +12,7 @@ from cvdd.jobs.distill import distill
 from cvdd.jobs.evaluate import evaluate
 from cvdd.jobs.relabel import relabel
 from cvdd.report import main as report_main
-from tests.wandb_offline import offline_runs
+from tests.wandb_offline import describe, offline_runs
 
 SET = ("committee=sre2l_small", "ipc=1", "logger=wandb")
 LABELS = (*SET, "relabel.epochs=2", "relabel.teachers=resnet18_small")
@@ -28,7 +28,7 @@ def test_each_stage_is_a_run_of_the_set_s_group_with_its_dashboard_items(
     relabel(make_cfg("relabel", *LABELS))
     evaluate(make_cfg("evaluate", *LABELS, "validate.eval_every=1"))
     runs = {run.job_type: run for run in offline_runs(workdir / "run")}
-    assert set(runs) == {"distill", "relabel", "evaluate"}
+    assert set(runs) == {"distill", "relabel", "evaluate"}, describe(workdir / "run")
     assert {run.group for run in runs.values()} == {"sre2l_small_ipc1_patches_s0"}, "the stages of one set together"
     for stage, run in runs.items():
         assert run.config["task_name"] == stage and run.config["ipc"] == 1, "the resolved config"

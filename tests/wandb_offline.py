@@ -62,3 +62,17 @@ def read_run(folder: Path) -> OfflineRun:
 
 def offline_runs(root: Path) -> list[OfflineRun]:
     return [read_run(folder) for folder in sorted(Path(root).rglob("offline-run-*")) if folder.is_dir()]
+
+
+def describe(root: Path) -> str:
+    """Each offline run folder under ``root`` with its log file's size and record kinds: what a failed
+    read-back assertion needs to tell a run that was never written from one that was cut short."""
+    lines = []
+    for folder in sorted(Path(root).rglob("offline-run-*")):
+        for log_file in sorted(folder.glob("run-*.wandb")):
+            kinds: dict[str, int] = {}
+            for record in records(log_file):
+                kind = record.WhichOneof("record_type") or "?"
+                kinds[kind] = kinds.get(kind, 0) + 1
+            lines.append(f"{folder.name}: {log_file.stat().st_size} bytes, records {kinds}")
+    return "\n".join(lines) or f"no offline runs under {root}"
