@@ -483,6 +483,7 @@ def ranking_rows(state: dict) -> list[list[str]]:
         "rded": ("random_real", None),
         "sre2l": ("random_real", METHODS["sre2l"][1]),
     }
+    references = {teachers: grid_cells(state, teachers=teachers, labels="soft") for _, teachers in same_labels.values()}
     rows = []
     for method in ORDER:
         for ipc in IPCS:
@@ -491,8 +492,7 @@ def ranking_rows(state: dict) -> list[list[str]]:
             ior = "0 (the reference)" if method == "random_real" else "–"
             if method in same_labels:
                 base, teachers = same_labels[method]
-                ref = grid_cells(state, teachers=teachers, labels="soft")
-                own, other = mean_of(soft, method, ipc), mean_of(ref, base, ipc)
+                own, other = mean_of(soft, method, ipc), mean_of(references[teachers], base, ipc)
                 if own and other:
                     ior = f"{own[0] - other[0]:+.2f}"
             if h or mean_of(soft, method, ipc):
@@ -507,10 +507,10 @@ def per_seed_lines(state: dict) -> list[str]:
     seeds = sorted({c["seed"] for c in soft})
     top1 = {(c["method"], c["ipc"], c["seed"]): c["test_top1"] for c in soft}
 
-    def row(ipc: int, name: str, values: list[float | None]) -> list[str] | None:
+    def row(ipc: int, name: str, values: list[float | None], signed: bool = False) -> list[str] | None:
         if all(v is None for v in values):
             return None
-        return [str(ipc), name, *("–" if v is None else f"{v:+.2f}" if "−" in name else f"{v:.2f}" for v in values)]
+        return [str(ipc), name, *("–" if v is None else f"{v:+.2f}" if signed else f"{v:.2f}" for v in values)]
 
     rows = []
     for ipc in IPCS:
@@ -518,7 +518,12 @@ def per_seed_lines(state: dict) -> list[str]:
             rows.append(row(ipc, method, [top1.get((method, ipc, s)) for s in seeds]))
         pairs = [(top1.get(("cvdd", ipc, s)), top1.get(("random_real", ipc, s))) for s in seeds]
         rows.append(
-            row(ipc, "cvdd − random_real", [a - b if a is not None and b is not None else None for a, b in pairs])
+            row(
+                ipc,
+                "cvdd − random_real",
+                [a - b if a is not None and b is not None else None for a, b in pairs],
+                signed=True,
+            )
         )
     return table(["IPC", "method", *[f"seed {s}" for s in seeds]], [r for r in rows if r])
 
