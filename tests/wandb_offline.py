@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,8 +61,25 @@ def read_run(folder: Path) -> OfflineRun:
     return run
 
 
-def offline_runs(root: Path) -> list[OfflineRun]:
-    return [read_run(folder) for folder in sorted(Path(root).rglob("offline-run-*")) if folder.is_dir()]
+def closed(folder: Path) -> bool:
+    """The run's log ends with its ``exit`` record: W&B's service has written all of it."""
+    return any(
+        record.WhichOneof("record_type") == "exit"
+        for log_file in Path(folder).glob("run-*.wandb")
+        for record in records(log_file)
+    )
+
+
+def offline_runs(root: Path, wait_s: float = 60.0) -> list[OfflineRun]:
+    """Every offline run under ``root``, read once W&B's service has closed its log. Two CI runs read the last
+    run's log straight after ``wandb.finish()`` and found only its 7-byte header, so the reader waits for every
+    log's ``exit`` record; after ``wait_s`` the runs are read as they are (and the test's assertions say what
+    is missing)."""
+    folders = [folder for folder in sorted(Path(root).rglob("offline-run-*")) if folder.is_dir()]
+    deadline = time.monotonic() + wait_s
+    while not all(closed(folder) for folder in folders) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return [read_run(folder) for folder in folders]
 
 
 def describe(root: Path) -> str:
