@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,36 +62,38 @@ def read_run(folder: Path) -> OfflineRun:
     return run
 
 
-def closed(folder: Path) -> bool:
-    """The run's log ends with its ``exit`` record: W&B's service has written all of it."""
-    return any(
-        record.WhichOneof("record_type") == "exit"
+def run_folders(root: Path) -> list[Path]:
+    return [folder for folder in sorted(Path(root).rglob("offline-run-*")) if folder.is_dir()]
+
+
+def record_kinds(folder: Path) -> Counter:
+    """How many records of each kind the run's log holds."""
+    return Counter(
+        record.WhichOneof("record_type") or "?"
         for log_file in Path(folder).glob("run-*.wandb")
         for record in records(log_file)
     )
 
 
 def offline_runs(root: Path, wait_s: float = 60.0) -> list[OfflineRun]:
-    """Every offline run under ``root``, read once W&B's service has closed its log. Two CI runs read the last
-    run's log straight after ``wandb.finish()`` and found only its 7-byte header, so the reader waits for every
-    log's ``exit`` record; after ``wait_s`` the runs are read as they are (and the test's assertions say what
-    is missing)."""
-    folders = [folder for folder in sorted(Path(root).rglob("offline-run-*")) if folder.is_dir()]
-    deadline = time.monotonic() + wait_s
-    while not all(closed(folder) for folder in folders) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    """Every offline run under ``root``, read once W&B's service has closed its log (its ``exit`` record). Two CI
+    runs read the last run's log straight after ``wandb.finish()`` and found only its 7-byte header; after
+    ``wait_s`` the runs are read as they are (and the test's assertions say what is missing)."""
+    folders = run_folders(root)
+    open_runs, deadline = list(folders), time.monotonic() + wait_s
+    while open_runs and time.monotonic() < deadline:
+        open_runs = [folder for folder in open_runs if not record_kinds(folder)["exit"]]
+        if open_runs:
+            time.sleep(0.2)
     return [read_run(folder) for folder in folders]
 
 
 def describe(root: Path) -> str:
-    """Each offline run folder under ``root`` with its log file's size and record kinds: what a failed
-    read-back assertion needs to tell a run that was never written from one that was cut short."""
-    lines = []
-    for folder in sorted(Path(root).rglob("offline-run-*")):
-        for log_file in sorted(folder.glob("run-*.wandb")):
-            kinds: dict[str, int] = {}
-            for record in records(log_file):
-                kind = record.WhichOneof("record_type") or "?"
-                kinds[kind] = kinds.get(kind, 0) + 1
-            lines.append(f"{folder.name}: {log_file.stat().st_size} bytes, records {kinds}")
+    """Each offline run folder under ``root`` with its log's size and record kinds: what a failed read-back
+    assertion needs to tell a run that was never written from one that was cut short."""
+    lines = [
+        f"{folder.name}: {sum(f.stat().st_size for f in folder.glob('run-*.wandb'))} bytes, "
+        f"records {dict(record_kinds(folder))}"
+        for folder in run_folders(root)
+    ]
     return "\n".join(lines) or f"no offline runs under {root}"
