@@ -478,12 +478,9 @@ def ranking_rows(state: dict) -> list[list[str]]:
     labels) − Acc(random real, the same soft labels)."""
     full = state["stages"].get("full_data", {}).get("test_top1")
     soft, hard = grid_cells(state, labels="soft"), grid_cells(state, labels="hard")
-    same_labels = {
-        "cvdd": ("random_real", None),
-        "rded": ("random_real", None),
-        "sre2l": ("random_real", METHODS["sre2l"][1]),
-    }
-    references = {teachers: grid_cells(state, teachers=teachers, labels="soft") for _, teachers in same_labels.values()}
+    # the teachers whose soft labels random real images get as each method's reference (None: the method's own)
+    same_labels = {"cvdd": None, "rded": None, "sre2l": METHODS["sre2l"][1]}
+    references = {teachers: grid_cells(state, teachers=teachers, labels="soft") for teachers in same_labels.values()}
     rows = []
     for method in ORDER:
         for ipc in IPCS:
@@ -491,8 +488,8 @@ def ranking_rows(state: dict) -> list[list[str]]:
             hlr = f"{full - h[0]:.2f}" if full is not None and h else "–"
             ior = "0 (the reference)" if method == "random_real" else "–"
             if method in same_labels:
-                base, teachers = same_labels[method]
-                own, other = mean_of(soft, method, ipc), mean_of(references[teachers], base, ipc)
+                own = mean_of(soft, method, ipc)
+                other = mean_of(references[same_labels[method]], "random_real", ipc)
                 if own and other:
                     ior = f"{own[0] - other[0]:+.2f}"
             if h or mean_of(soft, method, ipc):
