@@ -74,6 +74,7 @@ def resized_crop(images: torch.Tensor, theta: torch.Tensor, size: tuple[int, int
 
 
 MIX_MODES = ("cutmix", "mixup", "none")
+PLAN_VERSION = 1  # raise when EpochPlan.epoch draws differently from the same arguments
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,8 @@ class EpochPlan:
 
     Relabel and validate construct the same plan from the same arguments, so soft labels computed
     on a planned batch belong to exactly the images the student sees, with no DataLoader
-    internals involved. :meth:`checksum` fingerprints the whole plan so a mismatch is detected.
+    internals involved. :meth:`identity` fingerprints the arguments and :meth:`epoch_digest` each epoch's batches, so
+    a mismatch is detected without rebuilding every epoch.
     """
 
     def __init__(
@@ -155,40 +157,59 @@ class EpochPlan:
             plans.append(BatchPlan(idx, boxes[idx], flips[idx], perm, lam, mix_box))
         return plans
 
-    def checksum(self) -> str:
-        """SHA-256 over every epoch's indices, boxes, flips, permutations, λ and mix boxes."""
-        digest = hashlib.sha256(
-            repr(
-                (
-                    self.seed,
-                    self.num_images,
-                    self.epochs,
-                    self.batch_size,
-                    self.image_size,
-                    self.mix,
-                    self.crop_scale,
-                    self.hflip,
-                    self.mix_alpha,
-                )
-            ).encode()
+    def identity(self) -> str:
+        """SHA-256 of what the plan is built from (its arguments and :data:`PLAN_VERSION`): O(1), so every consumer
+        checks it up front. What the code builds from them is checked per epoch by :meth:`epoch_digest`."""
+        arguments = (
+            PLAN_VERSION,
+            self.seed,
+            self.num_images,
+            self.epochs,
+            self.batch_size,
+            self.image_size,
+            self.mix,
+            self.crop_scale,
+            self.hflip,
+            self.mix_alpha,
         )
-        for e in range(self.epochs):
-            for b in self.epoch(e):
-                for t in (b.indices, b.boxes, b.flips, b.permutation):
-                    digest.update(t.numpy().tobytes())
-                digest.update(repr((round(b.lam, 12), b.mix_box)).encode())
-        return digest.hexdigest()
+        return hashlib.sha256(repr(arguments).encode()).hexdigest()
+
+    @staticmethod
+    def epoch_digest(batches: list[BatchPlan]) -> bytes:
+        """SHA-256 (32 bytes) over one epoch's indices, boxes, flips, permutations, λ and mix boxes. Relabel stores
+        it with the epoch's labels; a consumer compares it with the epoch it rebuilt before using those labels, so a
+        plan that changed under the same arguments (other code, other library) is caught at the epoch it affects
+        and no consumer rebuilds all epochs to check the plan."""
+        digest = hashlib.sha256()
+        for b in batches:
+            for t in (b.indices, b.boxes, b.flips, b.permutation):
+                digest.update(t.numpy().tobytes())
+            digest.update(repr((round(b.lam, 12), b.mix_box)).encode())
+        return digest.digest()
 
 
-def apply_batch(images: torch.Tensor, plan: BatchPlan) -> torch.Tensor:
-    """The planned view of a batch: crop/flip each image (one kernel call), then CutMix or MixUp it."""
-    batch = images[plan.indices]
-    h, w = batch.shape[-2:]
-    out = resized_crop(batch, crop_flip_theta(plan.boxes, plan.flips, h, w), (h, w))
+def apply_batch(images, plan: BatchPlan, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """The planned view of a batch: crop/flip each image (one kernel call), then CutMix or MixUp it.
+
+    ``images`` is anything indexed by a tensor of image indices (a tensor, or :class:`cvdd.image_sets.SetImages`
+    that normalises on its device). With ``positions`` only those rows of the planned batch are made, from their
+    own images and their mixing partners': a rank that forwards one slice of a batch reads only what the slice
+    shows. Each row equals the same row of the whole batch, bit for bit (crops are per image).
+    """
+    count = len(plan.indices)
+    rows = torch.arange(count) if positions is None else positions
     top, left, bh, bw = plan.mix_box
+    mixing = bool(bh and bw) or plan.lam < 1.0
+    partners = plan.permutation[rows]
+    needed = torch.unique(torch.cat([rows, partners])) if mixing else rows
+    batch = images[plan.indices[needed]]
+    h, w = batch.shape[-2:]
+    made = resized_crop(batch, crop_flip_theta(plan.boxes[needed], plan.flips[needed], h, w), (h, w))
+    where = torch.empty(count, dtype=torch.long)
+    where[needed] = torch.arange(len(needed))
+    out, partner = made[where[rows]], made[where[partners]] if mixing else None
     if bh and bw:
-        out = out.clone()
-        out[..., top : top + bh, left : left + bw] = out[plan.permutation][..., top : top + bh, left : left + bw]
+        out[..., top : top + bh, left : left + bw] = partner[..., top : top + bh, left : left + bw]
     elif plan.lam < 1.0:
-        out = plan.lam * out + (1 - plan.lam) * out[plan.permutation]
+        out = plan.lam * out + (1 - plan.lam) * partner
     return out

@@ -17,9 +17,11 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+from torch.utils.data import Sampler
 
 
 def hydra_job_command(local_rank: int) -> tuple[list[str], str]:
@@ -71,6 +73,7 @@ class HydraDDPStrategy(DDPStrategy):
     ``wrap_model=False`` keeps the process group, launcher and distributed sampler but leaves
     the LightningModule unwrapped: recover uses it so every rank optimises its own images with
     no parameter broadcast or gradient averaging (frozen-only modules cannot be DDP-wrapped).
+    A wrapped module with ``broadcast_buffers = False`` keeps its buffers out of DDP's per-step broadcast.
     """
 
     def __init__(self, *args, wrap_model: bool = True, **kwargs):
@@ -83,8 +86,13 @@ class HydraDDPStrategy(DDPStrategy):
             self._launcher = HydraJobLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
 
     def configure_ddp(self) -> None:
-        if self.wrap_model:
-            super().configure_ddp()
+        if not self.wrap_model:
+            return
+        if not getattr(self.lightning_module, "broadcast_buffers", True):
+            # a module that keeps its ranks' buffers in step itself (the student's BatchNorm merge) must not have
+            # rank 0's copied over them before every forward
+            self._ddp_kwargs["broadcast_buffers"] = False
+        super().configure_ddp()
 
 
 @contextmanager
@@ -99,3 +107,40 @@ def isolated_job() -> Iterator[None]:
         for key in set(os.environ) - set(saved):
             del os.environ[key]
         os.environ.update(saved)
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of processes (``0, 1`` without a process group)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def raise_together(error: BaseException | None, what: str) -> None:
+    """Raise on every rank if ``what`` failed on any: a rank that raised alone would leave the others waiting at
+    their next collective until the process group's timeout. The failing rank raises its own error."""
+    _, world = rank_and_world()
+    if world > 1:
+        failed = torch.tensor([error is not None], dtype=torch.int64)
+        if dist.get_backend() == "nccl":
+            failed = failed.cuda()
+        dist.all_reduce(failed)
+        if error is None and int(failed.item()):
+            raise RuntimeError(f"{what} failed on {int(failed.item())} other rank(s); their log says why")
+    if error is not None:
+        raise error
+
+
+class ShardSampler(Sampler[int]):
+    """Indices ``rank, rank + world, …`` of ``length`` items: the ranks' shards cover every item exactly once, with
+    no padding (unlike ``DistributedSampler``, which repeats items to even the shards and so biases a test
+    accuracy). Shards differ in length by at most one; evaluation needs no per-step collective, so that is fine."""
+
+    def __init__(self, length: int, rank: int, world: int):
+        self.length, self.rank, self.world = length, rank, world
+
+    def __iter__(self):
+        return iter(range(self.rank, self.length, self.world))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.length, self.world))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
+PLAN_KEY = "plan_sha256"  # the epoch plan's digest (32 uint8) stored beside an epoch's labels
 
 
 def index_dtype(num_classes: int) -> torch.dtype:
@@ -57,4 +58,4 @@ def unpack_logits(payload: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def payload_bytes(payload: dict[str, torch.Tensor]) -> int:
     """Bytes of label data (without the file container's overhead)."""
-    return sum(t.numel() * t.element_size() for k, t in payload.items() if k != "num_classes")
+    return sum(t.numel() * t.element_size() for k, t in payload.items() if k not in ("num_classes", PLAN_KEY))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
@@ -15,19 +16,26 @@ def topk_accuracy(num_classes: int, k: int, sync: bool = True) -> MulticlassAccu
 
 @torch.no_grad()
 def evaluate_classifier(
-    net: nn.Module, loader: DataLoader, num_classes: int, device: torch.device | str = "cpu"
+    net: nn.Module,
+    loader: DataLoader,
+    num_classes: int,
+    device: torch.device | str = "cpu",
+    distributed: bool = False,
 ) -> dict[str, float]:
-    """Top-1/top-5 of ``net`` over every sample of ``loader`` on one device (no padding, no repeats)."""
+    """Top-1/top-5 of ``net`` over every sample of ``loader``. With ``distributed`` each rank passes its own shard
+    (:class:`cvdd.distributed.ShardSampler`: no padding, no repeats) and the counts are summed over ranks, so the
+    result is exactly the one-device pass."""
     was_training = net.training
     net.eval()
-    # sync=False: this pass runs on one rank only; the others must not be waited for
-    top1, top5 = (topk_accuracy(num_classes, k, sync=False).to(device) for k in (1, 5))
-    seen = 0
+    counts = torch.zeros(3, dtype=torch.int64, device=device)  # top-1 hits, top-5 hits, samples
+    k = min(5, num_classes)
     for images, labels in loader:
-        images, labels = images.to(device), labels.to(device)
-        logits = net(images).float()
-        top1.update(logits, labels)
-        top5.update(logits, labels)
-        seen += len(labels)
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        top = net(images).float().topk(k, dim=1).indices
+        hits = top == labels[:, None]
+        counts += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), torch.tensor(len(labels), device=device)])
     net.train(was_training)
-    return {"top1": 100.0 * top1.compute().item(), "top5": 100.0 * top5.compute().item(), "samples": seen}
+    if distributed and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(counts)
+    top1, top5, seen = counts.tolist()
+    return {"top1": 100.0 * top1 / seen, "top5": 100.0 * top5 / seen, "samples": seen}

@@ -12,6 +12,7 @@ from torch import nn
 
 from cvdd.augment import BatchPlan, EpochPlan, apply_batch
 from cvdd.bssl import soft_label_logits
+from cvdd.image_sets import SetImages, as_set_images, read_on_every_rank
 from cvdd.member_passes import MemberPasses
 from cvdd.packing import pack_consecutive
 from cvdd.precision import Numerics
@@ -36,9 +37,9 @@ class RelabelModule(L.LightningModule):
         self,
         teachers: Mapping[str, nn.Module],
         weights: Mapping[str, float],
-        images: torch.Tensor,
+        images: torch.Tensor | SetImages | Callable[[int, int], SetImages],
         plan: EpochPlan,
-        on_epoch_done: Callable[[int, torch.Tensor], None],
+        on_epoch_done: Callable[[int, torch.Tensor, bytes], None],
         bssl: bool = True,
         halves: bool = False,
         numerics: Mapping[str, Numerics] | None = None,
@@ -49,7 +50,8 @@ class RelabelModule(L.LightningModule):
         self.teachers = nn.ModuleDict(dict(teachers))
         self.teachers.requires_grad_(False).eval()
         self.weights = dict(weights)
-        self.register_buffer("images", images, persistent=False)
+        self._images = images
+        self.images = as_set_images(images) if isinstance(images, (torch.Tensor, SetImages)) else None
         self.plan, self.on_epoch_done = plan, on_epoch_done
         self.bssl, self.halves = bssl, halves
         self.numerics = dict(numerics or {})
@@ -67,7 +69,12 @@ class RelabelModule(L.LightningModule):
             return {}
         return {"images/s": f"{self._labelled / (time.perf_counter() - self._started):.0f}"}
 
+    def setup(self, stage: str) -> None:
+        if self.images is None:
+            self.images = read_on_every_rank(self._images)
+
     def on_predict_start(self) -> None:
+        self.images = self.images.to(self.device)  # uint8 stays on the host; each batch is normalised on the device
         self.passes = MemberPasses(self.member_workers, torch.get_num_threads())
 
     def teardown(self, stage: str) -> None:
@@ -84,7 +91,8 @@ class RelabelModule(L.LightningModule):
         self._started = self._started or time.perf_counter()
         self.teachers.eval()
         logits = []
-        for stack in stack_batches(self.plan.epoch(int(epoch)), self.stack_images):
+        batches = self.plan.epoch(int(epoch))
+        for stack in stack_batches(batches, self.stack_images):
             images = torch.cat([apply_batch(self.images, batch) for batch in stack])
             sizes = [len(batch.indices) for batch in stack]
             logits.append(
@@ -99,5 +107,5 @@ class RelabelModule(L.LightningModule):
                     passes=self.passes,
                 )
             )
-        self.on_epoch_done(int(epoch), torch.cat(logits).cpu())
+        self.on_epoch_done(int(epoch), torch.cat(logits).cpu(), EpochPlan.epoch_digest(batches))
         self._labelled += len(self.images)

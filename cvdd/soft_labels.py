@@ -72,7 +72,7 @@ def label_settings(cfg: DictConfig, weights: dict[str, float], plan: EpochPlan, 
         "halves": bool(cfg.relabel.halves),
         "temperature": float(cfg.relabel.temperature),
         "plan_seed": int(cfg.seed),
-        "plan_checksum": plan.checksum(),
+        "plan": plan.identity(),  # each epoch's own digest is stored with its labels and checked on use
         "dtype": str(cfg.relabel.dtype),
         "topk": cfg.relabel.get("topk"),
         "images_format": chosen.image_format,

@@ -8,13 +8,18 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
 from cvdd.augment import BatchPlan, EpochPlan, apply_batch
+from cvdd.bn_merge import BatchNormMerge
+from cvdd.distributed import ShardSampler, rank_and_world
+from cvdd.image_sets import SetImages, as_set_images, read_on_every_rank
 from cvdd.metrics import topk_accuracy
 from cvdd.optim import cosine_schedule
 from cvdd.precision import FP32, Numerics
 
-SoftLabels = Callable[[int, int, BatchPlan, torch.Tensor], torch.Tensor]
+# (epoch, batch index, planned batch, the whole augmented batch on demand) -> teacher logits of the whole batch
+SoftLabels = Callable[[int, int, BatchPlan, Callable[[], torch.Tensor]], torch.Tensor]
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -40,6 +45,15 @@ def decay_groups(net: nn.Module, weight_decay: float, decay_all: bool = False) -
     ]
 
 
+def rank_slices(count: int, slice_size: int, rank: int, world: int) -> list[tuple[int, int]]:
+    """The ``(start, stop)`` slices of a planned batch of ``count`` images that ``rank`` forwards: the batch is cut
+    into slices of ``slice_size`` (the last may be shorter) and rank ``r`` takes the ``r``-th of ``world`` contiguous,
+    near-equal blocks of them (possibly none)."""
+    starts = range(0, count, slice_size)
+    slices = [(start, min(start + slice_size, count)) for start in starts]
+    return slices[rank * len(slices) // world : (rank + 1) * len(slices) // world]
+
+
 class StudentModule(L.LightningModule):
     """Each Lightning epoch is one plan epoch; batch ``b`` of it is the plan's ``b``-th augmented batch.
 
@@ -48,15 +62,31 @@ class StudentModule(L.LightningModule):
     A planned batch is forwarded as ``micro_batches`` slices of ``batch_size / micro_batches`` images
     (student BatchNorm sees each slice alone), each slice's loss divided by ``micro_batches``, and the
     optimiser steps once per planned batch: the released code's "gradient accumulation".
-    The student trains in ``numerics`` (:mod:`cvdd.precision`; the loss is fp32) and is tested in fp32.
-    Every test evaluation is kept in ``evaluations`` (epochs trained so far, top-1 %), so the best can be
-    reported beside the final one.
+
+    **Under DDP the slices are shared, not repeated.** Every rank walks the same planned batches; rank ``r`` of
+    ``W`` forwards the ``r``-th contiguous block of a batch's slices (:func:`rank_slices`) with its loss scaled by
+    ``W``, so DDP's gradient average is the one-process gradient (with two ranks and two slices bit for bit:
+    halving is exact in floating point). BatchNorm running statistics are merged after every step as one process
+    would have left them (:class:`cvdd.bn_merge.BatchNormMerge`, to float rounding), and DDP's own buffer broadcast
+    is off. ``W`` ranks run ``1/W`` of the forward passes when ``W`` divides ``micro_batches``; otherwise some
+    ranks idle on each step (their loss is a zero that still joins the gradient average). The distilled images
+    are never a buffer: each process holds them as :class:`cvdd.image_sets.SetImages` on the host (uint8 for
+    PNG sets) and makes on its device only the rows its slices show (and their CutMix partners).
+
+    ``images`` is a tensor, :class:`~cvdd.image_sets.SetImages` or a reader ``(rank, world) -> SetImages`` that
+    :meth:`setup` calls once the process group exists (every rank reads in parallel, each checking a share).
+    The student trains in ``numerics`` (:mod:`cvdd.precision`; the loss is fp32) and is tested in fp32 on
+    ``test_set``, each rank on its shard (:class:`~cvdd.distributed.ShardSampler`; the counts are summed, so the
+    accuracy is exact). Every test evaluation is kept in ``evaluations`` (epochs trained so far, top-1 %), so the
+    best can be reported beside the final one.
     """
+
+    broadcast_buffers = False  # read by HydraDDPStrategy: the BatchNorm merge keeps ranks' buffers in step
 
     def __init__(
         self,
         net: nn.Module,
-        images: torch.Tensor,
+        images: torch.Tensor | SetImages | Callable[[int, int], SetImages],
         targets: torch.Tensor,
         plan: EpochPlan,
         num_classes: int,
@@ -68,6 +98,8 @@ class StudentModule(L.LightningModule):
         micro_batches: int = 1,
         decay_all: bool = False,
         numerics: Numerics = FP32,
+        test_set: Dataset | None = None,
+        loader: dict | None = None,
     ):
         super().__init__()
         if micro_batches < 1 or plan.batch_size % micro_batches:
@@ -75,15 +107,29 @@ class StudentModule(L.LightningModule):
                 f"validate.micro_batches={micro_batches} must be >= 1 and divide the planned batch "
                 f"(relabel.batch_size={plan.batch_size})"
             )
-        self.save_hyperparameters(ignore=["net", "images", "targets", "plan", "soft_labels", "numerics"])
+        self.save_hyperparameters(
+            ignore=["net", "images", "targets", "plan", "soft_labels", "numerics", "test_set", "loader"]
+        )
         self.numerics = numerics
         self.net = numerics.prepare(net)
-        self.register_buffer("images", images, persistent=False)
-        self.register_buffer("targets", targets, persistent=False)
+        self.bn_merge = BatchNormMerge(self.net)
+        self._images = images
+        self.images = as_set_images(images) if isinstance(images, (torch.Tensor, SetImages)) else None
+        self.targets = targets
         self.plan, self.soft_labels = plan, soft_labels
+        self.test_set, self.loader = test_set, dict(loader or {})
         self.val_top1 = topk_accuracy(num_classes, 1)
         self.evaluations: list[tuple[int, float]] = []
+        self.forwards = 0  # slices this rank forwarded in the current step
         self._epoch: tuple[int, list[BatchPlan]] | None = None
+
+    def setup(self, stage: str) -> None:
+        if self.images is None:
+            self.images = read_on_every_rank(self._images)
+
+    def on_fit_start(self) -> None:
+        self.images = self.images.to(self.device)  # the host copy stays; batches are normalised on this device
+        self.targets = self.targets.to(self.device)
 
     def progress_title(self, trainer) -> str:
         return f"student epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"
@@ -100,21 +146,41 @@ class StudentModule(L.LightningModule):
             self._epoch = (epoch, self.plan.epoch(epoch))
         return self._epoch[1][batch_index]
 
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self.bn_merge.snapshot()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        self.bn_merge.merge(self.forwards)
+
     def training_step(self, batch_index: torch.Tensor, _: int) -> torch.Tensor:
         epoch, b = self.current_epoch, int(batch_index)
         plan = self.planned(epoch, b)
-        x = apply_batch(self.images, plan)
-        if self.soft_labels is not None:
-            teacher = self.soft_labels(epoch, b, plan, x).to(x.device)
-        else:
-            y = self.targets[plan.indices.to(self.targets.device)]
-            y_mix = y[plan.permutation.to(y.device)]
+        rank, world = rank_and_world()
         micro = self.hparams.micro_batches
-        size = self.plan.batch_size // micro
+        slices = rank_slices(len(plan.indices), self.plan.batch_size // micro, rank, world)
+        self.forwards = len(slices)
+        if not slices:  # nothing of this batch for this rank: a zero that joins DDP's gradient average
+            loss = sum(p.sum() for p in self.net.parameters()) * 0.0
+            self.log("train/loss", loss.detach(), prog_bar=True, sync_dist=True, reduce_fx="sum")
+            return loss
+        first, last = slices[0][0], slices[-1][1]
+        whole: list[torch.Tensor] = []
+
+        def whole_batch() -> torch.Tensor:  # online teachers label the whole planned batch (BSSL statistics)
+            if not whole:
+                whole.append(apply_batch(self.images, plan))
+            return whole[0]
+
+        if self.soft_labels is not None:
+            teacher = self.soft_labels(epoch, b, plan, whole_batch).to(self.device)
+        else:
+            y = self.targets[plan.indices.to(self.device)]
+            y_mix = y[plan.permutation.to(y.device)]
+        x = whole[0][first:last] if whole else apply_batch(self.images, plan, torch.arange(first, last))
         loss = x.new_zeros(())
-        for start in range(0, len(x), size):
-            part = slice(start, start + size)
-            logits = self.numerics.forward(self.net, x[part])
+        for start, stop in slices:
+            part, local = slice(start, stop), slice(start - first, stop - first)
+            logits = self.numerics.forward(self.net, x[local])
             if self.soft_labels is not None:
                 term = kd_loss(logits, teacher[part], self.hparams.temperature)
             else:
@@ -122,15 +188,34 @@ class StudentModule(L.LightningModule):
                     logits, y_mix[part]
                 )
             loss = loss + term / micro
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
+        # W ranks' losses add up to the planned batch's; DDP averages gradients, so each rank's counts W times
+        self.log("train/loss", loss.detach(), prog_bar=True, sync_dist=True, reduce_fx="sum")
+        return loss * world if world > 1 else loss
+
+    def test_loader(self) -> DataLoader:
+        """The test set, this rank's shard (every sample once over all ranks), in batches of 256."""
+        if self.test_set is None:
+            raise RuntimeError("StudentModule was built without a test_set")
+        rank, world = rank_and_world()
+        workers = int(self.loader.get("num_workers", 0))
+        return DataLoader(
+            self.test_set,
+            batch_size=256,
+            sampler=ShardSampler(len(self.test_set), rank, world),
+            num_workers=workers,
+            pin_memory=bool(self.loader.get("pin_memory", False)),
+            persistent_workers=workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self.test_loader() if self.test_set is not None else []  # no test set: no evaluations
 
     def validation_step(self, batch, _: int) -> None:
         images, labels = batch
         self.val_top1.update(self.net(images), labels)  # every reported accuracy is an fp32 pass
 
     def on_validation_epoch_end(self) -> None:
-        top1 = 100.0 * float(self.val_top1.compute())
+        top1 = 100.0 * float(self.val_top1.compute())  # sums every rank's counts: the shards cover the set once
         self.val_top1.reset()
         self.evaluations.append((int(self.current_epoch) + 1, top1))
         self.log("val/top1", top1)

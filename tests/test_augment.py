@@ -15,13 +15,25 @@ def plan(**kw) -> EpochPlan:
 
 def test_plan_is_rebuilt_identically_from_its_seed():
     a, b = plan(), plan()
-    assert a.checksum() == b.checksum()
+    assert a.identity() == b.identity()
     for e in range(3):
+        assert EpochPlan.epoch_digest(a.epoch(e)) == EpochPlan.epoch_digest(b.epoch(e))
         for x, y in zip(a.epoch(e), b.epoch(e), strict=True):
             assert torch.equal(x.indices, y.indices) and torch.equal(x.boxes, y.boxes) and x.lam == y.lam
-    assert plan(seed=1).checksum() != a.checksum()
-    assert plan(batch_size=4).checksum() != a.checksum()
-    assert plan(mix="mixup").checksum() != a.checksum()
+    for other in (plan(seed=1), plan(batch_size=4), plan(mix="mixup"), plan(epochs=4), plan(crop_scale=(0.5, 1))):
+        assert other.identity() != a.identity()
+    assert len({EpochPlan.epoch_digest(a.epoch(e)) for e in range(3)}) == 3, "each epoch has its own digest"
+    assert EpochPlan.epoch_digest(plan(seed=1).epoch(0)) != EpochPlan.epoch_digest(a.epoch(0))
+
+
+@pytest.mark.parametrize("mix", ["cutmix", "mixup", "none"])
+def test_rows_of_a_batch_equal_those_rows_of_the_whole_batch(mix: str):
+    """A rank that forwards one slice makes only its rows (from their images and mixing partners), bit for bit."""
+    images = torch.randn(23, 3, 16, 16)
+    for batch in plan(mix=mix).epoch(1):
+        whole = apply_batch(images, batch)
+        for rows in (torch.arange(0, 4), torch.arange(4, len(batch.indices)), torch.tensor([2])):
+            assert torch.equal(apply_batch(images, batch, rows), whole[rows])
 
 
 def test_every_epoch_covers_each_image_once_in_batches():

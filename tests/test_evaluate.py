@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cvdd.artifacts.distilled import DistilledArtifact, read_distilled, to_pixels
+from cvdd.artifacts.distilled import to_pixels
 from cvdd.augment import apply_batch
 from cvdd.data import get_spec
 from cvdd.image_sets import student_set
@@ -43,15 +43,15 @@ def labelled(make_cfg, workdir: Path) -> Path:
 def test_offline_labels_equal_online_labels(make_cfg, labelled: Path):
     cfg = make_cfg("evaluate", *PLAN)
     chosen = student_set(cfg, labelled / "artifacts")
-    images = chosen.images
-    plan = build_plan(cfg, len(images))
+    images = chosen.read()
+    plan = build_plan(cfg, len(chosen))
     expected = label_settings(cfg, teacher_weights(cfg, labelled / "artifacts"), plan, chosen)
-    offline, _ = offline_labels(cfg, labelled / "artifacts", chosen, expected)
+    offline, _ = offline_labels(cfg, labelled / "artifacts", chosen, expected, plan)
     online, _ = online_labels(cfg, labelled / "artifacts", [str(i) for i in range(10)])
     for epoch in range(3):
         for b, batch in enumerate(plan.epoch(epoch)):
             x = apply_batch(images, batch)
-            stored, fresh = offline(epoch, b, batch, x), online(epoch, b, batch, x)
+            stored, fresh = offline(epoch, b, batch, lambda x=x: x), online(epoch, b, batch, lambda x=x: x)
             assert torch.allclose(stored, fresh, atol=2e-2, rtol=1e-2)  # fp16 storage
 
 
@@ -123,9 +123,9 @@ def test_random_real_gets_the_same_offline_soft_labels(make_cfg, workdir: Path, 
 
 def test_png_images_are_the_exported_pixels_and_labels_follow_the_format(make_cfg, labelled: Path):
     spec = get_spec("digits")
-    artifact = DistilledArtifact(labelled / "artifacts", "digits", "small_ipc2_real_s0")
-    stored = torch.load(artifact.tensors, weights_only=True)["images"]
-    png = read_distilled(artifact, "png", spec.mean, spec.std).images
+    chosen = student_set(make_cfg("evaluate", *PLAN), labelled / "artifacts")
+    stored = torch.load(chosen.artifact.tensors, weights_only=True)["images"]
+    png = chosen.read()[torch.arange(len(chosen))]
     assert torch.equal(to_pixels(png, spec.mean, spec.std), to_pixels(stored, spec.mean, spec.std))
     assert 0 < (png - stored).abs().max() <= 0.5 / 255 / spec.std[0] + 1e-6, "rounded to the nearest level"
 

@@ -99,7 +99,7 @@ def test_a_set_named_with_set_is_read_from_its_manifest(make_cfg, workdir: Path,
     # the run's ipc, method and committee would name another set; set= wins and the manifest says the rest
     cfg = make_cfg("relabel", "set=random_real_ipc3_s0", "ipc=7", "logger=none")
     chosen = student_set(cfg, workdir / "artifacts")
-    assert chosen.ipc == 3 and chosen.method == "random_real" and len(chosen.images) == 30
+    assert chosen.ipc == 3 and chosen.method == "random_real" and len(chosen) == len(chosen.read()) == 30
 
 
 def test_a_set_of_the_previous_layout_loads_as_committee_voting(make_cfg, workdir: Path):

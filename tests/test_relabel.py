@@ -1,4 +1,4 @@
-"""Relabel on a small distilled digits set: per-epoch files, plan checksum, labels as planned, resume."""
+"""Relabel on a small distilled digits set: per-epoch files, plan identity and digests, labels as planned, resume."""
 
 from __future__ import annotations
 
@@ -13,11 +13,10 @@ from conftest import run_cli
 from hydra.core.global_hydra import GlobalHydra
 
 from cvdd.artifacts import ArtifactConflictError
-from cvdd.artifacts.distilled import DistilledArtifact, read_distilled
-from cvdd.augment import apply_batch
+from cvdd.augment import EpochPlan, apply_batch
 from cvdd.bssl import soft_label_logits
 from cvdd.committee import load_committee
-from cvdd.data import get_spec
+from cvdd.image_sets import student_set
 from cvdd.jobs.distill import distill
 from cvdd.jobs.relabel import relabel
 from cvdd.soft_labels import build_plan
@@ -41,16 +40,16 @@ def test_relabel_writes_planned_soft_labels_per_epoch(make_cfg, distilled: Path)
     manifest = relabel(cfg)
     folder = labels_dir(distilled)
     assert sorted(p.name for p in folder.glob("epoch_*.pt")) == ["epoch_0000.pt", "epoch_0001.pt", "epoch_0002.pt"]
-    first = torch.load(folder / "epoch_0000.pt", weights_only=True)["logits"]
+    stored = torch.load(folder / "epoch_0000.pt", weights_only=True)
+    first = stored["logits"]
     assert first.dtype == torch.float16 and first.shape == (20, 10)
     plan = build_plan(cfg, 20)
-    assert manifest["plan_checksum"] == plan.checksum() and manifest["plan_seed"] == 0
+    assert manifest["plan"] == plan.identity() and manifest["plan_seed"] == 0
+    assert bytes(stored["plan_sha256"].tolist()) == EpochPlan.epoch_digest(plan.epoch(0)), "the epoch's plan digest"
     assert sum(manifest["teachers"].values()) == pytest.approx(1.0) and len(manifest["teachers"]) == 5
 
     # the stored labels are the weighted BSSL logits of the planned, augmented batch
-    spec = get_spec("digits")
-    artifact = DistilledArtifact(distilled / "artifacts", "digits", "small_ipc2_real_s0")
-    images = read_distilled(artifact, "png", spec.mean, spec.std).images  # relabel reads the exported PNGs
+    images = student_set(cfg, distilled / "artifacts").read()  # relabel reads the exported PNGs
     classes = json.loads((folder / "manifest.json").read_text())["classes"]
     committee = load_committee(distilled / "artifacts", "digits", list(manifest["teachers"]), classes, None, 1.0)
     batch = plan.epoch(0)[0]

@@ -9,9 +9,9 @@ manifest.json                   written last: its presence means the set is comp
 
 from __future__ import annotations
 
-import hashlib
 import io
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +28,7 @@ from cvdd.artifacts.io import (
     load_tensors,
     save_json,
     save_tensors,
+    sha256_hex,
 )
 from cvdd.grid import distilled_grid, save_image_atomic
 
@@ -90,30 +91,58 @@ def write_pngs(
         tmp.replace(path)
 
 
+PNG_FILE = re.compile(r"^(\d+)_[^/]+/(\d+)\.png$")
+
+
+def png_files(recorded: dict[str, dict]) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """A set's PNGs in class-major, IPC-index order, with their classes and IPC indices, from the file list its
+    manifest records: nothing but the manifest is read."""
+    entries = sorted((int(m[1]), int(m[2]), name) for name in recorded if (m := PNG_FILE.match(name)))
+    names = [name for _, _, name in entries]
+    labels = torch.tensor([label for label, _, _ in entries], dtype=torch.long)
+    ipc_index = torch.tensor([i for _, i, _ in entries], dtype=torch.long)
+    return names, labels, ipc_index
+
+
+def decode_png(data: bytes) -> torch.Tensor:
+    """PNG bytes → uint8 (C, H, W)."""
+    with Image.open(io.BytesIO(data)) as image:
+        array = torch.from_numpy(np.array(image))
+    return array.unsqueeze(0) if array.ndim == 2 else array.permute(2, 0, 1)
+
+
 def read_pngs(
     folder: Path,
-    labels: torch.Tensor,
-    ipc_index: torch.Tensor,
-    class_names: list[str],
+    names: list[str],
     recorded: dict[str, dict],
     rebuild: str,
+    check: Callable[[int], bool] = lambda _: True,
 ) -> torch.Tensor:
-    """The exported PNGs of a set as uint8 (N, C, H, W), in the order of ``labels``/``ipc_index``; each file is
-    checked against its ``recorded`` digest as it is read (one read per file)."""
-    images = []
-    for label, i in zip(labels.tolist(), ipc_index.tolist(), strict=True):
-        path = png_path(folder, label, i, class_names)
+    """The PNGs ``names`` (relative to ``folder``) as one uint8 (N, C, H, W) tensor, filled in place: the peak is
+    the pixels plus one file. File ``i`` is checked against its ``recorded`` digest when ``check(i)``: ranks that
+    each read a whole set check a share of it each, so a job hashes every file once."""
+    images: torch.Tensor | None = None
+    for i, name in enumerate(names):
+        path = folder / name
         try:
             data = path.read_bytes()
         except FileNotFoundError as err:
             raise ArtifactCorruptError(f"{path} is missing from the distilled set; rebuild it: {rebuild}") from err
-        digest = recorded.get(path.relative_to(folder).as_posix())
-        if digest is not None and hashlib.sha256(data).hexdigest() != digest["sha256"]:
+        digest = recorded.get(name)
+        if check(i) and digest is not None and sha256_hex(data) != digest["sha256"]:
             raise ArtifactCorruptError(f"{path} differs from the PNG the manifest records; rebuild it: {rebuild}")
-        with Image.open(io.BytesIO(data)) as image:
-            array = torch.from_numpy(np.array(image))
-        images.append(array.unsqueeze(0) if array.ndim == 2 else array.permute(2, 0, 1))
-    return torch.stack(images)
+        pixels = decode_png(data)
+        if images is None:
+            images = torch.empty((len(names), *pixels.shape), dtype=torch.uint8)
+        if pixels.shape != images.shape[1:]:
+            raise ArtifactCorruptError(
+                f"{path} is {tuple(pixels.shape)} (C, H, W), the set's first image {tuple(images.shape[1:])}; "
+                f"rebuild it: {rebuild}"
+            )
+        images[i] = pixels
+    if images is None:
+        raise ArtifactCorruptError(f"the manifest of {folder} lists no PNG; rebuild the set: {rebuild}")
+    return images
 
 
 def set_files(artifact: DistilledArtifact) -> dict[str, dict]:
@@ -155,35 +184,39 @@ def set_method(manifest: dict) -> str:
     return str(manifest.get("method", "cvdd"))
 
 
-@dataclass
-class DistilledSet:
-    images: torch.Tensor  # normalised (N, C, H, W)
-    labels: torch.Tensor
-    ipc_index: torch.Tensor
-    manifest: dict
-
-
-def read_distilled(artifact: DistilledArtifact, image_format: str, mean, std) -> DistilledSet:
-    """The set's images as a student will see them: ``png`` = the exported uint8 files, normalised with
-    ``mean``/``std``; ``float`` = ``images.pt`` exactly as recover left it."""
-    if image_format not in IMAGE_FORMATS:
-        raise ValueError(f"distilled.format={image_format!r}; choose from {', '.join(IMAGE_FORMATS)}")
-    rebuild = (
+def rebuild_command(artifact: DistilledArtifact) -> str:
+    return (
         f"python distill.py dataset={artifact.dataset} set={artifact.name} ... (with the settings that made it; "
         f"it repairs a set from its finished units)"
     )
+
+
+def read_manifest(artifact: DistilledArtifact) -> dict:
+    """A finished set's manifest, after checking every recorded file is there at its size (no file is read)."""
+    rebuild = rebuild_command(artifact)
     if not artifact.complete():
         raise FileNotFoundError(
             f"distilled set {artifact.folder} is missing or incomplete (no manifest.json); produce it with: {rebuild}"
         )
     manifest = load_json(artifact.manifest)
-    recorded = manifest.get("files", {})
-    check_files(artifact.folder, recorded, rebuild)  # every file there, at its size, before anything is read
-    data = load_tensors(artifact.tensors, rebuild, recorded.get(artifact.tensors.name))
-    images = data["images"]
+    check_files(artifact.folder, manifest.get("files", {}), rebuild)
+    return manifest
+
+
+def read_images(artifact: DistilledArtifact, manifest: dict, image_format: str, check: Callable[[int], bool]):
+    """The set's images as stored: ``png`` → the exported files as uint8 (N, C, H, W) (``images.pt`` is never
+    opened); ``float`` → ``images.pt``'s normalised float32 images, digest-checked when ``check(0)``. Both in the
+    class-major order of :func:`png_files`."""
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"distilled.format={image_format!r}; choose from {', '.join(IMAGE_FORMATS)}")
+    recorded, rebuild = manifest.get("files", {}), rebuild_command(artifact)
+    names, labels, _ = png_files(recorded)
     if image_format == "png":
-        pixels = read_pngs(
-            artifact.folder, data["labels"], data["ipc_index"], manifest["class_names"], recorded, rebuild
+        return read_pngs(artifact.folder, names, recorded, rebuild, check)
+    digest = recorded.get(artifact.tensors.name) if check(0) else None
+    data = load_tensors(artifact.tensors, rebuild, digest)
+    if not torch.equal(data["labels"], labels):
+        raise ArtifactCorruptError(
+            f"{artifact.tensors} holds other classes than the PNGs its manifest lists; rebuild it: {rebuild}"
         )
-        images = from_pixels(pixels, mean, std)
-    return DistilledSet(images, data["labels"], data["ipc_index"], manifest)
+    return data["images"]

@@ -55,10 +55,25 @@ def load_json(path: Path | str) -> Any:
         raise ArtifactCorruptError(f"{path} is not valid JSON ({err}); it is damaged: rebuild it") from err
 
 
+HASHED = {"bytes": 0}  # bytes hashed by this process so far (bench/scale.py reads it; nothing else does)
+CHUNK = 16 << 20
+
+
+def sha256_hex(data: bytes) -> str:
+    HASHED["bytes"] += len(data)
+    return hashlib.sha256(data).hexdigest()
+
+
 def file_digest(path: Path | str) -> dict[str, Any]:
-    """``{"bytes": size, "sha256": hex}`` of a file, as manifests record their files."""
-    data = Path(path).read_bytes()
-    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    """``{"bytes": size, "sha256": hex}`` of a file, as manifests record their files; read in chunks of 16 MiB, so
+    hashing a 30 GB set takes no more memory than a small one."""
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    HASHED["bytes"] += size
+    return {"bytes": size, "sha256": digest.hexdigest()}
 
 
 def damaged_files(folder: Path, recorded: Mapping[str, Mapping[str, Any]], hashes: bool = True) -> list[str]:
@@ -92,7 +107,7 @@ def load_tensors(path: Path | str, rebuild: str, digest: Mapping[str, Any] | Non
         data = path.read_bytes()
     except FileNotFoundError as err:
         raise ArtifactCorruptError(f"{path} is missing; rebuild it: {rebuild}") from err
-    if digest is not None and (len(data) != digest["bytes"] or hashlib.sha256(data).hexdigest() != digest["sha256"]):
+    if digest is not None and (len(data) != digest["bytes"] or sha256_hex(data) != digest["sha256"]):
         raise ArtifactCorruptError(f"{path} differs from the file its manifest records; rebuild it: {rebuild}")
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from cvdd.artifacts.io import NamedArtifact, load_tensors
-from cvdd.label_store import unpack_logits
+from cvdd.artifacts.io import ArtifactConflictError, NamedArtifact, load_tensors
+from cvdd.label_store import PLAN_KEY, unpack_logits
 
 
 @dataclass(frozen=True)
@@ -27,10 +27,22 @@ class LabelArtifact(NamedArtifact):
     def epoch_path(self, epoch: int) -> Path:
         return self.folder / f"epoch_{epoch:04d}.pt"
 
-    def read_epoch(self, epoch: int, recorded: dict[str, dict], rebuild: str) -> torch.Tensor:
-        """Dense float32 logits of one epoch, whatever the stored format, checked against its recorded digest."""
+    def read_epoch(
+        self, epoch: int, recorded: dict[str, dict], rebuild: str, plan_digest: bytes | None = None
+    ) -> torch.Tensor:
+        """Dense float32 logits of one epoch, whatever the stored format, checked against its recorded digest and,
+        given ``plan_digest`` (:meth:`cvdd.augment.EpochPlan.epoch_digest` of the epoch the reader rebuilt), against
+        the plan the labels were made on."""
         path = self.epoch_path(epoch)
-        return unpack_logits(load_tensors(path, rebuild, recorded.get(path.name)))
+        payload = load_tensors(path, rebuild, recorded.get(path.name))
+        if plan_digest is not None:
+            stored = payload.get(PLAN_KEY)
+            if stored is None or bytes(stored.tolist()) != plan_digest:
+                raise ArtifactConflictError(
+                    f"{path} was labelled on another augmentation plan than this run rebuilds for epoch {epoch} (the "
+                    f"plan's code or a library that draws it changed); make them again with overwrite=true: {rebuild}"
+                )
+        return unpack_logits(payload)
 
 
 def label_artifact(root: Path, dataset: str, set_name: str, image_format: str, topk: int | None) -> LabelArtifact:

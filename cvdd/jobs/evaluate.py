@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from cvdd.artifacts import check_files, ensure_writable, fingerprint, load_json, save_json
 from cvdd.artifacts.results import result_path, results_folder
+from cvdd.augment import EpochPlan
 from cvdd.bssl import soft_label_logits
 from cvdd.compose import model_config
 from cvdd.data import get_spec, load_dataset
@@ -32,7 +33,7 @@ LABEL_SETTING_KEYS = {  # label manifest field → the setting a user changes
     "halves": "relabel.halves",
     "temperature": "relabel.temperature",
     "plan_seed": "seed (of the epoch plan)",
-    "plan_checksum": "the epoch plan (seed, relabel.epochs, relabel.batch_size, relabel.mix, relabel.crop_scale)",
+    "plan": "the epoch plan (seed, relabel.epochs, relabel.batch_size, relabel.mix, relabel.crop_scale)",
     "dtype": "relabel.dtype",
     "topk": "relabel.topk",
     "images_format": "distilled.format",
@@ -63,8 +64,9 @@ def check_label_settings(manifest: dict, expected: dict, folder: Path) -> None:
     )
 
 
-def offline_labels(cfg: DictConfig, root: Path, chosen: StudentSet, expected: dict):
-    """Reader of the stored labels of set ``chosen``, after checking every label-defining setting."""
+def offline_labels(cfg: DictConfig, root: Path, chosen: StudentSet, expected: dict, plan: EpochPlan):
+    """Reader of the stored labels of set ``chosen``, after checking every label-defining setting and every epoch
+    file's size; an epoch's file is read (and its digest and plan checked) when training reaches it."""
     artifact = labels_of(cfg, root, chosen)
     if not artifact.manifest.is_file():
         raise FileNotFoundError(
@@ -79,11 +81,11 @@ def offline_labels(cfg: DictConfig, root: Path, chosen: StudentSet, expected: di
     cache: dict[int, torch.Tensor] = {}
     batch_size = int(cfg.relabel.batch_size)
 
-    def labels(epoch: int, b: int, plan, _x) -> torch.Tensor:
+    def labels(epoch: int, b: int, batch, _whole) -> torch.Tensor:
         if epoch not in cache:
             cache.clear()
-            cache[epoch] = artifact.read_epoch(epoch, recorded, rebuild)
-        return cache[epoch][b * batch_size : b * batch_size + len(plan.indices)]
+            cache[epoch] = artifact.read_epoch(epoch, recorded, rebuild, EpochPlan.epoch_digest(plan.epoch(epoch)))
+        return cache[epoch][b * batch_size : b * batch_size + len(batch.indices)]
 
     return labels, manifest
 
@@ -91,7 +93,8 @@ def offline_labels(cfg: DictConfig, root: Path, chosen: StudentSet, expected: di
 def online_labels(cfg: DictConfig, root: Path, classes: list[str]):
     committee, weights = relabel_committee(cfg, root, classes)
 
-    def labels(_epoch: int, _b: int, _plan, x: torch.Tensor) -> torch.Tensor:
+    def labels(_epoch: int, _b: int, _plan, whole_batch) -> torch.Tensor:
+        x = whole_batch()
         committee.to(x.device)
         return soft_label_logits(
             committee.members, weights, x, bool(cfg.relabel.bssl), bool(cfg.relabel.halves), committee.numerics
@@ -127,14 +130,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     spec = get_spec(cfg.dataset.name)
     data = load_dataset(cfg.dataset)
     root = Path(cfg.paths.artifacts)
-    chosen = student_set(cfg, root)
-    name, images, targets = chosen.name, chosen.images, chosen.labels
-    plan = build_plan(cfg, len(images))
+    chosen = student_set(cfg, root)  # the manifest; each process reads the pixels once training starts
+    name = chosen.name
+    plan = build_plan(cfg, len(chosen))
     if cfg.validate.epochs > plan.epochs:
         raise ValueError(f"validate.epochs={cfg.validate.epochs} exceeds the label plan's relabel.epochs={plan.epochs}")
     if cfg.labels == "offline":
         expected = label_settings(cfg, teacher_weights(cfg, root), plan, chosen)
-        soft, label_info = offline_labels(cfg, root, chosen, expected)
+        soft, label_info = offline_labels(cfg, root, chosen, expected, plan)
     elif cfg.labels == "online":
         soft, label_info = online_labels(cfg, root, data.classes)
     elif cfg.labels == "hard":
@@ -149,8 +152,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     v = cfg.validate
     module = StudentModule(
         net,
-        images,
-        targets,
+        chosen.read,
+        chosen.labels,
         plan,
         spec.num_classes,
         soft,
@@ -161,20 +164,22 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         int(v.micro_batches),
         bool(v.decay_all),
         numerics_for(cfg, model_cfg.net.name, "student"),  # trains in these; tested in fp32
+        test_set=data.view("test"),
+        loader={"num_workers": cfg.hardware.num_workers, "pin_memory": cfg.hardware.get("pin_memory", False)},
     )
-    test_set = data.view("test")
-    test_loader = DataLoader(test_set, batch_size=256, num_workers=cfg.hardware.num_workers)
     started = time.time()
     trainer, loggers = build_trainer(cfg)
     try:
         trainer.fit(
             module,
-            train_dataloaders=DataLoader(range(plan.batches_per_epoch()), batch_size=None),
-            val_dataloaders=test_loader,
+            train_dataloaders=DataLoader(range(plan.batches_per_epoch()), batch_size=None),  # every rank: every step
+        )
+        # the recorded pass: each rank its shard of the test set, counts summed (exact, nothing padded)
+        test = evaluate_classifier(
+            net, module.test_loader(), spec.num_classes, trainer.strategy.root_device, distributed=True
         )
         if not trainer.is_global_zero:
             return {}
-        test = evaluate_classifier(net, test_loader, spec.num_classes, trainer.strategy.root_device)
         curve = [*module.evaluations, (int(v.epochs), test["top1"])]
         best_epoch, best = max(curve, key=lambda point: point[1])
         result = {
