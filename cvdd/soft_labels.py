@@ -47,6 +47,16 @@ def teacher_weights(cfg: DictConfig, root: Path) -> dict[str, float]:
     return dict(zip(members, weights, strict=True))
 
 
+def relabel_numerics(cfg: DictConfig, root: Path, members: list[str]) -> dict[str, str]:
+    """The numerics tag each labelling teacher runs in, from its record alone (no weights are read)."""
+    return {
+        member: numerics_for(
+            cfg, load_json(TeacherArtifact(root, cfg.dataset.name, member).record)["net"]["name"], "relabel"
+        ).tag
+        for member in members
+    }
+
+
 def relabel_committee(cfg: DictConfig, root: Path, classes: list[str]) -> tuple[Committee, dict[str, float]]:
     """The relabelling teachers, loaded and checked against the class order, each in its relabelling numerics,
     with their weights."""

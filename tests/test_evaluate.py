@@ -161,3 +161,17 @@ def test_labels_made_with_other_settings_are_refused(make_cfg, labelled: Path, s
     assert command.startswith("python relabel.py ") and setting in command and command.endswith("overwrite=true")
     assert "validate.epochs" not in command and "logger=none" in command
     assert not (labelled / "artifacts/digits/results").exists(), "refused before training"
+
+
+def test_png_sets_never_open_images_pt(make_cfg, labelled: Path):
+    """``images.pt`` overwritten with noise of its recorded size: the PNG path trains as before; ``float`` refuses."""
+    from cvdd.artifacts import ArtifactCorruptError
+
+    first = evaluate(make_cfg("evaluate", *PLAN, "validate.epochs=1", "logger=none"))
+    tensors = labelled / "artifacts/digits/distilled/small_ipc2_real_s0/images.pt"
+    tensors.write_bytes(bytes(reversed(tensors.read_bytes())))
+    again = evaluate(make_cfg("evaluate", *PLAN, "validate.epochs=1", "logger=none"))
+    assert again["test_top1"] == first["test_top1"]
+    with pytest.raises(ArtifactCorruptError, match=r"images\.pt differs from the file its manifest records"):
+        chosen = student_set(make_cfg("evaluate", *PLAN, "distilled.format=float"), labelled / "artifacts")
+        chosen.read()

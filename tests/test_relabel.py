@@ -129,3 +129,17 @@ def test_relabel_resumed_at_another_thread_count_is_refused(make_cfg, distilled:
     with pytest.raises(ArtifactConflictError, match=rf"begun with 2 CPU thread.*has 1.*{hint}"):
         relabel(make_cfg("relabel", *RELABEL, "hardware.threads=1"))
     assert relabel(make_cfg("relabel", *RELABEL, *in_turn))["cpu_threads"] == 2
+
+
+def test_a_finished_relabel_run_again_reads_and_hashes_no_label_or_image(make_cfg, distilled: Path):
+    """Recognising finished labels takes their manifest and file sizes; no label file or PNG is hashed again."""
+    from cvdd.artifacts.io import HASHED
+
+    relabel(make_cfg("relabel", *RELABEL))
+    folder = labels_dir(distilled)
+    before = HASHED["bytes"]
+    manifest = relabel(make_cfg("relabel", *RELABEL))
+    assert manifest["epochs"] == 3
+    labels = sum(p.stat().st_size for p in folder.glob("epoch_*.pt"))
+    pngs = sum(p.stat().st_size for p in (distilled / "artifacts/digits/distilled").rglob("[0-9]*/*.png"))
+    assert HASHED["bytes"] - before < min(labels, pngs) / 10, "only small records (teachers' JSON) at most"

@@ -32,7 +32,14 @@ from cvdd.label_store import PLAN_KEY, check_storage, pack_logits, payload_bytes
 from cvdd.member_passes import plan_passes
 from cvdd.relabel import RelabelModule
 from cvdd.runtime import build_trainer, finish_loggers, log, log_final
-from cvdd.soft_labels import build_plan, label_settings, labels_of, relabel_committee
+from cvdd.soft_labels import (
+    build_plan,
+    label_settings,
+    labels_of,
+    relabel_committee,
+    relabel_numerics,
+    teacher_weights,
+)
 from cvdd.summary import LABEL_KEYS, next_command, size_on_disk, stage_summary
 
 
@@ -49,7 +56,7 @@ def relabel(cfg: DictConfig) -> dict[str, Any]:
         )
     artifact = labels_of(cfg, root, chosen)
     ensure_writable(artifact.folder)
-    committee, weights = relabel_committee(cfg, root, classes)
+    weights = teacher_weights(cfg, root)  # records only: the weights are loaded when there is work
     plan = build_plan(cfg, len(chosen))
     settings = label_settings(cfg, weights, plan, chosen)
     recipe = {
@@ -58,7 +65,7 @@ def relabel(cfg: DictConfig) -> dict[str, Any]:
         "teachers": weights,
         "seed": int(cfg.seed),
         "relabel": OmegaConf.to_container(cfg.relabel, resolve=True),
-        "numerics": {name: n.tag for name, n in committee.numerics.items()},
+        "numerics": relabel_numerics(cfg, root, list(weights)),
     }
     recipe_hash = fingerprint(recipe)
     if artifact.manifest.is_file() and not cfg.overwrite:
@@ -104,6 +111,7 @@ def relabel(cfg: DictConfig) -> dict[str, Any]:
             save_json(stamp, {"fingerprint": recipe_hash, "cpu_threads": threads})
         mine = todo[trainer.global_rank :: trainer.world_size]
         if todo:
+            committee, _ = relabel_committee(cfg, root, classes)
             module = RelabelModule(
                 committee.members,
                 weights,
