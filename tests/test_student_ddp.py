@@ -131,3 +131,34 @@ def test_ddp_cpu_student_equals_one_process_at_the_same_thread_count(workdir: Pa
     assert single["test_top1_curve"] == ddp["test_top1_curve"] and len(ddp["test_top1_curve"]) == 3
     assert (single["test_top1"], single["test_top5"]) == (ddp["test_top1"], ddp["test_top5"])
     assert ddp["test_samples"] == single["test_samples"] == 360, "each test image counted once over both ranks"
+
+
+def evaluate_worker(rank: int, world: int, port: int, out: str) -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from cvdd.metrics import evaluate_classifier
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    net = build_model("convnet", 7, 8, 1, width=0.125, depth=2)
+    data = TensorDataset(torch.randn(101, 1, 8, 8), torch.randint(0, 7, (101,)))
+    loader = DataLoader(data, batch_size=16, sampler=ShardSampler(len(data), rank, world))
+    torch.save(evaluate_classifier(net, loader, 7, distributed=True), f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_distributed_evaluation_equals_one_process_on_the_test_set(tmp_path: Path):
+    """101 test images over 3 ranks (34 + 34 + 33, nothing padded): every rank reports the one-device numbers."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from cvdd.metrics import evaluate_classifier
+
+    mp.spawn(evaluate_worker, args=(3, free_port(), str(tmp_path)), nprocs=3, join=True)
+    torch.manual_seed(0)
+    net = build_model("convnet", 7, 8, 1, width=0.125, depth=2)
+    data = TensorDataset(torch.randn(101, 1, 8, 8), torch.randint(0, 7, (101,)))
+    one = evaluate_classifier(net, DataLoader(data, batch_size=16), 7)
+    assert one["samples"] == 101
+    for rank in range(3):
+        assert torch.load(tmp_path / f"{rank}.pt") == one
