@@ -42,7 +42,7 @@ from PIL import Image, ImageDraw  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from cvdd.artifacts import load_json, save_json  # noqa: E402
-from cvdd.artifacts.distilled import read_pngs  # noqa: E402
+from cvdd.artifacts.distilled import png_files, read_pngs  # noqa: E402
 from cvdd.bssl import soft_label_logits  # noqa: E402
 from cvdd.compose import compose_job  # noqa: E402
 from cvdd.data import load_dataset  # noqa: E402
@@ -395,10 +395,11 @@ def set_pixels(folder: Path, columns: int) -> tuple[torch.Tensor, torch.Tensor, 
     PNGs (uint8, N × C × H × W), with their labels, IPC indices and the class names."""
     manifest = load_json(folder / "manifest.json")
     names = manifest["class_names"]
-    labels = torch.arange(len(names)).repeat_interleave(columns)
-    ipc_index = torch.arange(columns).repeat(len(names))
+    files, labels, ipc_index = png_files(manifest.get("files", {}))
+    keep = ipc_index < columns
+    chosen = [name for name, kept in zip(files, keep.tolist(), strict=True) if kept]
     rebuild = f"delete {folder} and its distill/ stage in fashion_mnist.json, then run python bench/fashion_mnist.py"
-    return read_pngs(folder, labels, ipc_index, names, manifest.get("files", {}), rebuild), labels, ipc_index, names
+    return read_pngs(folder, chosen, manifest.get("files", {}), rebuild), labels[keep], ipc_index[keep], names
 
 
 def side_by_side(panels: list[tuple[str, Image.Image]], title_height: int = 18, gap: int = 12) -> Image.Image:

@@ -1,0 +1,255 @@
+"""How relabel and the student grow with the set: start-up, peak RSS, bytes read and hashed, DDP traffic.
+
+Synthetic sets of growing size in the real artifact layout (random pixels written by the same ``write_set`` that
+distill uses: PNGs, ``images.pt``, grid, manifest), a miniature ImageFolder of the dataset for the test split, and
+an untrained ``convnet_small`` teacher published by ``train.py`` (the network's cost is not what is measured).
+Per set: ``relabel.py`` (1 epoch of labels) and ``evaluate.py`` (a fixed number of student steps, then the
+recorded test pass), each as its own process with :mod:`scale_probe` attached; under ``hardware=ddp_cpu`` also
+the loopback bytes per student step and each rank's share of the forward passes. Each figure is fitted linearly
+in the number of images (least squares over the 224 px series) and **extrapolated** to ImageNet-1K IPC 50 (50,000
+images): an extrapolation from sets of a few thousand images on this machine, not a measurement at that size.
+
+    python bench/scale.py                      # every cell (resumable: finished runs are kept in --work)
+    python bench/scale.py --report             # the table and JSON from what --work holds
+
+Writes ``bench/results/scale.json`` and prints the table that bench/README.md quotes. Run it alone: timings and
+loopback traffic are per machine, not per process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cvdd.artifacts.distilled import DistilledArtifact, from_pixels, write_set  # noqa: E402
+from cvdd.data import get_spec  # noqa: E402
+
+# (dataset, IPC, run under ddp_cpu too); the 224 px series is what the fits use
+CELLS = [("imagenet1k", 1, True), ("imagenet1k", 2, True), ("imagenet1k", 4, True), ("tiny_imagenet", 10, False)]
+TARGET_IMAGES = 50_000  # ImageNet-1K IPC 50
+STUDENT_STEPS = 24
+TEACHER = "convnet_small"
+
+
+def wnids(count: int) -> list[str]:
+    return [f"n{index:08d}" for index in range(count)]
+
+
+def write_dataset(root: Path, classes: list[str], size: int = 16) -> None:
+    """An ImageFolder ``train/`` and ``val/`` with one small JPEG per class (the loaders resize them)."""
+    if (root / "val" / classes[-1]).is_dir():
+        return
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in classes:
+            folder = root / split / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{cls}_0.JPEG")
+
+
+def write_random_set(artifacts: Path, dataset: str, ipc: int, classes: list[str]) -> str:
+    """``ipc`` images of random pixels per class, as a finished set (what distill writes)."""
+    name = f"scale_ipc{ipc}"
+    artifact = DistilledArtifact(artifacts, dataset, name)
+    if artifact.manifest.is_file():
+        return name
+    spec = get_spec(dataset)
+    count = ipc * len(classes)
+    generator = torch.Generator().manual_seed(ipc)
+    pixels = torch.randint(0, 256, (count, 3, spec.image_size, spec.image_size), dtype=torch.uint8, generator=generator)
+    labels = torch.arange(len(classes)).repeat_interleave(ipc)
+    ipc_index = torch.arange(ipc).repeat(len(classes))
+    fields = {"dataset": dataset, "method": "random_real", "classes": classes, "class_names": classes, "ipc": ipc}
+    fields["fingerprint"] = f"scale-{dataset}-{ipc}"
+    write_set(
+        artifact, from_pixels(pixels, spec.mean, spec.std), labels, ipc_index, classes, spec.mean, spec.std, 0, fields
+    )
+    return name
+
+
+def cli(script: str, args: list[str], work: Path, probe: Path | None = None) -> float:
+    """Run an entry point from ``work``; returns its wall seconds."""
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": f"{ROOT / 'bench'}:{os.environ.get('PYTHONPATH', '')}"}
+    extra = (
+        ["+callbacks.scale_probe._target_=scale_probe.ScaleProbe", f"+callbacks.scale_probe.out={probe}"]
+        if probe
+        else []
+    )
+    started = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / script), *args, *extra], cwd=work, env=env, capture_output=True, text=True
+    )
+    if proc.returncode:
+        raise RuntimeError(f"{script} {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return time.perf_counter() - started
+
+
+def common(dataset: str, ipc: int, name: str, data_root: Path) -> list[str]:
+    return [
+        f"dataset={dataset}",
+        f"dataset.root={data_root}",
+        f"ipc={ipc}",
+        f"set={name}",
+        "method=random_real",
+        f"relabel.teachers={TEACHER}",
+        "relabel.epochs=1",
+        "logger=none",
+    ]
+
+
+def read_probe(folder: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("rank*.json"))]
+
+
+def run_cell(work: Path, dataset: str, ipc: int, ddp: bool, execute: bool = True) -> dict:
+    """One set's runs (each skipped when its probe is already in ``work``; none run without ``execute``)."""
+    spec = get_spec(dataset)
+    classes = wnids(spec.num_classes)
+    data_root = work / "data" / dataset
+    artifacts = work / "artifacts"
+    if execute:
+        write_dataset(data_root, classes)
+    if execute and not (artifacts / dataset / "teachers" / f"{TEACHER}.json").is_file():
+        cli(
+            "train.py",
+            [
+                f"dataset={dataset}",
+                f"dataset.root={data_root}",
+                f"model={TEACHER}",
+                "squeeze.epochs=1",
+                "squeeze.batch_size=256",
+                "logger=none",
+            ],
+            work,
+        )
+    name = write_random_set(artifacts, dataset, ipc, classes) if execute else f"scale_ipc{ipc}"
+    args = common(dataset, ipc, name, data_root)
+    cell = work / "probes" / f"{dataset}_ipc{ipc}"
+    student = [*args, "validate.epochs=1", f"+trainer.max_steps={STUDENT_STEPS}", "validate.micro_batches=2"]
+    runs = {
+        "relabel": ("relabel.py", args),
+        "evaluate": ("evaluate.py", student),
+    }
+    if ddp:
+        runs["evaluate_ddp"] = ("evaluate.py", [*student, "hardware=ddp_cpu", "hardware.threads=1"])
+    out = {"dataset": dataset, "ipc": ipc, "images": ipc * len(classes), "image_size": spec.image_size}
+    out["uint8_bytes"] = out["images"] * 3 * spec.image_size**2
+    for run, (script, run_args) in runs.items():
+        probe = cell / run
+        if execute and not (probe / "wall.json").is_file():
+            shutil.rmtree(probe, ignore_errors=True)
+            wall = cli(script, run_args, work, probe)
+            (probe / "wall.json").write_text(json.dumps({"wall_s": wall}))
+        if (probe / "wall.json").is_file():
+            out[run] = {"ranks": read_probe(probe), **json.loads((probe / "wall.json").read_text())}
+    return out
+
+
+def fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares ``y = a + b x``."""
+    slope, intercept = np.polyfit(np.asarray(xs, float), np.asarray(ys, float), 1)
+    return float(intercept), float(slope)
+
+
+def report(cells: list[dict]) -> dict:
+    rows, series = [], [c for c in cells if c["dataset"] == "imagenet1k"]
+    print(
+        "| set | images | uint8 MB | run | ranks | start-up s | peak RSS MB | read MB | hashed MB | lo KB/step "
+        "| forwards/rank |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for c in cells:
+        for run in ("relabel", "evaluate", "evaluate_ddp"):
+            if run not in c:
+                continue
+            ranks = c[run]["ranks"]
+            first = max(r["first_step_s"] for r in ranks)
+            rss = max(r["peak_rss_bytes"] for r in ranks)
+            lo = ranks[0]["loopback_bytes_per_step"] if run == "evaluate_ddp" else None
+            forwards = "/".join(str(r["forwards"]) for r in ranks) if run != "relabel" else "–"
+            row = {
+                "set": f"{c['dataset']} IPC {c['ipc']}",
+                "images": c["images"],
+                "uint8_mb": c["uint8_bytes"] / 1e6,
+                "run": run,
+                "ranks": len(ranks),
+                "startup_s": first,
+                "peak_rss_mb": rss / 1e6,
+                "read_mb": max(r["rchar"] for r in ranks) / 1e6,
+                "hashed_mb": sum(r["hashed_bytes"] for r in ranks) / 1e6,
+                "loopback_kb_per_step": None if lo is None else lo / 1e3,
+                "forwards_per_rank": [r["forwards"] for r in ranks],
+                "steps": ranks[0]["steps"],
+            }
+            rows.append(row)
+            print(
+                f"| {row['set']} | {row['images']:,} | {row['uint8_mb']:.0f} | {run} | {row['ranks']} | {first:.1f} | "
+                f"{row['peak_rss_mb']:.0f} | {row['read_mb']:.0f} | {row['hashed_mb']:.1f} | "
+                f"{'–' if lo is None else f'{lo / 1e3:.1f}'} | {forwards} |"
+            )
+    extrapolated = {}
+    print("\nFitted over the 224 px sets and extrapolated to 50,000 images (ImageNet-1K IPC 50):\n")
+    print("| run | figure | per 1,000 images | at 0 images | extrapolated to 50,000 | target |")
+    print("|---|---|---|---|---|---|")
+    uint8_per_image = 3 * 224 * 224
+    for run in ("relabel", "evaluate", "evaluate_ddp"):
+        points = [(c["images"], c[run]["ranks"]) for c in series if run in c]
+        if len(points) < 2:
+            continue
+        xs = [n for n, _ in points]
+        for figure, key, scale, target in (
+            ("start-up s (slowest rank)", "first_step_s", 1.0, "< 120 s"),
+            ("peak RSS MB (largest rank)", "peak_rss_bytes", 1e-6, "≤ constant + 1.2 × uint8 (180.6 MB per 1,000)"),
+            ("hashed MB (all ranks)", "hashed_bytes", 1e-6, "each file once per job"),
+        ):
+            reduce = sum if key == "hashed_bytes" else max
+            ys = [reduce(r[key] for r in ranks) * scale for _, ranks in points]
+            a, b = fit(xs, ys)
+            at = a + b * TARGET_IMAGES
+            extrapolated[f"{run}.{key}"] = {"intercept": a, "per_image": b, "at_50k": at}
+            print(f"| {run} | {figure} | {b * 1000:.2f} | {a:.1f} | {at:,.1f} | {target} |")
+    rss_ratio = {
+        run: extrapolated[f"{run}.peak_rss_bytes"]["per_image"] / 1e-6 / uint8_per_image
+        for run in ("relabel", "evaluate", "evaluate_ddp")
+        if f"{run}.peak_rss_bytes" in extrapolated
+    }
+    print(
+        "\nPeak RSS growth per image as a multiple of its uint8 pixels: "
+        + ", ".join(f"{k} {v:.2f}×" for k, v in rss_ratio.items())
+    )
+    return {"rows": rows, "extrapolated": extrapolated, "rss_growth_over_uint8": rss_ratio}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", type=Path, default=ROOT / "bench" / "work" / "scale")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--report", action="store_true", help="only the table, from the runs --work holds")
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    cells = []
+    for dataset, ipc, ddp in CELLS:
+        if args.report and not (args.work / "probes" / f"{dataset}_ipc{ipc}").is_dir():
+            continue
+        print(f"{dataset} IPC {ipc} ...", flush=True)
+        cells.append(run_cell(args.work, dataset, ipc, ddp, execute=not args.report))
+    result = {"cells": cells, **report(cells), "machine": {"cpus": os.cpu_count(), "torch": torch.__version__}}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "scale.json").write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
