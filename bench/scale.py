@@ -41,7 +41,7 @@ from cvdd.data import get_spec  # noqa: E402
 CELLS = [("imagenet1k", 1, True), ("imagenet1k", 2, True), ("imagenet1k", 4, True), ("tiny_imagenet", 10, False)]
 TARGET_IMAGES = 50_000  # ImageNet-1K IPC 50
 STUDENT_STEPS = 24
-TEACHER = "convnet_small"
+TEACHER = STUDENT = "convnet_small"  # small networks: what grows with the set is measured, not the network
 
 
 def wnids(count: int) -> list[str]:
@@ -130,6 +130,7 @@ def run_cell(work: Path, dataset: str, ipc: int, ddp: bool, execute: bool = True
                 f"dataset.root={data_root}",
                 f"model={TEACHER}",
                 "squeeze.epochs=1",
+                "model.pretrained=false",
                 "squeeze.batch_size=256",
                 "logger=none",
             ],
@@ -138,9 +139,17 @@ def run_cell(work: Path, dataset: str, ipc: int, ddp: bool, execute: bool = True
     name = write_random_set(artifacts, dataset, ipc, classes) if execute else f"scale_ipc{ipc}"
     args = common(dataset, ipc, name, data_root)
     cell = work / "probes" / f"{dataset}_ipc{ipc}"
-    student = [*args, "validate.epochs=1", f"+trainer.max_steps={STUDENT_STEPS}", "validate.micro_batches=2"]
+    student = [
+        *args,
+        f"student={STUDENT}",
+        "validate.epochs=1",
+        f"+trainer.max_steps={STUDENT_STEPS}",
+        "validate.micro_batches=2",
+        "hardware.eval_batch_size=32",
+        "relabel.stack_images=32",
+    ]
     runs = {
-        "relabel": ("relabel.py", args),
+        "relabel": ("relabel.py", [*args, "relabel.stack_images=32"]),
         "evaluate": ("evaluate.py", student),
     }
     if ddp:

@@ -193,14 +193,15 @@ class StudentModule(L.LightningModule):
         return loss * world if world > 1 else loss
 
     def test_loader(self) -> DataLoader:
-        """The test set, this rank's shard (every sample once over all ranks), in batches of 256."""
+        """The test set, this rank's shard (every sample once over all ranks), in batches of ``loader["batch_size"]``
+        (``hardware.eval_batch_size``, default 256)."""
         if self.test_set is None:
             raise RuntimeError("StudentModule was built without a test_set")
         rank, world = rank_and_world()
         workers = int(self.loader.get("num_workers", 0))
         return DataLoader(
             self.test_set,
-            batch_size=256,
+            batch_size=int(self.loader.get("batch_size", 256)),
             sampler=ShardSampler(len(self.test_set), rank, world),
             num_workers=workers,
             pin_memory=bool(self.loader.get("pin_memory", False)),

@@ -165,7 +165,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         bool(v.decay_all),
         numerics_for(cfg, model_cfg.net.name, "student"),  # trains in these; tested in fp32
         test_set=data.view("test"),
-        loader={"num_workers": cfg.hardware.num_workers, "pin_memory": cfg.hardware.get("pin_memory", False)},
+        loader={
+            "num_workers": cfg.hardware.num_workers,
+            "pin_memory": cfg.hardware.get("pin_memory", False),
+            "batch_size": cfg.hardware.get("eval_batch_size", 256),
+        },
     )
     started = time.time()
     trainer, loggers = build_trainer(cfg)
