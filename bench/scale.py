@@ -173,6 +173,16 @@ def fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
     return float(intercept), float(slope)
 
 
+def student_parameters() -> int:
+    """Parameters of the student the benchmark trains (its gradients are what DDP all-reduces every step)."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    net = OmegaConf.load(ROOT / "conf" / "model" / f"{STUDENT}.yaml").net
+    model = instantiate(net, num_classes=1000, image_size=224, in_chans=3)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def report(cells: list[dict]) -> dict:
     rows, series = [], [c for c in cells if c["dataset"] == "imagenet1k"]
     print(
@@ -230,6 +240,30 @@ def report(cells: list[dict]) -> dict:
             at = a + b * TARGET_IMAGES
             extrapolated[f"{run}.{key}"] = {"intercept": a, "per_image": b, "at_50k": at}
             print(f"| {run} | {figure} | {b * 1000:.2f} | {a:.1f} | {at:,.1f} | {target} |")
+    ddp = [c for c in series if "evaluate_ddp" in c]
+    if len(ddp) >= 2:
+        params = student_parameters()
+        gradients = 2 * 4 * params  # gloo's ring all-reduce of fp32 gradients over 2 ranks: W · 2 (W − 1) / W · 4 P
+        xs = [c["images"] for c in ddp]
+        ys = [c["evaluate_ddp"]["ranks"][0]["loopback_bytes_per_step"] for c in ddp]
+        a_lo, b_lo = fit(xs, ys)
+        extrapolated["evaluate_ddp.loopback_bytes_per_step"] = {
+            "intercept": a_lo,
+            "per_image": b_lo,
+            "at_50k": a_lo + b_lo * TARGET_IMAGES,
+        }
+        extrapolated["evaluate_ddp.gradient_allreduce_bytes"] = gradients
+        print(
+            f"| evaluate_ddp | loopback bytes per student step (both ranks) | {b_lo * 1000:,.0f} B "
+            f"| {a_lo / 1e6:,.2f} MB | {(a_lo + b_lo * TARGET_IMAGES) / 1e6:,.2f} MB "
+            "| nothing that grows with the set (< 1 MB) |"
+        )
+        print(
+            f"\nOf the loopback bytes per step, the gradient all-reduce of the student's {params:,} parameters "
+            f"accounts for {gradients / 1e6:,.2f} MB (2 ranks × 4 bytes × P); "
+            f"the rest, {(a_lo - gradients) / 1e3:,.1f} KB at 0 "
+            f"images, is the BatchNorm merge, the loss sync and the collectives' framing."
+        )
     rss_ratio = {
         run: extrapolated[f"{run}.peak_rss_bytes"]["per_image"] / 1e-6 / uint8_per_image
         for run in ("relabel", "evaluate", "evaluate_ddp")
