@@ -11,7 +11,6 @@ from __future__ import annotations
 import atexit
 import json
 import os
-import resource
 from pathlib import Path
 
 from lightning.pytorch.callbacks import Callback
@@ -23,6 +22,15 @@ def process_age() -> float:
     started = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19]) / ticks
     uptime = float(Path("/proc/uptime").read_text().split()[0])
     return uptime - started
+
+
+def peak_rss() -> int:
+    """This process's peak resident set (``VmHWM``). Not ``getrusage``'s ``ru_maxrss``: Linux carries that across
+    ``execve`` from the parent, so a child started by a large parent reports the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def io_counters() -> dict[str, int]:
@@ -76,7 +84,7 @@ class ScaleProbe(Callback):
             "rank": self.rank,
             "first_step_s": self.first_step_s,
             "exit_s": process_age(),
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_rss_bytes": peak_rss(),
             **io_counters(),
             "hashed_bytes": HASHED["bytes"],
             "steps": self.steps,
