@@ -124,14 +124,21 @@ class EpochPlan:
             hflip,
             mix_alpha,
         )
+        self._last: tuple[int, list[BatchPlan]] | None = None
 
     def batches_per_epoch(self) -> int:
         return math.ceil(self.num_images / self.batch_size)
 
     def epoch(self, epoch: int) -> list[BatchPlan]:
-        """The batches of ``epoch`` (independent of every other epoch: resumable anywhere)."""
+        """The batches of ``epoch`` (independent of every other epoch: resumable anywhere). The last epoch built is
+        kept, so the student's steps and the label reader checking that epoch's digest share one build."""
         if not 0 <= epoch < self.epochs:
             raise IndexError(f"epoch {epoch} outside the plan's {self.epochs} epochs")
+        if self._last is None or self._last[0] != epoch:
+            self._last = (epoch, self._build(epoch))
+        return self._last[1]
+
+    def _build(self, epoch: int) -> list[BatchPlan]:
         gen = torch.Generator().manual_seed(derive_seed(self.seed, epoch, 0x91A7))
         h, w = self.image_size
         order = torch.randperm(self.num_images, generator=gen)

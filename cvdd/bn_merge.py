@@ -28,16 +28,19 @@ class BatchNormMerge:
                 f"BatchNorm with momentum=None (a cumulative average; {cumulative[0]}) cannot be merged across ranks; "
                 "train this student on one device or give its BatchNorm layers a momentum"
             )
+        self._decay = (
+            torch.cat(  # 1 − momentum for every running_mean and running_var entry, in _flat's order
+                [torch.full((2 * m.running_mean.numel(),), 1.0 - m.momentum, dtype=torch.float64) for m in self.layers]
+            )
+            if self.layers
+            else torch.zeros(0, dtype=torch.float64)
+        )
         self._start: torch.Tensor | None = None
         self._tracked: list[torch.Tensor] = []
         self.bytes_sent = 0  # per merge, for bench/scale.py
 
     def _flat(self) -> torch.Tensor:
         return torch.cat([t.double().flatten() for m in self.layers for t in (m.running_mean, m.running_var)])
-
-    def _decay(self, like: torch.Tensor) -> torch.Tensor:
-        parts = [torch.full((2 * m.running_mean.numel(),), 1.0 - m.momentum, dtype=torch.float64) for m in self.layers]
-        return torch.cat(parts).to(like.device)
 
     def snapshot(self) -> None:
         """Remember the buffers before this step's forwards (every rank holds the same)."""
@@ -54,7 +57,7 @@ class BatchNormMerge:
         if self._start is None:
             raise RuntimeError("BatchNormMerge.merge() without snapshot() before the step's forwards")
         start = self._start
-        decay = self._decay(start)
+        decay = self._decay.to(start.device)
         delta = self._flat() - decay.pow(forwards) * start
         payload = torch.cat([delta, torch.tensor([float(forwards)], dtype=torch.float64, device=start.device)])
         gathered = [torch.empty_like(payload) for _ in range(world)]

@@ -121,7 +121,6 @@ class StudentModule(L.LightningModule):
         self.val_top1 = topk_accuracy(num_classes, 1)
         self.evaluations: list[tuple[int, float]] = []
         self.forwards = 0  # slices this rank forwarded in the current step
-        self._epoch: tuple[int, list[BatchPlan]] | None = None
 
     def setup(self, stage: str) -> None:
         if self.images is None:
@@ -141,11 +140,6 @@ class StudentModule(L.LightningModule):
         epoch, top1 = self.evaluations[-1]
         return {"test top-1": f"{top1:.2f}% (epoch {epoch})"}
 
-    def planned(self, epoch: int, batch_index: int) -> BatchPlan:
-        if self._epoch is None or self._epoch[0] != epoch:
-            self._epoch = (epoch, self.plan.epoch(epoch))
-        return self._epoch[1][batch_index]
-
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self.bn_merge.snapshot()
 
@@ -154,7 +148,7 @@ class StudentModule(L.LightningModule):
 
     def training_step(self, batch_index: torch.Tensor, _: int) -> torch.Tensor:
         epoch, b = self.current_epoch, int(batch_index)
-        plan = self.planned(epoch, b)
+        plan = self.plan.epoch(epoch)[b]
         rank, world = rank_and_world()
         micro = self.hparams.micro_batches
         slices = rank_slices(len(plan.indices), self.plan.batch_size // micro, rank, world)
