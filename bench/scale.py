@@ -34,7 +34,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cvdd.artifacts.distilled import DistilledArtifact, from_pixels, write_set  # noqa: E402
+from cvdd.artifacts.distilled import DistilledArtifact, SetPiece, from_pixels, write_set  # noqa: E402
 from cvdd.data import get_spec  # noqa: E402
 
 # (dataset, IPC, run under ddp_cpu too); the 224 px series is what the fits use
@@ -74,9 +74,8 @@ def write_random_set(artifacts: Path, dataset: str, ipc: int, classes: list[str]
     ipc_index = torch.arange(ipc).repeat(len(classes))
     fields = {"dataset": dataset, "method": "random_real", "classes": classes, "class_names": classes, "ipc": ipc}
     fields["fingerprint"] = f"scale-{dataset}-{ipc}"
-    write_set(
-        artifact, from_pixels(pixels, spec.mean, spec.std), labels, ipc_index, classes, spec.mean, spec.std, 0, fields
-    )
+    piece = SetPiece.of(from_pixels(pixels, spec.mean, spec.std), labels, ipc_index)
+    write_set(artifact, [piece], classes, spec.mean, spec.std, 0, fields)
     return name
 
 

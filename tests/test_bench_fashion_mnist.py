@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cvdd.artifacts.distilled import DistilledArtifact, write_set
+from cvdd.artifacts.distilled import DistilledArtifact, SetPiece, write_set
 
 SPEC = importlib.util.spec_from_file_location(
     "fashion_mnist_bench", Path(__file__).parents[1] / "bench/fashion_mnist.py"
@@ -186,7 +186,7 @@ def test_the_sets_are_pictured_side_by_side_as_their_students_read_them(state: P
     for shade, method in zip(shades, bench.ORDER, strict=True):
         artifact = DistilledArtifact(state / "work" / "artifacts", bench.DATASET, Cell(method, 10, 0, 0.5).set_name)
         images = torch.full((3 * ipc, 1, 28, 28), shade / 255)  # mean 0, std 1: the PNGs hold exactly `shade`
-        write_set(artifact, images, labels, ipc_index, names, [0.0], [1.0], 0, {"class_names": names})
+        write_set(artifact, [SetPiece.of(images, labels, ipc_index)], names, [0.0], [1.0], 0, {"class_names": names})
     b.pictures(0.5)
 
     picture = Image.open(state / "out" / bench.PICTURES).convert("L")

@@ -202,6 +202,10 @@ def test_ddp_cpu_gives_bitwise_the_images_of_one_process_at_the_same_thread_coun
     assert torch.equal(images_of(workdir, "single"), images_of(workdir, "ddp"))
     manifest = json.loads((workdir / "artifacts/digits/distilled/ddp/manifest.json").read_text())
     assert [u["cpu_threads"] for u in manifest["units"]] == [1, 1], "each rank ran the thread count it was given"
+    single = json.loads((workdir / "artifacts/digits/distilled/single/manifest.json").read_text())
+    pngs = {name: d for name, d in manifest["files"].items() if name.endswith(".png") and name != "grid.png"}
+    assert len(pngs) == 20 and pngs.items() <= single["files"].items(), "each rank exported its units' PNGs"
+    assert manifest["files"]["images.pt"] == single["files"]["images.pt"], "the assembled file is the same bytes"
 
 
 def test_member_passes_side_by_side_give_bitwise_the_images_of_one_thread(make_cfg, workdir: Path):
@@ -258,3 +262,25 @@ def test_each_wave_logs_its_images_and_peak_memory(make_cfg, workdir: Path, capl
         "wave 3/3: 10 images done",
     ]
     assert all(float(w.split("peak memory ")[1].split(" MiB")[0]) > 0 for w in waves)
+
+
+def test_units_can_be_dropped_after_assembly_without_changing_the_recipe(make_cfg, workdir: Path):
+    kept = distill(make_cfg("distill", *FAST, "set=kept"))
+    dropped = distill(make_cfg("distill", *FAST, "set=dropped", "recover.keep_units=false"))
+    assert not (workdir / "artifacts/digits/distilled/dropped/units").exists()
+    assert (workdir / "artifacts/digits/distilled/kept/units").is_dir()
+    assert dropped["fingerprint"] == kept["fingerprint"], "keeping units changes disk use, not the set"
+    assert torch.equal(images_of(workdir, "kept"), images_of(workdir, "dropped"))
+
+
+def test_a_resumed_finish_reads_each_units_images_only_to_write_them(make_cfg, workdir: Path, monkeypatch):
+    import cvdd.methods.committee_voting as cv
+
+    distill(make_cfg("distill", *FAST, "recover.group_images=10"))
+    (workdir / "artifacts/digits/distilled/small_ipc2_real_s0/manifest.json").unlink()  # killed before the manifest
+    reads = []
+    original = cv.load_tensors
+    monkeypatch.setattr(cv, "load_tensors", lambda *a, **k: reads.append(k.get("mapped", False)) or original(*a, **k))
+    distill(make_cfg("distill", *FAST, "recover.group_images=10"))
+    assert reads.count(True) == 4, "each of the 2 units' metadata is read mapped, to check it and to list it"
+    assert reads.count(False) == 2 * 2 + 1, "each unit's images: for its PNGs, for images.pt (the first: its shape)"

@@ -1,7 +1,9 @@
 """A distilled set: ``<artifacts>/<dataset>/distilled/<set>/``, whichever method made it::
 
-units/<ipc>_<block>.pt          committee voting: one finished unit (written atomically as it completes)
-images.pt                       all images (normalised, full precision), labels, IPC indices
+units/<ipc>_<block>.pt          committee voting: one finished unit (written atomically as it completes; dropped
+                                after assembly with ``recover.keep_units=false``)
+images.pt                       all images (normalised, full precision), labels, IPC indices; assembled in place,
+                                one unit at a time
 <class idx>_<class name>/<ipc idx>.png   the same images as PNG (ImageFolder layout)
 grid.png                        one row per class
 manifest.json                   written last: its presence means the set is complete
@@ -22,15 +24,17 @@ from PIL import Image
 from cvdd.artifacts.io import (
     ArtifactCorruptError,
     NamedArtifact,
+    atomic_write,
     check_files,
     file_digest,
     load_json,
     load_tensors,
     save_json,
-    save_tensors,
     sha256_hex,
+    streamed_tensors,
 )
-from cvdd.grid import distilled_grid, save_image_atomic
+from cvdd.distributed import gather_objects, raise_together, rank_and_world
+from cvdd.grid import MAX_GRID_COLUMNS, distilled_grid, grid_rows, save_image_atomic
 
 
 def safe_name(text: str) -> str:
@@ -80,15 +84,19 @@ class DistilledArtifact(NamedArtifact):
 
 def write_pngs(
     folder: Path, pixels: torch.Tensor, labels: torch.Tensor, ipc_index: torch.Tensor, class_names: list[str]
-) -> None:
-    """Images as ``<class idx>_<class name>/<ipc idx>.png`` (grey or RGB), each written atomically."""
+) -> dict[str, dict]:
+    """Images as ``<class idx>_<class name>/<ipc idx>.png`` (grey or RGB), each written atomically; returns each
+    file's digest (relative name → bytes, sha256), taken from the bytes written rather than read back."""
+    digests = {}
     for img, label, i in zip(pixels, labels.tolist(), ipc_index.tolist(), strict=True):
         path = png_path(folder, label, i, class_names)
-        path.parent.mkdir(parents=True, exist_ok=True)
         array = img.permute(1, 2, 0).numpy()
-        tmp = path.with_name(f".{path.name}.tmp")
-        Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(tmp, format="PNG")
-        tmp.replace(path)
+        encoded = io.BytesIO()
+        Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(encoded, format="PNG")
+        data = encoded.getvalue()
+        atomic_write(path, lambda fh, data=data: fh.write(data))
+        digests[path.relative_to(folder).as_posix()] = {"bytes": len(data), "sha256": sha256_hex(data)}
+    return digests
 
 
 PNG_FILE = re.compile(r"^(\d+)_[^/]+/(\d+)\.png$")
@@ -145,36 +153,109 @@ def read_pngs(
     return images
 
 
-def set_files(artifact: DistilledArtifact) -> dict[str, dict]:
-    """Digests of every file a finished set is read from (``images.pt``, the PNGs, the grid)."""
-    paths = [artifact.tensors, artifact.grid, *sorted(artifact.folder.glob("[0-9]*_*/*.png"))]
-    return {path.relative_to(artifact.folder).as_posix(): file_digest(path) for path in paths}
+@dataclass(frozen=True)
+class SetPiece:
+    """Some images of a set, with their classes and IPC indices; ``load()`` gives them normalised (n, C, H, W) only
+    when the writer gets to them, so a set larger than memory is written one piece at a time (a method's units)."""
+
+    labels: torch.Tensor
+    ipc_index: torch.Tensor
+    load: Callable[[], torch.Tensor]
+
+    @classmethod
+    def of(cls, images: torch.Tensor, labels: torch.Tensor, ipc_index: torch.Tensor) -> SetPiece:
+        """A piece already in memory."""
+        return cls(labels, ipc_index, lambda: images)
 
 
-def save_set(artifact: DistilledArtifact, images: torch.Tensor, labels: torch.Tensor, ipc_index: torch.Tensor) -> None:
-    save_tensors(artifact.tensors, {"images": images.float().cpu(), "labels": labels, "ipc_index": ipc_index})
+def class_major_positions(labels: torch.Tensor, ipc_index: torch.Tensor) -> torch.Tensor:
+    """Where each image goes in the set's files: sorted by class, then IPC index."""
+    order = torch.argsort(labels * (int(ipc_index.max()) + 1) + ipc_index)
+    positions = torch.empty_like(order)
+    positions[order] = torch.arange(len(order))
+    return positions
+
+
+def stream_tensors_file(
+    artifact: DistilledArtifact, pieces: list[SetPiece], positions: torch.Tensor, grid_cells: set[tuple[int, int]]
+) -> dict[tuple[int, int], torch.Tensor]:
+    """``images.pt`` (fp32 images, labels, IPC indices, class-major) filled piece by piece in place: one piece in
+    memory at a time. Returns the normalised images of ``grid_cells`` ((class, IPC index) pairs) on the way."""
+    labels = torch.cat([p.labels for p in pieces])
+    ipc_index = torch.cat([p.ipc_index for p in pieces])
+    shape = pieces[0].load().shape[1:]  # the first piece is read twice: the file's shape comes before its data
+    shapes = {
+        "images": ((len(labels), *shape), torch.float32),
+        "labels": ((len(labels),), labels.dtype),
+        "ipc_index": ((len(labels),), ipc_index.dtype),
+    }
+    cells: dict[tuple[int, int], torch.Tensor] = {}
+    with streamed_tensors(artifact.tensors, shapes) as out:
+        out["labels"][positions] = labels
+        out["ipc_index"][positions] = ipc_index
+        start = 0
+        for piece in pieces:
+            images = piece.load().float().cpu()
+            out["images"][positions[start : start + len(images)]] = images
+            for j, cell in enumerate(zip(piece.labels.tolist(), piece.ipc_index.tolist(), strict=True)):
+                if cell in grid_cells:
+                    cells[cell] = images[j].clone()
+            start += len(images)
+            del images  # before the next piece is read: one piece in memory at a time
+    return cells
 
 
 def write_set(
     artifact: DistilledArtifact,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    ipc_index: torch.Tensor,
+    pieces: list[SetPiece],
     class_names: list[str],
     mean,
     std,
     seed: int,
     fields: dict,
 ) -> dict:
-    """A finished set's files, class-major: ``images.pt``, the PNGs, ``grid.png`` and last ``manifest.json`` (the
-    recorded ``fields`` plus every file's digest). Returns the manifest."""
-    order = torch.argsort(labels * (int(ipc_index.max()) + 1) + ipc_index)  # class-major, then IPC index
-    images, labels, ipc_index = images[order], labels[order], ipc_index[order]
-    save_set(artifact, images, labels, ipc_index)
-    pixels = to_pixels(images, mean, std)
-    write_pngs(artifact.folder, pixels, labels, ipc_index, class_names)
-    save_image_atomic(distilled_grid(pixels, labels, ipc_index, class_names, seed), artifact.grid)
-    manifest = {"files": set_files(artifact), "name": artifact.name, "images": len(images), **fields}
+    """A finished set's files: the PNGs, ``images.pt``, ``grid.png`` and last ``manifest.json`` (the recorded
+    ``fields`` plus every file's digest). Returns the manifest on rank 0 and ``{}`` on the others.
+
+    Every rank of a distributed run calls it with the same pieces: rank ``r`` encodes the PNGs of pieces ``r, r + W,
+    …``; rank 0 then streams every piece into ``images.pt`` (bounded memory), draws the grid and writes the
+    manifest. Only the files written here are listed, each hashed once, as it is written (``images.pt`` in
+    chunks)."""
+    rank, world = rank_and_world()
+    error, digests = None, {}
+    try:
+        for piece in pieces[rank::world]:
+            pixels = to_pixels(piece.load(), mean, std)
+            digests.update(write_pngs(artifact.folder, pixels, piece.labels, piece.ipc_index, class_names))
+    except Exception as err:  # a full disk on one rank must not leave the others waiting at the gather
+        error = err
+    raise_together(error, "writing the distilled set's PNGs")
+    digests = {name: d for part in gather_objects(digests) for name, d in part.items()}
+    if rank != 0:
+        return {}
+    labels = torch.cat([p.labels for p in pieces])
+    ipc_index = torch.cat([p.ipc_index for p in pieces])
+    rows, columns = grid_rows(len(class_names), seed), min(int(ipc_index.max()) + 1, MAX_GRID_COLUMNS)
+    cells = stream_tensors_file(
+        artifact, pieces, class_major_positions(labels, ipc_index), {(c, i) for c in rows for i in range(columns)}
+    )
+    tiles = sorted(cells)
+    save_image_atomic(
+        distilled_grid(
+            to_pixels(torch.stack([cells[t] for t in tiles]), mean, std),
+            torch.tensor([c for c, _ in tiles]),
+            torch.tensor([i for _, i in tiles]),
+            class_names,
+            seed,
+        ),
+        artifact.grid,
+    )
+    files = {
+        artifact.tensors.name: file_digest(artifact.tensors),
+        artifact.grid.name: file_digest(artifact.grid),
+        **dict(sorted(digests.items())),
+    }
+    manifest = {"files": files, "name": artifact.name, "images": len(labels), **fields}
     save_json(artifact.manifest, manifest)
     return manifest
 

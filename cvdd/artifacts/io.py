@@ -9,14 +9,18 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import mmap
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, ClassVar
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.serialization import set_default_mmap_options, skip_data
 
 
 def _default_mode() -> int:
@@ -99,18 +103,26 @@ def check_files(folder: Path, recorded: Mapping[str, Mapping[str, Any]], rebuild
         )
 
 
-def load_tensors(path: Path | str, rebuild: str, digest: Mapping[str, Any] | None = None) -> Any:
+def load_tensors(path: Path | str, rebuild: str, digest: Mapping[str, Any] | None = None, mapped: bool = False) -> Any:
     """``torch.load`` (weights only) of an artifact file; a missing, altered (``digest``) or unreadable file is an
-    :class:`ArtifactCorruptError` naming the file and the command that rebuilds it."""
+    :class:`ArtifactCorruptError` naming the file and the command that rebuilds it. ``mapped`` memory-maps the
+    tensors instead of reading them: what the caller never touches is never read (a unit file's metadata without
+    its images); a digest needs every byte, so it cannot be mapped."""
     path = Path(path)
+    if mapped and digest is not None:
+        raise ValueError("a digest check reads the whole file; load it unmapped")
     try:
-        data = path.read_bytes()
+        data = None if mapped else path.read_bytes()
     except FileNotFoundError as err:
         raise ArtifactCorruptError(f"{path} is missing; rebuild it: {rebuild}") from err
     if digest is not None and (len(data) != digest["bytes"] or sha256_hex(data) != digest["sha256"]):
         raise ArtifactCorruptError(f"{path} differs from the file its manifest records; rebuild it: {rebuild}")
     try:
+        if mapped:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except FileNotFoundError as err:
+        raise ArtifactCorruptError(f"{path} is missing; rebuild it: {rebuild}") from err
     except Exception as err:  # torch raises RuntimeError, EOFError, UnpicklingError... for a damaged file
         raise ArtifactCorruptError(
             f"{path} cannot be read ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
@@ -120,6 +132,34 @@ def load_tensors(path: Path | str, rebuild: str, digest: Mapping[str, Any] | Non
 
 def save_tensors(path: Path | str, obj: Any) -> Path:
     return atomic_write(path, lambda fh: torch.save(obj, fh))
+
+
+@contextmanager
+def streamed_tensors(path: Path | str, shapes: Mapping[str, tuple[tuple[int, ...], torch.dtype]]) -> Iterator[dict]:
+    """A tensor file of ``{name: tensor}`` written in place, one slice at a time: yields the file's tensors
+    memory-mapped (shared with the file) for the caller to fill, then syncs the file and renames it into place.
+    :func:`load_tensors` reads it like a file of :func:`save_tensors` (its bytes differ, but are the same for the
+    same tensors), and writing it holds no tensor in memory: a set larger than the host's memory is assembled
+    piece by piece."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with FakeTensorMode():  # shapes without storage: the skeleton's data regions are left to be filled
+            skeleton = {name: torch.empty(shape, dtype=dtype) for name, (shape, dtype) in shapes.items()}
+        with os.fdopen(fd, "wb") as fh, skip_data(materialize_fake_tensors=True):
+            torch.save(skeleton, fh)
+        with set_default_mmap_options(mmap.MAP_SHARED):
+            tensors = torch.load(tmp, weights_only=True, mmap=True)
+        yield tensors
+        del tensors  # unmaps: the filled pages belong to the file
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.chmod(tmp, _default_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def fingerprint(obj: Mapping[str, Any]) -> str:

@@ -2,7 +2,7 @@
 
 Fingerprint the method's recipe → reuse a finished set of the same recipe (or repair its damaged files from
 what the method resumes) or refuse one of another → let the method make the images → write the set's files
-and, last, its manifest on rank 0.
+and, last, its manifest on rank 0 (every rank writes a share of the PNGs).
 """
 
 from __future__ import annotations
@@ -77,8 +77,6 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
             return manifest
         started = time.time()
         made = method.make(ctx, recipe_hash)
-        if made is None:
-            return {}
         spec = ctx.spec
         fields = {
             "dataset": cfg.dataset.name,
@@ -94,13 +92,14 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
             "recipe": recipe,
             "config": OmegaConf.to_container(cfg, resolve=True),
         }
-        manifest = write_set(
-            artifact, made.images, made.labels, made.ipc_index, data.class_names, spec.mean, spec.std, ctx.seed, fields
-        )
+        manifest = write_set(artifact, made.pieces, data.class_names, spec.mean, spec.std, ctx.seed, fields)
+        if not manifest:  # ranks other than 0 wrote their share of the PNGs
+            return {}
+        method.finish(ctx)
         stage_summary(
             f"distill ({method.name})",
             [
-                ("set", f"{artifact.folder} ({len(made.images)} images, {size_on_disk(artifact.folder)})"),
+                ("set", f"{artifact.folder} ({len(made)} images, {size_on_disk(artifact.folder)})"),
                 ("grid", str(artifact.grid)),
                 *method.summary(made),
             ],

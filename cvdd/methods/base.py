@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig
 
 from cvdd.artifacts import TeacherArtifact, load_json
-from cvdd.artifacts.distilled import DistilledArtifact
+from cvdd.artifacts.distilled import DistilledArtifact, SetPiece
 from cvdd.artifacts.identity import dataset_identity
 from cvdd.artifacts.patches import PatchCache
 from cvdd.committee import Committee, load_committee
@@ -31,13 +31,22 @@ from cvdd.teachers import ensure_teachers
 
 @dataclass
 class ImageSet:
-    """What a method makes: ``images`` normalised (N, C, H, W), each with its class and its index within the
-    class; ``metadata`` goes into the manifest as it is (e.g. per-unit losses, chosen source images)."""
+    """What a method makes: its images in ``pieces`` (normalised, each image with its class and its index within the
+    class; a piece is loaded only when the writer gets to it), and ``metadata`` for the manifest as it is (e.g.
+    per-unit losses, chosen source images)."""
 
-    images: torch.Tensor
-    labels: torch.Tensor
-    ipc_index: torch.Tensor
+    pieces: list[SetPiece]
     metadata: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(
+        cls, images: torch.Tensor, labels: torch.Tensor, ipc_index: torch.Tensor, metadata: dict[str, Any]
+    ) -> ImageSet:
+        """A set made in memory, one piece."""
+        return cls([SetPiece.of(images, labels, ipc_index)], metadata)
+
+    def __len__(self) -> int:
+        return sum(len(p.labels) for p in self.pieces)
 
 
 @dataclass
@@ -151,5 +160,8 @@ class Method(ABC):
         """Everything that decides the images (at least ``ctx.base_recipe()``); its fingerprint names the recipe."""
 
     @abstractmethod
-    def make(self, ctx: DistillContext, recipe_hash: str) -> ImageSet | None:
-        """The images of the set; ``None`` on ranks other than 0 of a distributed run."""
+    def make(self, ctx: DistillContext, recipe_hash: str) -> ImageSet:
+        """The images of the set; every rank of a distributed run returns the same pieces (it writes a share)."""
+
+    def finish(self, ctx: DistillContext) -> None:  # noqa: B027  (optional: most methods keep nothing aside)
+        """Called on rank 0 once the set's manifest is written: drop what only served to make it."""

@@ -2,12 +2,16 @@
 
 The set is split into units (one IPC index × one class block); each unit has its own seed, members and voting
 weights (:mod:`cvdd.recover`). Finished units are written atomically to the set's ``units/`` as they complete,
-so a restarted run skips them and ends with bitwise the same images. Units are sharded across ranks; rank 0
-collects them once every unit is on disk.
+so a restarted run skips them (reading only their metadata) and ends with bitwise the same images. Units are
+sharded across ranks; once every unit is on disk each rank exports a share of them as PNGs and rank 0 streams them
+into ``images.pt`` (:func:`cvdd.artifacts.distilled.write_set`).
 """
 
 from __future__ import annotations
 
+import shutil
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,7 +19,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from cvdd.artifacts import ArtifactCorruptError, load_tensors, save_tensors
-from cvdd.artifacts.distilled import DistilledArtifact
+from cvdd.artifacts.distilled import DistilledArtifact, SetPiece
 from cvdd.committee import select_members, voting_weights
 from cvdd.distributed import HydraDDPStrategy
 from cvdd.hardware import check_same_threads, cpu_threads
@@ -90,7 +94,8 @@ class CommitteeVoting(Method):
         comm.pop("train_missing", None)
         comm.pop("train_overrides", None)
         recover = OmegaConf.to_container(ctx.cfg.recover, resolve=True)
-        recover.pop("wave_images", None)  # changes memory and speed, not results (groups are fixed by the recipe)
+        for key in ("wave_images", "keep_units"):  # memory, speed and disk, not results (groups are fixed)
+            recover.pop(key, None)
         return {
             **ctx.base_recipe(),
             "recover": recover,
@@ -157,9 +162,13 @@ class CommitteeVoting(Method):
             trainer.fit(module)
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
-        if trainer.global_rank != 0:
-            return None
         return collect_units(artifact, units, committee.priors)
+
+    def finish(self, ctx: DistillContext) -> None:
+        """``recover.keep_units=false``: the unit files go once ``images.pt`` holds them (a damaged set is then
+        redone from scratch instead of repaired from its units)."""
+        if not bool(ctx.cfg.recover.get("keep_units", True)):
+            shutil.rmtree(ctx.artifact.folder / "units", ignore_errors=True)
 
 
 def plan_units(comm: DictConfig, cfg: DictConfig, num_classes: int, priors: dict[str, float]) -> list[Unit]:
@@ -183,7 +192,7 @@ def finished_units(artifact: DistilledArtifact, units: list[Unit], recipe_hash: 
         if not path.is_file():
             continue
         try:
-            saved = load_tensors(path, "the run recomputes it")
+            saved = load_tensors(path, "the run recomputes it", mapped=True)  # metadata only: images stay on disk
         except ArtifactCorruptError:
             log.warning("unit file %s is damaged; recomputing that unit", path)
             continue
@@ -195,19 +204,24 @@ def finished_units(artifact: DistilledArtifact, units: list[Unit], recipe_hash: 
     return done
 
 
+REDO_UNITS = "run the same command again: it recomputes damaged units"
+
+
+def unit_images(path: Path) -> torch.Tensor:
+    return load_tensors(path, REDO_UNITS)["images"]
+
+
 def collect_units(artifact: DistilledArtifact, units: list[Unit], priors: dict[str, float]) -> ImageSet:
-    """Every unit file of the set, with each unit's members, weights and final losses for the manifest."""
-    images, labels, ipc_index, records = [], [], [], []
+    """The set as one piece per unit file, with each unit's members, weights and final losses for the manifest.
+    Only the files' metadata is read here (memory-mapped); a unit's images are read when the writer takes it."""
+    pieces, records = [], []
     for unit in sorted(units, key=lambda u: (u.ipc_index, u.block)):
         path = artifact.unit_path(unit.key)
         if not path.is_file():
             raise RuntimeError(f"unit {unit.key} is missing from {path.parent}; run the same command again to finish")
-        saved = load_tensors(path, "run the same command again: it recomputes damaged units")
-        images.append(saved["images"])
-        labels += saved["classes"]
-        ipc_index += [unit.ipc_index] * len(saved["classes"])
+        saved = load_tensors(path, REDO_UNITS, mapped=True)
+        classes = torch.tensor(saved["classes"])
+        pieces.append(SetPiece(classes, torch.full_like(classes, unit.ipc_index), partial(unit_images, path)))
         records.append({k: saved[k] for k in ("ipc_index", "block", "classes", "members", "weights", "losses")})
         records[-1]["cpu_threads"] = saved.get("cpu_threads")
-    return ImageSet(
-        torch.cat(images), torch.tensor(labels), torch.tensor(ipc_index), {"priors": priors, "units": records}
-    )
+    return ImageSet(pieces, {"priors": priors, "units": records})

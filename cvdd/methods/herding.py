@@ -81,4 +81,4 @@ class Herding(Method):
                 labels.append(c)
                 ipc_index.append(i)
                 sources.append(idx[j])
-        return ImageSet(torch.stack(images), torch.tensor(labels), torch.tensor(ipc_index), {"sources": sources})
+        return ImageSet.of(torch.stack(images), torch.tensor(labels), torch.tensor(ipc_index), {"sources": sources})

@@ -26,4 +26,4 @@ class RandomReal(Method):
                 labels.append(c)
                 ipc_index.append(i)
                 sources.append(source)
-        return ImageSet(torch.stack(images), torch.tensor(labels), torch.tensor(ipc_index), {"sources": sources})
+        return ImageSet.of(torch.stack(images), torch.tensor(labels), torch.tensor(ipc_index), {"sources": sources})

@@ -70,4 +70,4 @@ class RDED(Method):
         labels = torch.tensor([c for c in classes for _ in range(ctx.ipc)])
         ipc_index = torch.tensor([i for _ in classes for i in range(ctx.ipc)])
         chosen = {str(c): [initializer.patch_candidates(c, i).tolist() for i in range(ctx.ipc)] for c in classes}
-        return ImageSet(images, labels, ipc_index, {"candidates": settings.candidates, "chosen_candidates": chosen})
+        return ImageSet.of(images, labels, ipc_index, {"candidates": settings.candidates, "chosen_candidates": chosen})
