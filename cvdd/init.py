@@ -18,6 +18,7 @@ from cvdd.artifacts.patches import PatchCache
 from cvdd.augment import crop_flip_theta, resized_crop, sample_crop_box
 from cvdd.committee import Committee
 from cvdd.data.images import ImageSplit
+from cvdd.distributed import gather_objects, rank_and_world
 from cvdd.recover import Unit
 from cvdd.seeding import derive_seed
 
@@ -145,35 +146,55 @@ class Initializer:
         theta = crop_flip_theta(torch.tensor([list(box)]), torch.tensor([False]), *image.shape[-2:])
         return resized_crop(image, theta, size)[0]
 
+    def prepare(self) -> None:
+        """Score the patch candidates before the first step (patches only), each rank a share of the classes: call
+        it on every rank of a distributed run at once (recover's ``on_fit_start``)."""
+        if self.mode == "patches":
+            self._candidate_bank()
+
     def _candidate_bank(self) -> dict:
-        """Candidate crops per class with committee cross-entropy scores; computed once, cached on disk."""
+        """Candidate crops per class with committee cross-entropy scores; computed once, cached on disk. In a
+        distributed run every rank takes part: each scores the classes ``rank, rank + W, …`` and all receive the
+        whole bank; rank 0 writes the cache."""
         if self._bank is not None:
             return self._bank
+        rank, _ = rank_and_world()
         p = self.patches
         identity = {"seed": self.seed, "candidates": p.candidates, "scale": p.scale, "sources": "distinct"}
         path = self.cache.path(identity) if self.cache else None
-        if path is not None and path.is_file():
+        if path is not None and all(gather_objects(path.is_file())):  # one decision for all ranks
             try:
                 self._bank = load_tensors(path, "it is rescored")
-                return self._bank
             except ArtifactCorruptError:  # a cache: score the candidates again and replace it
                 log.warning("patch cache %s is damaged; scoring the candidates again", path)
+        cached = self._bank is not None
+        if not all(gather_objects(cached)):
+            self._bank = self._score_bank()
+            if path is not None and rank == 0:
+                save_tensors(path, self._bank)
+        return self._bank
+
+    def _score_bank(self) -> dict:
+        """Draw and score every class's candidates; a distributed run's ranks score a share of the classes each."""
         if self.committee is None:
             raise ValueError("patch initialisation needs the committee to score candidates")
+        rank, world = rank_and_world()
+        p = self.patches
         num_classes = int(self.real.targets.max()) + 1
         _, h, w = self.shape
         sources = torch.zeros(num_classes, p.candidates, dtype=torch.long)
         boxes = torch.zeros(num_classes, p.candidates, 4, dtype=torch.long)
         scores = torch.zeros(num_classes, p.candidates)
         device = next(self.committee.parameters()).device
-        for c in range(num_classes):
+        scored = {}
+        for c in range(rank, num_classes, world):
             gen = class_generator(self.seed, c, 2)
             idx = torch.nonzero(self.real.targets == c).flatten()
             # distinct source images (cycled only when the class has fewer images than candidates)
             shuffled = idx[torch.randperm(len(idx), generator=gen)]
-            sources[c] = shuffled[torch.arange(p.candidates) % len(shuffled)]
-            boxes[c] = torch.tensor([sample_crop_box(gen, h, w, p.scale) for _ in range(p.candidates)])
-            pairs = zip(sources[c].tolist(), boxes[c].tolist(), strict=True)
+            class_sources = shuffled[torch.arange(p.candidates) % len(shuffled)]
+            class_boxes = torch.tensor([sample_crop_box(gen, h, w, p.scale) for _ in range(p.candidates)])
+            pairs = zip(class_sources.tolist(), class_boxes.tolist(), strict=True)
             crops = torch.stack([self._patch_pixels(s, b, (h, w)) for s, b in pairs])
             labels = torch.full((p.candidates,), c, dtype=torch.long, device=device)
             with torch.no_grad():
@@ -181,11 +202,11 @@ class Initializer:
                     self.committee.losses(m, crops.to(device), labels, units=p.candidates)[0]
                     for m in self.committee.members
                 ]
-            scores[c] = torch.stack(ce).mean(dim=0).cpu()
-        self._bank = {"sources": sources, "boxes": boxes, "scores": scores}
-        if path is not None:
-            save_tensors(path, self._bank)
-        return self._bank
+            scored[c] = (class_sources, class_boxes, torch.stack(ce).mean(dim=0).cpu())
+        for part in gather_objects(scored):
+            for c, (class_sources, class_boxes, class_scores) in part.items():
+                sources[c], boxes[c], scores[c] = class_sources, class_boxes, class_scores
+        return {"sources": sources, "boxes": boxes, "scores": scores}
 
     def patch_candidates(self, class_index: int, ipc_index: int) -> torch.Tensor:
         """The ``factor²`` candidate indices (into the class's scored bank) that image ``ipc_index`` starts from."""

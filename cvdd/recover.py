@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import lightning as L
 import torch
@@ -174,6 +175,16 @@ def step_surrogate(
     return torch.stack([group.surrogate() for group in groups]).sum()
 
 
+class ImageInit(Protocol):
+    """Where a group's images start (:class:`cvdd.init.Initializer`)."""
+
+    def prepare(self) -> None:
+        """Work shared by all units, done on every rank together before the first step."""
+
+    def __call__(self, units: Sequence[Unit]) -> torch.Tensor:
+        """``(len(units), B, C, H, W)`` normalised starting images."""
+
+
 class RecoverModule(L.LightningModule):
     """Optimises a rank's groups of units wave by wave; each step is one Adam step on every group of the wave.
 
@@ -189,7 +200,7 @@ class RecoverModule(L.LightningModule):
         self,
         committee: Committee,
         groups: Sequence[Sequence[Unit]],
-        init_images: Callable[[Sequence[Unit]], torch.Tensor],
+        init_images: ImageInit,
         settings: RecoverSettings,
         pixel_range: tuple[Sequence[float], Sequence[float]],
         on_unit_done: UnitCallback,
@@ -228,6 +239,7 @@ class RecoverModule(L.LightningModule):
         self.waves = per_rank[rank]
         self.n_waves = max(len(w) for w in per_rank)
         self.passes = MemberPasses(self.member_workers, torch.get_num_threads())
+        self.init_images.prepare()  # e.g. patch scoring: sharded over the ranks, before any rank's first step
         if self.device.type == "cpu":
             log.info(
                 "recover: member passes %s, %d intra-op thread(s) each",

@@ -142,13 +142,14 @@ def test_groups_are_a_fixed_partition_and_waves_pack_whole_groups():
 
 
 def test_recover_module_keeps_the_committee_out_of_checkpoints():
+    from cvdd.init import Initializer
     from cvdd.recover import RecoverModule, RecoverSettings
 
     committee = Committee({"m": two_bn_net()}, {"m": 1.0})
     module = RecoverModule(
         committee,
         [],
-        lambda units: torch.zeros(0),
+        Initializer("gaussian", 0, (1, 4, 4)),
         RecoverSettings(1, 0.1, 0.01, 0),
         ((0.0, 0.0), (1.0, 1.0)),
         lambda *a: None,

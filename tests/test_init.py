@@ -86,3 +86,42 @@ def test_distill_rejects_a_bad_difficulty_before_any_work(make_cfg, tmp_path: Pa
     with pytest.raises(ValueError, match=r"recover\.init\.mode='noise'"):
         distill(make_cfg("distill", "recover.init.mode=noise", "committee.train_missing=false"))
     assert not (tmp_path / "artifacts").exists()
+
+
+def test_ranks_score_a_share_of_the_classes_each_and_get_the_whole_bank(digits_committee, monkeypatch):
+    """Two ranks simulated in turn: each scores only its classes (rank r: r, r + 2, …), the gathered bank equals the
+    bank one process scores, and nothing is scored again once it is prepared."""
+    import cvdd.init as init_module
+
+    data, committee = digits_committee
+    scored: list[int] = []
+    original = committee.losses
+    monkeypatch.setattr(
+        committee, "losses", lambda m, x, y, units: scored.append(int(y[0])) or original(m, x, y, units)
+    )
+
+    def initializer() -> Initializer:
+        settings = PatchSettings(IPC, "medium", 1, candidates=20)
+        return Initializer("patches", 0, (1, 16, 16), real=data.view("train"), patches=settings, committee=committee)
+
+    whole = initializer()
+    whole.prepare()
+    members = len(committee.members)
+    assert scored == [c for c in range(10) for _ in range(members)]
+    parts = {}
+    for rank in (0, 1):
+        scored.clear()
+        monkeypatch.setattr(init_module, "rank_and_world", lambda rank=rank: (rank, 2))
+        monkeypatch.setattr(init_module, "gather_objects", lambda obj: [obj, obj] if isinstance(obj, bool) else [obj])
+        shard = initializer()
+        shard.prepare()
+        assert sorted(set(scored)) == list(range(rank, 10, 2)), f"rank {rank} scores its own classes only"
+        parts[rank] = shard._candidate_bank()
+    for key in ("sources", "boxes", "scores"):
+        gathered = torch.where(
+            (torch.arange(10) % 2 == 0).view(-1, *[1] * (whole._bank[key].dim() - 1)), parts[0][key], parts[1][key]
+        )
+        assert torch.equal(gathered, whole._bank[key]), f"the ranks' shares make up one process's {key}"
+    scored.clear()
+    whole.patch_image(3, 0)
+    assert scored == [], "prepared once: a step scores nothing"

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
+from hydra.core.global_hydra import GlobalHydra
 
 from cvdd.artifacts import load_json, load_tensors, save_json
 from cvdd.artifacts.distilled import DistilledArtifact
@@ -57,6 +59,46 @@ def test_random_real_is_seeded_real_training_images(make_cfg, workdir: Path, ran
         assert torch.equal(image, real) and int(label) == real_label
     other = random_real("ipc=3", "seed=1")
     assert set(other["sources"]) != set(manifest["sources"]), "another seed draws other images"
+
+
+@pytest.mark.slow
+def test_rded_under_ddp_cpu_makes_each_class_once_and_the_one_process_set(make_cfg, workdir: Path):
+    """Two ranks score and make a share of the classes each (patch scoring included: the cache is removed first)
+    and end with the same files as one process."""
+    single = distill(make_cfg("distill", "method=rded", *SMALL, "set=one"))
+    for cache in (workdir / "artifacts/digits/patches").glob("*.pt"):
+        cache.unlink()
+    GlobalHydra.instance().clear()
+    run_cli("distill.py", "method=rded", *SMALL, "set=two", "hardware=ddp_cpu", "hardware.threads=1", cwd=workdir)
+    two = json.loads((workdir / "artifacts/digits/distilled/two/manifest.json").read_text())
+    assert two["chosen_candidates"] == single["chosen_candidates"]
+    assert two["files"] == single["files"], "the same images, PNGs and grid"
+    assert not list((workdir / "artifacts/digits/distilled/two/units").glob("*.pt")), "class files go after assembly"
+    assert len(list((workdir / "artifacts/digits/patches").glob("*.pt"))) == 1, "the ranks' scores, cached once"
+
+
+def test_a_killed_per_class_method_resumes_without_remaking_finished_classes(make_cfg, workdir: Path, monkeypatch):
+    from cvdd.methods.random_real import RandomReal
+
+    made, killed = [], []
+    original = RandomReal.make_class
+
+    def make_class(self, ctx, c):
+        if c == 4 and not killed:
+            killed.append(c)
+            raise RuntimeError("killed")  # the run dies while making class 4
+        made.append(c)
+        return original(self, ctx, c)
+
+    monkeypatch.setattr(RandomReal, "make_class", make_class)
+    with pytest.raises(RuntimeError, match="killed"):
+        distill(make_cfg("distill", "method=random_real", *SMALL))
+    made.clear()
+    again = distill(make_cfg("distill", "method=random_real", *SMALL))
+    assert made == [4, 5, 6, 7, 8, 9], "classes 0-3 were finished and are not made again"
+    fresh = distill(make_cfg("distill", "method=random_real", *SMALL, "set=fresh"))
+    assert again["sources"] == fresh["sources"]
+    assert again["files"]["images.pt"] == fresh["files"]["images.pt"]
 
 
 def test_real_initialisation_starts_from_the_random_real_set_of_the_same_seed(make_cfg, workdir: Path, random_real):

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from cvdd.methods.base import DistillContext, ImageSet, Method, require_real_images
+from cvdd.methods.base import DistillContext, require_real_images
+from cvdd.methods.per_class import PerClassMethod
 
 
 def penultimate_features(net: nn.Module, numerics, images: DataLoader, device: torch.device) -> torch.Tensor:
@@ -49,7 +50,7 @@ def herd(features: torch.Tensor, count: int) -> list[int]:
     return chosen
 
 
-class Herding(Method):
+class Herding(PerClassMethod):
     def __init__(self, name: str, set_name: str, labels_by: str, model: str, batch_size: int = 512):
         super().__init__(name, set_name, labels_by)
         self.model, self.batch_size = model, int(batch_size)
@@ -67,18 +68,15 @@ class Herding(Method):
             "numerics": {name: n.tag for name, n in teacher.numerics.items()},
         }
 
-    def make(self, ctx: DistillContext, recipe_hash: str) -> ImageSet:
+    def make_class(self, ctx: DistillContext, c: int) -> tuple[torch.Tensor, list[int]]:
         teacher = ctx.committee([self.model])
         net, numerics = teacher.members[self.model], teacher.numerics[self.model]
         split = ctx.data.view("train")
-        images, labels, ipc_index, sources = [], [], [], []
-        for c in range(len(ctx.data.classes)):
-            idx = torch.nonzero(split.targets == c).flatten().tolist()
-            loader = DataLoader(Subset(split, idx), batch_size=self.batch_size)
-            features = penultimate_features(net, numerics, loader, ctx.device)
-            for i, j in enumerate(herd(features, ctx.ipc)):
-                images.append(split[idx[j]][0])
-                labels.append(c)
-                ipc_index.append(i)
-                sources.append(idx[j])
-        return ImageSet.of(torch.stack(images), torch.tensor(labels), torch.tensor(ipc_index), {"sources": sources})
+        idx = torch.nonzero(split.targets == c).flatten().tolist()
+        loader = DataLoader(Subset(split, idx), batch_size=self.batch_size)
+        sources = [idx[j] for j in herd(penultimate_features(net, numerics, loader, ctx.device), ctx.ipc)]
+        return torch.stack([split[source][0] for source in sources]), sources
+
+    def metadata(self, ctx: DistillContext, records: list[list[int]]) -> dict[str, Any]:
+        """The training-set index of every chosen image, class-major, in the order herding picked them."""
+        return {"sources": [source for sources in records for source in sources]}

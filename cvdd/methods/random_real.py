@@ -7,23 +7,22 @@ from typing import Any
 import torch
 
 from cvdd.init import real_image_order
-from cvdd.methods.base import DistillContext, ImageSet, Method, require_real_images
+from cvdd.methods.base import DistillContext, require_real_images
+from cvdd.methods.per_class import PerClassMethod
 
 
-class RandomReal(Method):
+class RandomReal(PerClassMethod):
     def check(self, ctx: DistillContext) -> None:
         require_real_images(ctx, "method=random_real")
 
     def recipe(self, ctx: DistillContext) -> dict[str, Any]:
         return {**ctx.base_recipe(), "method": self.name}
 
-    def make(self, ctx: DistillContext, recipe_hash: str) -> ImageSet:
+    def make_class(self, ctx: DistillContext, c: int) -> tuple[torch.Tensor, list[int]]:
         split = ctx.data.view("train")
-        images, labels, ipc_index, sources = [], [], [], []
-        for c in range(len(ctx.data.classes)):
-            for i, source in enumerate(real_image_order(split.targets, c, ctx.seed)[: ctx.ipc].tolist()):
-                images.append(split[source][0])
-                labels.append(c)
-                ipc_index.append(i)
-                sources.append(source)
-        return ImageSet.of(torch.stack(images), torch.tensor(labels), torch.tensor(ipc_index), {"sources": sources})
+        sources = real_image_order(split.targets, c, ctx.seed)[: ctx.ipc].tolist()
+        return torch.stack([split[source][0] for source in sources]), sources
+
+    def metadata(self, ctx: DistillContext, records: list[list[int]]) -> dict[str, Any]:
+        """The training-set index of every image, class-major."""
+        return {"sources": [source for sources in records for source in sources]}

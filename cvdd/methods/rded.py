@@ -17,10 +17,11 @@ from typing import Any
 import torch
 
 from cvdd.init import Initializer, PatchSettings
-from cvdd.methods.base import DistillContext, ImageSet, Method
+from cvdd.methods.base import DistillContext
+from cvdd.methods.per_class import PerClassMethod
 
 
-class RDED(Method):
+class RDED(PerClassMethod):
     def __init__(
         self, name: str, set_name: str, labels_by: str, factor: int, candidates_per_image: int, scale: list[float]
     ):
@@ -53,21 +54,25 @@ class RDED(Method):
             "numerics": {name: n.tag for name, n in committee.numerics.items()},
         }
 
-    def make(self, ctx: DistillContext, recipe_hash: str) -> ImageSet:
+    def prepare(self, ctx: DistillContext) -> None:
+        """The scored candidate bank, each rank scoring a share of the classes (or read from the patch cache)."""
         committee = ctx.committee(list(ctx.cfg.committee.members))
-        settings = self.settings(ctx)
-        initializer = Initializer(
+        self.initializer = Initializer(
             "patches",
             ctx.seed,
             ctx.image_shape,
             real=ctx.data.view("train"),
-            patches=settings,
+            patches=self.settings(ctx),
             committee=committee,
             cache=ctx.patch_cache(committee),
         )
-        classes = range(len(ctx.data.classes))
-        images = torch.stack([initializer.patch_image(c, i) for c in classes for i in range(ctx.ipc)])
-        labels = torch.tensor([c for c in classes for _ in range(ctx.ipc)])
-        ipc_index = torch.tensor([i for _ in classes for i in range(ctx.ipc)])
-        chosen = {str(c): [initializer.patch_candidates(c, i).tolist() for i in range(ctx.ipc)] for c in classes}
-        return ImageSet.of(images, labels, ipc_index, {"candidates": settings.candidates, "chosen_candidates": chosen})
+        self.initializer.prepare()
+
+    def make_class(self, ctx: DistillContext, c: int) -> tuple[torch.Tensor, list[list[int]]]:
+        images = torch.stack([self.initializer.patch_image(c, i) for i in range(ctx.ipc)])
+        return images, [self.initializer.patch_candidates(c, i).tolist() for i in range(ctx.ipc)]
+
+    def metadata(self, ctx: DistillContext, records: list[list[list[int]]]) -> dict[str, Any]:
+        """How many candidates each class scored and, per class and image, the ones stitched into it."""
+        chosen = {str(c): record for c, record in enumerate(records)}
+        return {"candidates": self.settings(ctx).candidates, "chosen_candidates": chosen}
