@@ -26,7 +26,9 @@ from cvdd.hardware import peak_memory_mib
 from cvdd.member_passes import MemberPasses
 from cvdd.memory import (
     BUDGET_FRACTION,
+    GROUP_MEMORY_CAP,
     HEADROOM,
+    auto_group_images,
     auto_wave_images,
     free_bytes,
     image_state_bytes,
@@ -185,27 +187,41 @@ class ImageInit(Protocol):
         """``(len(units), B, C, H, W)`` normalised starting images."""
 
 
+@dataclass(frozen=True)
+class Layout:
+    """How a run's units are laid out in memory; none of it changes results beyond float rounding.
+
+    ``grouping`` stacks a group's units into one forward pass per member; ``group_images`` caps a group (``None``:
+    from free memory, :func:`cvdd.memory.auto_group_images`); ``wave_images`` caps what one rank optimises at once
+    (``None``: from free memory, :func:`cvdd.memory.auto_wave_images`)."""
+
+    grouping: bool = True
+    group_images: int | None = None
+    wave_images: int | None = None
+
+
 class RecoverModule(L.LightningModule):
     """Optimises a rank's groups of units wave by wave; each step is one Adam step on every group of the wave.
 
     The committee is a frozen sub-module kept out of checkpoints. Every group has its own parameter and
     Adam, and its loss touches only its own images, so a group's result is the same whichever wave or rank
-    it runs in. ``groups`` (the run's work) are dealt to the ranks in turn and packed into waves of at most
-    ``wave_images`` images at the start of fit, once the committee sits on its device: ``None`` sizes waves
-    from the device's free memory (:mod:`cvdd.memory`), the smallest choice of any rank. Every rank walks
-    the same number of waves (idle ranks take no-op steps), so distributed ranks stay in step.
+    it runs in. At the start of fit, once the committee sits on its device, the ``units`` are cut into groups
+    (:func:`plan_groups`; groups whose units are all in ``done`` are skipped), the groups dealt to the ranks in
+    turn and packed into waves; sizes left to free memory are the smallest choice of any rank, so every rank
+    plans the same groups. Every rank walks the same number of waves (idle ranks take no-op steps), so
+    distributed ranks stay in step.
     """
 
     def __init__(
         self,
         committee: Committee,
-        groups: Sequence[Sequence[Unit]],
+        units: Sequence[Unit],
         init_images: ImageInit,
         settings: RecoverSettings,
         pixel_range: tuple[Sequence[float], Sequence[float]],
         on_unit_done: UnitCallback,
-        grouping: bool = True,
-        wave_images: int | None = None,
+        layout: Layout = Layout(),
+        done: frozenset[str] = frozenset(),
         image_shape: Sequence[int] = (),
         member_workers: int = 1,
     ):
@@ -213,18 +229,19 @@ class RecoverModule(L.LightningModule):
         self.automatic_optimization = False
         self.strict_loading = False
         self.committee = committee
-        self.todo = [list(group) for group in groups]
-        self.wave_images = wave_images
+        self.units = list(units)
+        self.done = done
+        self.layout = layout
         self.image_shape = tuple(image_shape)
         self.init_images = init_images
         self.settings = settings
-        self.grouping = grouping
         self.on_unit_done = on_unit_done
         self.member_workers = member_workers
         self.passes = MemberPasses(1, 1)
         low, high = (torch.tensor(v, dtype=torch.float32).view(1, 1, -1, 1, 1) for v in pixel_range)
         self.register_buffer("low", low, persistent=False)
         self.register_buffer("high", high, persistent=False)
+        self.group_images = layout.group_images
         self.waves: list[list[list[Unit]]] = []
         self.n_waves = 0
         self.groups: list[GroupState] = []
@@ -233,9 +250,28 @@ class RecoverModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         world, rank = self.trainer.world_size, self.trainer.global_rank
-        sizes = [sum(len(u.classes) for u in g) for g in self.todo]
-        wave_images = self.wave_images or self._auto_wave_images(max(sizes, default=1), sum(sizes))
-        per_rank = [plan_waves(self.todo[r::world], wave_images) for r in range(world)]
+        unit_images = max((len(u.classes) for u in self.units), default=1)
+        per_image, free = None, None
+        if self.layout.group_images is None or self.layout.wave_images is None:
+            per_image = self._bytes_per_image()
+            free = free_bytes(self.device, self.trainer.num_devices if self.device.type == "cpu" else 1)
+        if self.group_images is None:
+            total = sum(len(u.classes) for u in self.units)
+            self.group_images = min(total, self._agreed(auto_group_images(per_image, free, unit_images)))
+            log.info(
+                "recover.group_images=null: %d images per group (%.1f MiB per image for the costliest unit, sized "
+                "for at most %.0f GiB)",
+                self.group_images,
+                per_image / 2**20,
+                GROUP_MEMORY_CAP / 2**30,
+            )
+        groups = plan_groups(self.units, self.group_images, self.layout.grouping)
+        todo = [g for g in groups if not all(u.key in self.done for u in g)]  # groups are redone whole: same company
+        sizes = [sum(len(u.classes) for u in g) for g in todo]
+        wave_images = self.layout.wave_images or self._auto_wave_images(
+            per_image, free, max(sizes, default=1), sum(sizes)
+        )
+        per_rank = [plan_waves(todo[r::world], wave_images) for r in range(world)]
         self.waves = per_rank[rank]
         self.n_waves = max(len(w) for w in per_rank)
         self.passes = MemberPasses(self.member_workers, torch.get_num_threads())
@@ -250,17 +286,20 @@ class RecoverModule(L.LightningModule):
     def teardown(self, stage: str) -> None:
         self.passes.close()
 
-    def _auto_wave_images(self, largest_group: int, total: int) -> int:
-        """Images per wave from this device's free memory, the smallest of all ranks' choices."""
+    def _bytes_per_image(self) -> float:
+        """The costliest unit's bytes per image (its members' saved activations and its own state), measured."""
         member_bytes = {
             m: member_bytes_per_image(self.committee, m, self.image_shape, self.device) for m in self.committee.members
         }
-        per_image = wave_bytes_per_image(
-            member_bytes, [u.members for g in self.todo for u in g], image_state_bytes(self.image_shape)
-        )
-        free = free_bytes(self.device, self.trainer.num_devices if self.device.type == "cpu" else 1)
-        chosen = total if free is None else auto_wave_images(per_image, free, largest_group, total)
-        chosen = int(self.all_gather(torch.tensor(chosen, device=self.device)).min())
+        return wave_bytes_per_image(member_bytes, [u.members for u in self.units], image_state_bytes(self.image_shape))
+
+    def _agreed(self, choice: int) -> int:
+        """The smallest of every rank's ``choice``: sizes from free memory are the same on all ranks."""
+        return int(self.all_gather(torch.tensor(choice, device=self.device)).min())
+
+    def _auto_wave_images(self, per_image: float, free: int | None, largest_group: int, total: int) -> int:
+        """Images per wave from this device's free memory, the smallest of all ranks' choices."""
+        chosen = self._agreed(total if free is None else auto_wave_images(per_image, free, largest_group, total))
         need = HEADROOM * per_image * largest_group
         if free is not None and need > BUDGET_FRACTION * free:
             log.warning(
@@ -312,7 +351,8 @@ class RecoverModule(L.LightningModule):
         self._wave = wave
         groups = self.waves[wave] if wave < len(self.waves) else []
         self.groups = [
-            GroupState(units, self.init_images(units).to(self.device), self.settings, self.grouping) for units in groups
+            GroupState(units, self.init_images(units).to(self.device), self.settings, self.layout.grouping)
+            for units in groups
         ]
 
     def training_step(self, batch, batch_idx: int) -> None:

@@ -14,6 +14,7 @@ from cvdd.member_passes import MemberPasses
 from cvdd.memory import (
     BUDGET_FRACTION,
     HEADROOM,
+    auto_group_images,
     auto_wave_images,
     image_state_bytes,
     member_bytes_per_image,
@@ -62,22 +63,50 @@ def test_auto_wave_images_fits_the_budget_within_one_group_and_all_the_work():
     assert wave_bytes_per_image({"a": 10.0, "b": 5.0, "c": 1.0}, [("a", "c"), ("b", "c")], 2) == 13.0
 
 
-def test_the_imagenet1k_groups_fit_a_24_gb_card_in_bf16(make_cfg):
-    """The paper's ImageNet-1K pool at 224 px in its GPU numerics (bf16, channels-last): a group of
-    ``recover.group_images`` images on its costliest pair fits the wave budget of a 24 GB card (23 GiB free
-    after the CUDA context and the pool's weights); the default 500 would not."""
-    cfg = make_cfg("distill", "dataset=imagenet1k", "committee=cvdd")
+@pytest.mark.parametrize(
+    ("dataset", "size", "classes", "group"),
+    [("imagenet1k", 224, 1000, 100), ("tiny_imagenet", 64, 200, 100), ("cifar100", 32, 100, 200)],
+)
+def test_groups_from_free_memory_fit_a_24_gb_card_in_bf16(make_cfg, dataset, size, classes, group):
+    """The paper's pool in its GPU numerics (bf16, channels-last), ``recover.group_images=null``: the group chosen
+    on a roomy device (an H200's 139 GiB free) is the one a 24 GB card takes (23 GiB free after the CUDA context and
+    the weights), the largest power of two of units whose costliest pair fits that card's budget; twice as many
+    would not. Tiny-ImageNet's 100-image unit alone is at the budget (18.4 GiB estimated, an upper bound): one unit,
+    the floor, as ``class_block`` decides the results (the default 500 was 92 GiB)."""
+    cfg = make_cfg("distill", f"dataset={dataset}", "committee=cvdd")
+    assert cfg.recover.group_images is None
     torch.manual_seed(0)
-    nets = {arch: build_model(arch, 1000, 224, 3) for arch in cfg.committee.members}
+    nets = {arch: build_model(arch, classes, size, 3) for arch in cfg.committee.members}
     numerics = {arch: choose_numerics(arch, "recover", "auto", "auto", "cuda") for arch in nets}
     committee = Committee(nets, dict.fromkeys(nets, 1.0), 10.0, numerics)
-    member = {m: member_bytes_per_image(committee, m, (3, 224, 224), "cpu") for m in nets}
-    per_image = wave_bytes_per_image(member, itertools.combinations(nets, 2), image_state_bytes((3, 224, 224)))
+    member = {m: member_bytes_per_image(committee, m, (3, size, size), "cpu") for m in nets}
+    per_image = wave_bytes_per_image(member, itertools.combinations(nets, 2), image_state_bytes((3, size, size)))
+    unit = int(cfg.recover.class_block)
+    chosen = auto_group_images(per_image, 139 * 2**30, unit)
+    assert chosen == auto_group_images(per_image, 23 * 2**30, unit) == group, per_image / 2**20
     budget = BUDGET_FRACTION * 23 * 2**30
-    group = int(cfg.recover.group_images)
-    assert group == 100
-    assert HEADROOM * per_image * group <= budget, per_image / 2**20
-    assert HEADROOM * per_image * 500 > budget
+    assert budget < HEADROOM * per_image * 2 * chosen
+    if chosen > unit:
+        assert HEADROOM * per_image * chosen <= budget
+    else:
+        assert HEADROOM * per_image * chosen < 1.01 * budget
+
+
+def test_group_sizes_change_the_images_by_rounding_only_and_not_the_recipe(make_cfg, workdir: Path, caplog):
+    from cvdd.jobs.distill import distill
+    from tests.test_recover import FAST, images_of
+
+    common = (*FAST, "ipc=4", "hardware.precision=32")
+    one = distill(make_cfg("distill", *common, "set=one", "recover.group_images=10"))
+    with caplog.at_level(logging.INFO, logger="cvdd"):
+        auto = distill(make_cfg("distill", *common, "set=auto"))
+    assert "recover.group_images=null: 40 images per group" in caplog.text, "4 units fit: one group"
+    assert [u["group_images"] for u in one["units"]] == [10] * 4 and [u["group_images"] for u in auto["units"]] == [
+        40
+    ] * 4
+    assert one["fingerprint"] == auto["fingerprint"]
+    difference = (images_of(workdir, "one") - images_of(workdir, "auto")).abs().max()
+    assert difference < 1e-4, "units stacked differently: the same images up to float rounding"
 
 
 def test_waves_sized_from_free_memory_give_the_same_images(make_cfg, workdir: Path, caplog, monkeypatch):
@@ -103,5 +132,5 @@ def test_a_wave_below_one_group_is_refused(make_cfg, value):
     from cvdd.methods.committee_voting import CommitteeVoting
 
     method = CommitteeVoting("cvdd", "unused", "committee")
-    with pytest.raises(ValueError, match=rf"recover\.wave_images={value} is below recover\.group_images=500"):
+    with pytest.raises(ValueError, match=rf"recover\.wave_images={value} is below one image"):
         method.patch_settings(make_cfg("distill", f"recover.wave_images={value}"))

@@ -26,7 +26,7 @@ from cvdd.hardware import check_same_threads, cpu_threads
 from cvdd.init import INIT_MODES, Initializer, PatchSettings
 from cvdd.member_passes import plan_passes
 from cvdd.methods.base import DistillContext, ImageSet, Method, require_real_images
-from cvdd.recover import RecoverModule, RecoverSettings, Unit, class_blocks, plan_groups
+from cvdd.recover import Layout, RecoverModule, RecoverSettings, Unit, class_blocks
 from cvdd.runtime import log
 from cvdd.seeding import derive_seed
 
@@ -55,11 +55,15 @@ class CommitteeVoting(Method):
         """``recover.*`` checked; the patch settings when the initialisation is ``patches``."""
         if int(cfg.recover.iterations) < 1:
             raise ValueError(f"recover.iterations={cfg.recover.iterations} must be at least 1")
-        if cfg.recover.wave_images is not None and int(cfg.recover.wave_images) < int(cfg.recover.group_images):
+        group_images, wave_images = optional_int(cfg.recover.group_images), optional_int(cfg.recover.wave_images)
+        if group_images is not None and group_images < 1:
+            raise ValueError(f"recover.group_images={group_images} must be at least 1 (or null: from free memory)")
+        if wave_images is not None and wave_images < (group_images or 1):
             raise ValueError(
-                f"recover.wave_images={cfg.recover.wave_images} is below recover.group_images="
-                f"{cfg.recover.group_images}: a group is optimised at once; raise wave_images, or lower group_images "
-                f"(which changes the results)"
+                f"recover.wave_images={wave_images} is below "
+                + (f"recover.group_images={group_images}" if group_images else "one image")
+                + ": a group is optimised at once; raise wave_images, or lower group_images (results change by "
+                "float rounding only)"
             )
         init = cfg.recover.init
         if init.mode not in INIT_MODES:
@@ -94,7 +98,7 @@ class CommitteeVoting(Method):
         comm.pop("train_missing", None)
         comm.pop("train_overrides", None)
         recover = OmegaConf.to_container(ctx.cfg.recover, resolve=True)
-        for key in ("wave_images", "keep_units"):  # memory, speed and disk, not results (groups are fixed)
+        for key in ("group_images", "wave_images", "keep_units"):  # memory, speed and disk; results up to rounding
             recover.pop(key, None)
         return {
             **ctx.base_recipe(),
@@ -112,8 +116,6 @@ class CommitteeVoting(Method):
         workers, threads = plan_passes(cfg.hardware.get("member_threads"), cpu_threads(trainer))
         units = plan_units(self.committee_config(cfg), cfg, ctx.spec.num_classes, committee.priors)
         done = set() if cfg.get("overwrite", False) else finished_units(artifact, units, recipe_hash, threads)
-        groups = plan_groups(units, int(cfg.recover.group_images), bool(cfg.recover.grouping))
-        todo = [g for g in groups if not all(u.key in done for u in g)]  # groups are redone whole: same company
         if done:
             log.info("resuming %s: %d of %d units already finished", artifact.folder, len(done), len(units))
         rec = cfg.recover
@@ -136,6 +138,7 @@ class CommitteeVoting(Method):
                 {
                     "recipe": recipe_hash,
                     "cpu_threads": threads,
+                    "group_images": module.group_images,  # the group size it ran in (rounding-level effect)
                     "images": images,
                     "classes": list(unit.classes),
                     "ipc_index": unit.ipc_index,
@@ -146,19 +149,20 @@ class CommitteeVoting(Method):
                 },
             )
 
-        if todo:
-            module = RecoverModule(
-                committee,
-                todo,
-                initializer,
-                settings,
-                ctx.spec.pixel_range,
-                save_unit,
-                grouping=bool(rec.grouping),
-                wave_images=None if rec.wave_images is None else int(rec.wave_images),
-                image_shape=ctx.image_shape,
-                member_workers=workers,
-            )
+        layout = Layout(bool(rec.grouping), optional_int(rec.group_images), optional_int(rec.wave_images))
+        module = RecoverModule(
+            committee,
+            units,
+            initializer,
+            settings,
+            ctx.spec.pixel_range,
+            save_unit,
+            layout,
+            frozenset(done),
+            ctx.image_shape,
+            workers,
+        )
+        if len(done) < len(units):
             trainer.fit(module)
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
@@ -169,6 +173,10 @@ class CommitteeVoting(Method):
         redone from scratch instead of repaired from its units)."""
         if not bool(ctx.cfg.recover.get("keep_units", True)):
             shutil.rmtree(ctx.artifact.folder / "units", ignore_errors=True)
+
+
+def optional_int(value) -> int | None:
+    return None if value is None else int(value)
 
 
 def plan_units(comm: DictConfig, cfg: DictConfig, num_classes: int, priors: dict[str, float]) -> list[Unit]:
@@ -224,4 +232,5 @@ def collect_units(artifact: DistilledArtifact, units: list[Unit], priors: dict[s
         pieces.append(SetPiece(classes, torch.full_like(classes, unit.ipc_index), partial(unit_images, path)))
         records.append({k: saved[k] for k in ("ipc_index", "block", "classes", "members", "weights", "losses")})
         records[-1]["cpu_threads"] = saved.get("cpu_threads")
+        records[-1]["group_images"] = saved.get("group_images")
     return ImageSet(pieces, {"priors": priors, "units": records})
