@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -38,8 +39,15 @@ from cvdd.artifacts.distilled import DistilledArtifact, SetPiece, from_pixels, w
 from cvdd.data import get_spec  # noqa: E402
 
 # (dataset, IPC, run under ddp_cpu too); the 224 px series is what the fits use
-CELLS = [("imagenet1k", 1, True), ("imagenet1k", 2, True), ("imagenet1k", 4, True), ("tiny_imagenet", 10, False)]
+CELLS = [
+    ("imagenet1k", 1, True),
+    ("imagenet1k", 2, True),
+    ("imagenet1k", 4, True),
+    ("imagenet1k", 8, False),
+    ("tiny_imagenet", 10, False),
+]
 TARGET_IMAGES = 50_000  # ImageNet-1K IPC 50
+RUNS = ("finish", "relabel", "evaluate", "evaluate_ddp")  # finish: distill's write_set over unit-like pieces
 STUDENT_STEPS = 24
 TEACHER = STUDENT = "convnet_small"  # small networks: what grows with the set is measured, not the network
 
@@ -60,22 +68,73 @@ def write_dataset(root: Path, classes: list[str], size: int = 16) -> None:
             Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{cls}_0.JPEG")
 
 
-def write_random_set(artifacts: Path, dataset: str, ipc: int, classes: list[str]) -> str:
-    """``ipc`` images of random pixels per class, as a finished set (what distill writes)."""
-    name = f"scale_ipc{ipc}"
-    artifact = DistilledArtifact(artifacts, dataset, name)
-    if artifact.manifest.is_file():
-        return name
+PIECE_IMAGES = 100  # images per piece of a synthetic set: what one recover unit of ImageNet-1K holds
+
+
+def write_pieces(folder: Path, dataset: str, ipc: int, classes: list[str]) -> None:
+    """``ipc`` images of random pixels per class as unit-like files of :data:`PIECE_IMAGES` normalised images each
+    (with their classes and IPC indices), IPC-major as recover finishes them."""
+    if (folder / "done").is_file():
+        return
     spec = get_spec(dataset)
-    count = ipc * len(classes)
-    generator = torch.Generator().manual_seed(ipc)
-    pixels = torch.randint(0, 256, (count, 3, spec.image_size, spec.image_size), dtype=torch.uint8, generator=generator)
-    labels = torch.arange(len(classes)).repeat_interleave(ipc)
-    ipc_index = torch.arange(ipc).repeat(len(classes))
+    folder.mkdir(parents=True, exist_ok=True)
+    labels = torch.arange(len(classes)).repeat(ipc)
+    ipc_index = torch.arange(ipc).repeat_interleave(len(classes))
+    for k, start in enumerate(range(0, len(labels), PIECE_IMAGES)):
+        part = slice(start, start + PIECE_IMAGES)
+        generator = torch.Generator().manual_seed(ipc * 100_000 + k)
+        shape = (len(labels[part]), 3, spec.image_size, spec.image_size)
+        pixels = torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator)
+        piece = {"images": from_pixels(pixels, spec.mean, spec.std), "labels": labels[part], "ipc": ipc_index[part]}
+        torch.save(piece, folder / f"piece_{k:05d}.pt")
+    (folder / "done").write_text("")
+
+
+def piece_images(path: Path) -> torch.Tensor:
+    return torch.load(path, weights_only=True)["images"]
+
+
+def assemble(pieces: Path, artifacts: Path, dataset: str, ipc: int, probe: Path) -> None:
+    """Child process: distill's finish (``write_set``) over the pieces, read lazily one at a time as recover's unit
+    files are; writes its probe record (peak RSS, bytes read and hashed, seconds)."""
+    from scale_probe import io_counters, peak_rss
+
+    from cvdd.artifacts.io import HASHED
+
+    started = time.perf_counter()
+    spec = get_spec(dataset)
+    classes = wnids(spec.num_classes)
+    set_pieces = []
+    for path in sorted(pieces.glob("piece_*.pt")):
+        meta = torch.load(path, weights_only=True, mmap=True)
+        set_pieces.append(SetPiece(meta["labels"].clone(), meta["ipc"].clone(), partial(piece_images, path)))
+    artifact = DistilledArtifact(artifacts, dataset, f"scale_ipc{ipc}")
     fields = {"dataset": dataset, "method": "random_real", "classes": classes, "class_names": classes, "ipc": ipc}
     fields["fingerprint"] = f"scale-{dataset}-{ipc}"
-    piece = SetPiece.of(from_pixels(pixels, spec.mean, spec.std), labels, ipc_index)
-    write_set(artifact, [piece], classes, spec.mean, spec.std, 0, fields)
+    write_set(artifact, set_pieces, classes, spec.mean, spec.std, 0, fields)
+    record = {"rank": 0, "first_step_s": None, "peak_rss_bytes": peak_rss(), **io_counters()}
+    record.update(hashed_bytes=HASHED["bytes"], wall_s=time.perf_counter() - started)
+    probe.mkdir(parents=True, exist_ok=True)
+    (probe / "rank0.json").write_text(json.dumps(record, indent=1))
+
+
+def write_random_set(work: Path, dataset: str, ipc: int, classes: list[str], probe: Path) -> str:
+    """``ipc`` images of random pixels per class, as a finished set: written as pieces, then assembled by distill's
+    finish in a child process whose peak memory and traffic are the ``finish`` row."""
+    name = f"scale_ipc{ipc}"
+    if DistilledArtifact(work / "artifacts", dataset, name).manifest.is_file() and (probe / "wall.json").is_file():
+        return name
+    pieces = work / "pieces" / f"{dataset}_ipc{ipc}"
+    write_pieces(pieces, dataset, ipc, classes)
+    shutil.rmtree(probe, ignore_errors=True)
+    started = time.perf_counter()
+    command = [sys.executable, str(Path(__file__).resolve()), "--assemble", str(pieces), "--dataset", dataset]
+    command += ["--ipc", str(ipc), "--work", str(work), "--probe", str(probe)]
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'bench'}:{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run(command, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"assembling {name} failed:\n{proc.stderr[-6000:]}")
+    (probe / "wall.json").write_text(json.dumps({"wall_s": time.perf_counter() - started}))
     return name
 
 
@@ -135,9 +194,9 @@ def run_cell(work: Path, dataset: str, ipc: int, ddp: bool, execute: bool = True
             ],
             work,
         )
-    name = write_random_set(artifacts, dataset, ipc, classes) if execute else f"scale_ipc{ipc}"
-    args = common(dataset, ipc, name, data_root)
     cell = work / "probes" / f"{dataset}_ipc{ipc}"
+    name = write_random_set(work, dataset, ipc, classes, cell / "finish") if execute else f"scale_ipc{ipc}"
+    args = common(dataset, ipc, name, data_root)
     student = [
         *args,
         f"student={STUDENT}",
@@ -155,6 +214,9 @@ def run_cell(work: Path, dataset: str, ipc: int, ddp: bool, execute: bool = True
         runs["evaluate_ddp"] = ("evaluate.py", [*student, "hardware=ddp_cpu", "hardware.threads=1"])
     out = {"dataset": dataset, "ipc": ipc, "images": ipc * len(classes), "image_size": spec.image_size}
     out["uint8_bytes"] = out["images"] * 3 * spec.image_size**2
+    finish = cell / "finish"
+    if (finish / "wall.json").is_file():
+        out["finish"] = {"ranks": read_probe(finish), **json.loads((finish / "wall.json").read_text())}
     for run, (script, run_args) in runs.items():
         probe = cell / run
         if execute and not (probe / "wall.json").is_file():
@@ -190,14 +252,14 @@ def report(cells: list[dict]) -> dict:
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for c in cells:
-        for run in ("relabel", "evaluate", "evaluate_ddp"):
+        for run in RUNS:
             if run not in c:
                 continue
             ranks = c[run]["ranks"]
-            first = max(r["first_step_s"] for r in ranks)
+            first = max(r["first_step_s"] or 0.0 for r in ranks)
             rss = max(r["peak_rss_bytes"] for r in ranks)
             lo = ranks[0]["loopback_bytes_per_step"] if run == "evaluate_ddp" else None
-            forwards = "/".join(str(r["forwards"]) for r in ranks) if run != "relabel" else "–"
+            forwards = "/".join(str(r["forwards"]) for r in ranks) if run.startswith("evaluate") else "–"
             row = {
                 "set": f"{c['dataset']} IPC {c['ipc']}",
                 "images": c["images"],
@@ -209,8 +271,8 @@ def report(cells: list[dict]) -> dict:
                 "read_mb": max(r["rchar"] for r in ranks) / 1e6,
                 "hashed_mb": sum(r["hashed_bytes"] for r in ranks) / 1e6,
                 "loopback_kb_per_step": None if lo is None else lo / 1e3,
-                "forwards_per_rank": [r["forwards"] for r in ranks],
-                "steps": ranks[0]["steps"],
+                "forwards_per_rank": [r.get("forwards") for r in ranks],
+                "steps": ranks[0].get("steps"),
             }
             rows.append(row)
             print(
@@ -223,7 +285,7 @@ def report(cells: list[dict]) -> dict:
     print("| run | figure | per 1,000 images | at 0 images | extrapolated to 50,000 | target |")
     print("|---|---|---|---|---|---|")
     uint8_per_image = 3 * 224 * 224
-    for run in ("relabel", "evaluate", "evaluate_ddp"):
+    for run in RUNS:
         points = [(c["images"], c[run]["ranks"]) for c in series if run in c]
         if len(points) < 2:
             continue
@@ -231,8 +293,11 @@ def report(cells: list[dict]) -> dict:
         for figure, key, scale, target in (
             ("start-up s (slowest rank)", "first_step_s", 1.0, "< 120 s"),
             ("peak RSS MB (largest rank)", "peak_rss_bytes", 1e-6, "≤ constant + 1.2 × uint8 (180.6 MB per 1,000)"),
+            ("RSS at the first step MB (largest rank)", "rss_first_step_bytes", 1e-6, "the set loaded: 1 × uint8"),
             ("hashed MB (all ranks)", "hashed_bytes", 1e-6, "each file once per job"),
         ):
+            if any(r.get(key) is None for _, ranks in points for r in ranks):
+                continue
             reduce = sum if key == "hashed_bytes" else max
             ys = [reduce(r[key] for r in ranks) * scale for _, ranks in points]
             a, b = fit(xs, ys)
@@ -265,7 +330,7 @@ def report(cells: list[dict]) -> dict:
         )
     rss_ratio = {
         run: extrapolated[f"{run}.peak_rss_bytes"]["per_image"] / 1e-6 / uint8_per_image
-        for run in ("relabel", "evaluate", "evaluate_ddp")
+        for run in RUNS
         if f"{run}.peak_rss_bytes" in extrapolated
     }
     print(
@@ -280,7 +345,14 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "bench" / "work" / "scale")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--report", action="store_true", help="only the table, from the runs --work holds")
+    parser.add_argument("--assemble", type=Path, help=argparse.SUPPRESS)  # the finish's child process
+    parser.add_argument("--dataset", help=argparse.SUPPRESS)
+    parser.add_argument("--ipc", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--probe", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.assemble:
+        assemble(args.assemble, args.work / "artifacts", args.dataset, args.ipc, args.probe)
+        return
     args.work.mkdir(parents=True, exist_ok=True)
     cells = []
     for dataset, ipc, ddp in CELLS:

@@ -24,13 +24,17 @@ def process_age() -> float:
     return uptime - started
 
 
+def status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
 def peak_rss() -> int:
     """This process's peak resident set (``VmHWM``). Not ``getrusage``'s ``ru_maxrss``: Linux carries that across
     ``execve`` from the parent, so a child started by a large parent reports the parent's peak."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    return status_bytes("VmHWM")
 
 
 def io_counters() -> dict[str, int]:
@@ -50,6 +54,7 @@ class ScaleProbe(Callback):
     def __init__(self, out: str, warmup_steps: int = 2):
         self.out, self.warmup = Path(out), warmup_steps
         self.first_step_s: float | None = None
+        self.rss_first_step: int | None = None
         self.steps = self.forwards = 0
         self.lo_start: tuple[int, int] | None = None
         self.lo_end: tuple[int, int] | None = None
@@ -59,6 +64,7 @@ class ScaleProbe(Callback):
     def _first(self) -> None:
         if self.first_step_s is None:
             self.first_step_s = process_age()
+            self.rss_first_step = status_bytes("VmRSS")  # the set is loaded; no batch has run yet
 
     def on_predict_batch_start(self, *args, **kwargs) -> None:
         self._first()
@@ -85,6 +91,7 @@ class ScaleProbe(Callback):
             "first_step_s": self.first_step_s,
             "exit_s": process_age(),
             "peak_rss_bytes": peak_rss(),
+            "rss_first_step_bytes": self.rss_first_step,
             **io_counters(),
             "hashed_bytes": HASHED["bytes"],
             "steps": self.steps,

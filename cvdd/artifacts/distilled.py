@@ -191,12 +191,12 @@ def stream_tensors_file(
     }
     cells: dict[tuple[int, int], torch.Tensor] = {}
     with streamed_tensors(artifact.tensors, shapes) as out:
-        out["labels"][positions] = labels
-        out["ipc_index"][positions] = ipc_index
+        out.mapped["labels"][positions] = labels
+        out.mapped["ipc_index"][positions] = ipc_index
         start = 0
         for piece in pieces:
             images = piece.load().float().cpu()
-            out["images"][positions[start : start + len(images)]] = images
+            out.write_rows("images", positions[start : start + len(images)], images)
             for j, cell in enumerate(zip(piece.labels.tolist(), piece.ipc_index.tolist(), strict=True)):
                 if cell in grid_cells:
                     cells[cell] = images[j].clone()

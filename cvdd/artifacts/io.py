@@ -9,9 +9,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import mmap
 import os
+import struct
 import tempfile
+import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -134,32 +137,77 @@ def save_tensors(path: Path | str, obj: Any) -> Path:
     return atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
+def record_offsets(path: Path | str) -> dict[int, list[int]]:
+    """Where each stored record's bytes start in a tensor file (a zip archive of uncompressed records), by record
+    size: ``{size: [offset, …]}``, from each record's local header (zip spec: 30 fixed bytes, then the name and the
+    extra field, whose lengths sit at bytes 26 and 28)."""
+    offsets: dict[int, list[int]] = {}
+    with zipfile.ZipFile(path) as archive, open(path, "rb") as fh:
+        for info in archive.infolist():
+            fh.seek(info.header_offset)
+            header = fh.read(30)
+            name_length, extra_length = struct.unpack("<HH", header[26:30])
+            offsets.setdefault(info.file_size, []).append(info.header_offset + 30 + name_length + extra_length)
+    return offsets
+
+
+class InPlaceTensors:
+    """The tensors of a tensor file being filled in place (see :func:`streamed_tensors`)."""
+
+    def __init__(self, path: Path, shapes: Mapping[str, tuple[tuple[int, ...], torch.dtype]], fd: int):
+        self.fd = fd
+        with set_default_mmap_options(mmap.MAP_SHARED):
+            self.mapped = torch.load(path, weights_only=True, mmap=True)
+        offsets = record_offsets(path)
+        self.rows: dict[str, tuple[int, int]] = {}  # name → (offset of row 0, bytes per row)
+        for name, (shape, dtype) in shapes.items():
+            nbytes = math.prod(shape) * dtype.itemsize
+            if len(offsets.get(nbytes, [])) == 1 and shape:
+                self.rows[name] = (offsets[nbytes][0], nbytes // shape[0])
+
+    def write_rows(self, name: str, positions: torch.Tensor, rows: torch.Tensor) -> None:
+        """``tensor[positions[i]] = rows[i]`` written straight to the file (``os.pwrite``), so the rows never
+        become resident in this process (a mapped write would keep every touched page in its RSS). For a tensor
+        whose record size is unique in the file; the others are filled through ``mapped``."""
+        offset, row_bytes = self.rows[name]
+        data = rows.contiguous().numpy()
+        if data.shape[0] and data[0].nbytes != row_bytes:
+            raise ValueError(f"rows of {tuple(rows.shape[1:])} do not fit {name}'s rows of {row_bytes} bytes")
+        for position, row in zip(positions.tolist(), data, strict=True):
+            os.pwrite(self.fd, row.tobytes(), offset + position * row_bytes)
+
+
 @contextmanager
-def streamed_tensors(path: Path | str, shapes: Mapping[str, tuple[tuple[int, ...], torch.dtype]]) -> Iterator[dict]:
-    """A tensor file of ``{name: tensor}`` written in place, one slice at a time: yields the file's tensors
-    memory-mapped (shared with the file) for the caller to fill, then syncs the file and renames it into place.
-    :func:`load_tensors` reads it like a file of :func:`save_tensors` (its bytes differ, but are the same for the
-    same tensors), and writing it holds no tensor in memory: a set larger than the host's memory is assembled
-    piece by piece."""
+def streamed_tensors(
+    path: Path | str, shapes: Mapping[str, tuple[tuple[int, ...], torch.dtype]]
+) -> Iterator[InPlaceTensors]:
+    """A tensor file of ``{name: tensor}`` written in place, one slice at a time: yields the file's tensors to fill
+    (memory-mapped for small ones, :meth:`InPlaceTensors.write_rows` for large ones), then syncs the file and renames
+    it into place. :func:`load_tensors` reads it like a file of :func:`save_tensors` (its bytes differ, but are the
+    same for the same tensors), and writing it holds no tensor in memory: a set larger than the host's memory is
+    assembled piece by piece."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with FakeTensorMode():  # shapes without storage: the skeleton's data regions are left to be filled
             skeleton = {name: torch.empty(shape, dtype=dtype) for name, (shape, dtype) in shapes.items()}
-        with os.fdopen(fd, "wb") as fh, skip_data(materialize_fake_tensors=True):
+        with open(tmp, "wb") as fh, skip_data(materialize_fake_tensors=True):
             torch.save(skeleton, fh)
-        with set_default_mmap_options(mmap.MAP_SHARED):
-            tensors = torch.load(tmp, weights_only=True, mmap=True)
+        tensors = InPlaceTensors(Path(tmp), shapes, fd)
         yield tensors
         del tensors  # unmaps: the filled pages belong to the file
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
         os.chmod(tmp, _default_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
 def fingerprint(obj: Mapping[str, Any]) -> str:
