@@ -140,6 +140,22 @@ def test_imagenet1k_image_folder(tmp_path: Path):
     assert_labels_match_pixels(data.raw.test, tol=0)
 
 
+def test_training_files_are_listed_only_when_the_training_split_is_read(tmp_path: Path, monkeypatch):
+    """Evaluate reads the test split only: at ImageNet-1K the training split is 1.28 M files to list."""
+    from cvdd.data import formats
+
+    write_image_folder(tmp_path, wnids(1000), per_class=1, ext=".png")
+    listed: list[str] = []
+    original = formats._image_files
+    monkeypatch.setattr(formats, "_image_files", lambda folder: listed.append(folder.parent.name) or original(folder))
+    data = load_dataset({"name": "imagenet1k", "root": str(tmp_path)})
+    assert len(data.view("test")) == 1000 and set(listed) == {"val"}
+    listed.clear()
+    assert len(data.view("train")) == 1000 and listed == ["train"] * 1000
+    data.view("train")
+    assert len(listed) == 1000, "listed once"
+
+
 def test_image_folder_errors_name_folder_layout_and_fix(tmp_path: Path):
     with pytest.raises(DatasetNotFoundError, match="does not exist") as err:
         load_dataset({"name": "imagenet1k", "root": str(tmp_path / "nope")})

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import gzip
 import struct
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -43,14 +43,34 @@ class DatasetNotFoundError(FileNotFoundError):
         )
 
 
-@dataclass
 class RawData:
-    """Untransformed train/test splits with their class order."""
+    """Untransformed train/test splits with their class order. A split may be given as a function that lists it:
+    it is then listed on first use, so a stage that reads only the test split (evaluate) never walks the 1.28 M
+    training files of ImageNet-1K."""
 
-    train: ImageSplit
-    test: ImageSplit
-    classes: list[str]
-    class_names: list[str]
+    def __init__(
+        self,
+        train: ImageSplit | Callable[[], ImageSplit],
+        test: ImageSplit | Callable[[], ImageSplit],
+        classes: list[str],
+        class_names: list[str],
+    ):
+        self._splits = {"train": train, "test": test}
+        self.classes, self.class_names = classes, class_names
+
+    def split(self, name: str) -> ImageSplit:
+        split = self._splits[name]
+        if callable(split):  # a lister, not a split (splits are not callable)
+            split = self._splits[name] = split()
+        return split
+
+    @property
+    def train(self) -> ImageSplit:
+        return self.split("train")
+
+    @property
+    def test(self) -> ImageSplit:
+        return self.split("test")
 
 
 # --------------------------------------------------------------------------- digits
@@ -290,9 +310,17 @@ def load_image_folder(
     root = Path(root)
     if not root.is_dir():
         raise DatasetNotFoundError(dataset, root, "folder does not exist", IMAGEFOLDER_LAYOUT, how_to_get)
-    train, classes = _scan_class_folders(root / train_dir, dataset, root, IMAGEFOLDER_LAYOUT, how_to_get)
+    train_folder = root / train_dir
+    if not train_folder.is_dir():
+        raise DatasetNotFoundError(dataset, root, f"missing folder {train_dir}/", IMAGEFOLDER_LAYOUT, how_to_get)
+    classes = sorted(d.name for d in train_folder.iterdir() if d.is_dir())  # folder names only: no file is listed
     test, _ = _scan_class_folders(root / test_dir, dataset, root, IMAGEFOLDER_LAYOUT, how_to_get, classes)
-    return RawData(FileImages(train, channels), FileImages(test, channels), classes, _read_class_names(root, classes))
+
+    def train() -> FileImages:  # listed when a stage first reads the training split
+        samples, _ = _scan_class_folders(train_folder, dataset, root, IMAGEFOLDER_LAYOUT, how_to_get, classes)
+        return FileImages(samples, channels)
+
+    return RawData(train, FileImages(test, channels), classes, _read_class_names(root, classes))
 
 
 TINY_LAYOUT = (
@@ -311,9 +339,13 @@ def load_tiny_imagenet(root: str | Path) -> RawData:
     if not (root / "wnids.txt").is_file():
         return load_image_folder(root, "tiny_imagenet", 3, TINY_HOW)
     classes = sorted(w.strip() for w in (root / "wnids.txt").read_text().split() if w.strip())
-    train, _ = _scan_class_folders(
-        root / "train", "tiny_imagenet", root, TINY_LAYOUT, TINY_HOW, classes, images_subdir="images"
-    )
+
+    def train() -> FileImages:  # listed when a stage first reads the training split
+        samples, _ = _scan_class_folders(
+            root / "train", "tiny_imagenet", root, TINY_LAYOUT, TINY_HOW, classes, images_subdir="images"
+        )
+        return FileImages(samples, 3)
+
     annotations = root / "val" / "val_annotations.txt"
     if not annotations.is_file():
         raise DatasetNotFoundError("tiny_imagenet", root, "missing val/val_annotations.txt", TINY_LAYOUT, TINY_HOW)
@@ -335,7 +367,7 @@ def load_tiny_imagenet(root: str | Path) -> RawData:
         if not path.is_file():
             raise DatasetNotFoundError("tiny_imagenet", root, f"{path} listed but missing", TINY_LAYOUT, TINY_HOW)
         test.append((path, index[fields[1]]))
-    return RawData(FileImages(train, 3), FileImages(test, 3), classes, _read_class_names(root, classes))
+    return RawData(train, FileImages(test, 3), classes, _read_class_names(root, classes))
 
 
 IMAGENETTE_HOW = "set dataset.download=true (torchvision Imagenette) or unpack imagenette2 and set dataset.root"
