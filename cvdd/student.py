@@ -18,6 +18,8 @@ from cvdd.metrics import topk_accuracy
 from cvdd.optim import cosine_schedule
 from cvdd.precision import FP32, Numerics
 
+DDP_SPLITS = ("slices", "batches")  # what ranks share under DDP: each planned batch's slices, or whole batches
+
 # (epoch, batch index, planned batch, the whole augmented batch on demand) -> teacher logits of the whole batch
 SoftLabels = Callable[[int, int, BatchPlan, Callable[[], torch.Tensor]], torch.Tensor]
 
@@ -69,7 +71,11 @@ class StudentModule(L.LightningModule):
     halving is exact in floating point). BatchNorm running statistics are merged after every step as one process
     would have left them (:class:`cvdd.bn_merge.BatchNormMerge`, to float rounding), and DDP's own buffer broadcast
     is off. ``W`` ranks run ``1/W`` of the forward passes when ``W`` divides ``micro_batches``; otherwise some
-    ranks idle on each step (their loss is a zero that still joins the gradient average). The distilled images
+    ranks idle on each step (their loss is a zero that still joins the gradient average). With
+    ``ddp_split="batches"`` rank ``r`` instead takes whole planned batches, ``s·W + r`` at step ``s`` (each in its
+    ``micro_batches`` slices, BatchNorm per slice as released): one optimiser step sees ``W`` planned batches, the
+    effective batch is ``W ×`` the planned one and an epoch has ``W ×`` fewer steps, with the learning rate as
+    configured (not the one-process recipe: scale ``validate.lr`` as you see fit). The distilled images
     are never a buffer: each process holds them as :class:`cvdd.image_sets.SetImages` on the host (uint8 for
     PNG sets) and makes on its device only the rows its slices show (and their CutMix partners).
 
@@ -100,6 +106,7 @@ class StudentModule(L.LightningModule):
         numerics: Numerics = FP32,
         test_set: Dataset | None = None,
         loader: dict | None = None,
+        ddp_split: str = "slices",
     ):
         super().__init__()
         if micro_batches < 1 or plan.batch_size % micro_batches:
@@ -107,6 +114,8 @@ class StudentModule(L.LightningModule):
                 f"validate.micro_batches={micro_batches} must be >= 1 and divide the planned batch "
                 f"(relabel.batch_size={plan.batch_size})"
             )
+        if ddp_split not in DDP_SPLITS:
+            raise ValueError(f"validate.ddp_split={ddp_split!r}; choose from {', '.join(DDP_SPLITS)}")
         self.save_hyperparameters(
             ignore=["net", "images", "targets", "plan", "soft_labels", "numerics", "test_set", "loader"]
         )
@@ -146,17 +155,37 @@ class StudentModule(L.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         self.bn_merge.merge(self.forwards)
 
-    def training_step(self, batch_index: torch.Tensor, _: int) -> torch.Tensor:
-        epoch, b = self.current_epoch, int(batch_index)
-        plan = self.plan.epoch(epoch)[b]
+    def train_dataloader(self) -> DataLoader:
+        """Step indices: every planned batch of an epoch (``slices``: every rank takes part in each), or one step per
+        ``W`` planned batches (``batches``)."""
+        batches = self.plan.batches_per_epoch()
+        _, world = rank_and_world()
+        steps = batches if self.hparams.ddp_split == "slices" else -(-batches // world)
+        return DataLoader(range(steps), batch_size=None)
+
+    def _share(self, step: int) -> tuple[int | None, list[tuple[int, int]], int]:
+        """This rank's planned batch at ``step``, its slices of it and the factor its loss is counted with."""
         rank, world = rank_and_world()
+        size = self.plan.batch_size // self.hparams.micro_batches
+        if self.hparams.ddp_split == "slices":
+            count = len(self.plan.epoch(self.current_epoch)[step].indices)
+            return step, rank_slices(count, size, rank, world), world
+        b = step * world + rank
+        if b >= self.plan.batches_per_epoch():
+            return None, [], 1
+        return b, rank_slices(len(self.plan.epoch(self.current_epoch)[b].indices), size, 0, 1), 1
+
+    def training_step(self, step: torch.Tensor, _: int) -> torch.Tensor:
+        epoch = self.current_epoch
+        b, slices, factor = self._share(int(step))
         micro = self.hparams.micro_batches
-        slices = rank_slices(len(plan.indices), self.plan.batch_size // micro, rank, world)
+        reduce = "sum" if self.hparams.ddp_split == "slices" else "mean"
         self.forwards = len(slices)
-        if not slices:  # nothing of this batch for this rank: a zero that joins DDP's gradient average
+        if not slices:  # nothing for this rank at this step: a zero that joins DDP's gradient average
             loss = sum(p.sum() for p in self.net.parameters()) * 0.0
-            self.log("train/loss", loss.detach(), prog_bar=True, sync_dist=True, reduce_fx="sum")
+            self.log("train/loss", loss.detach(), prog_bar=True, sync_dist=True, reduce_fx=reduce)
             return loss
+        plan = self.plan.epoch(epoch)[b]
         first, last = slices[0][0], slices[-1][1]
         whole: list[torch.Tensor] = []
 
@@ -182,9 +211,10 @@ class StudentModule(L.LightningModule):
                     logits, y_mix[part]
                 )
             loss = loss + term / micro
-        # W ranks' losses add up to the planned batch's; DDP averages gradients, so each rank's counts W times
-        self.log("train/loss", loss.detach(), prog_bar=True, sync_dist=True, reduce_fx="sum")
-        return loss * world if world > 1 else loss
+        # slices: W ranks' losses add up to the planned batch's and DDP averages gradients, so each rank's counts W
+        # times; batches: each rank's loss is a whole batch's, and DDP's average is the mean over the W batches
+        self.log("train/loss", loss.detach(), prog_bar=True, sync_dist=True, reduce_fx=reduce)
+        return loss * factor if factor > 1 else loss
 
     def test_loader(self) -> DataLoader:
         """The test set, this rank's shard (every sample once over all ranks), in batches of ``loader["batch_size"]``

@@ -58,6 +58,39 @@ def test_each_of_two_ranks_forwards_its_own_slice_of_a_batch(rank: int, monkeypa
     assert ((mine + theirs) / 2).item() == pytest.approx(whole.item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_with_ddp_split_batches_each_rank_takes_whole_planned_batches(rank: int, monkeypatch: pytest.MonkeyPatch):
+    """``validate.ddp_split=batches``, 2 ranks, 40 images in planned batches of 16, 16 and 8 (slices of 8): step s
+    gives rank r batch 2s + r whole (all its slices, its loss unscaled, so DDP's average is the mean over the two
+    batches), an epoch has 2 steps, and on the last step the second rank idles with a zero loss."""
+    from test_student import make_student
+
+    module, _, plan = make_student(micro_batches=2, num_images=40)
+    module.hparams.ddp_split = "batches"
+    one_process = [module.training_step(torch.tensor(b), 0) for b in range(3)]  # world 1: batch b at step b
+    monkeypatch.setattr("cvdd.student.rank_and_world", lambda: (rank, 2))
+    assert len(module.train_dataloader()) == 2, "3 batches over 2 ranks: 2 steps"
+    seen: list[torch.Tensor] = []
+    module.net.register_forward_hook(lambda _m, args, _out: seen.append(args[0]))
+    loss = module.training_step(torch.tensor(0), 0)
+    assert module.forwards == 2 and loss.item() == pytest.approx(one_process[rank].item(), rel=1e-6)
+    rows = torch.cat(seen)
+    assert torch.equal(rows, apply_batch(module.images, plan.epoch(0)[rank])), "its own planned batch, whole"
+    last = module.training_step(torch.tensor(1), 0)
+    if rank == 0:
+        assert module.forwards == 1 and last.item() == pytest.approx(one_process[2].item(), rel=1e-6)
+    else:
+        assert module.forwards == 0 and last.item() == 0.0
+
+
+def test_an_unknown_ddp_split_is_refused():
+    from test_student import make_student
+
+    module, _, plan = make_student(micro_batches=2)
+    with pytest.raises(ValueError, match=r"validate\.ddp_split='rows'; choose from slices, batches"):
+        type(module)(module.net, module.images, module.targets, plan, 10, None, ddp_split="rows")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -177,10 +177,16 @@ def class_major_positions(labels: torch.Tensor, ipc_index: torch.Tensor) -> torc
 
 
 def stream_tensors_file(
-    artifact: DistilledArtifact, pieces: list[SetPiece], positions: torch.Tensor, grid_cells: set[tuple[int, int]]
+    artifact: DistilledArtifact,
+    pieces: list[SetPiece],
+    positions: torch.Tensor,
+    grid_cells: set[tuple[int, int]],
+    mean,
+    std,
 ) -> dict[tuple[int, int], torch.Tensor]:
     """``images.pt`` (fp32 images, labels, IPC indices, class-major) filled piece by piece in place: one piece in
-    memory at a time. Returns the normalised images of ``grid_cells`` ((class, IPC index) pairs) on the way."""
+    memory at a time. Returns the uint8 pixels of ``grid_cells`` ((class, IPC index) pairs) on the way: at most the
+    grid's 100 × 10 tiles, whatever the set's size."""
     labels = torch.cat([p.labels for p in pieces])
     ipc_index = torch.cat([p.ipc_index for p in pieces])
     shape = pieces[0].load().shape[1:]  # the first piece is read twice: the file's shape comes before its data
@@ -199,7 +205,7 @@ def stream_tensors_file(
             out.write_rows("images", positions[start : start + len(images)], images)
             for j, cell in enumerate(zip(piece.labels.tolist(), piece.ipc_index.tolist(), strict=True)):
                 if cell in grid_cells:
-                    cells[cell] = images[j].clone()
+                    cells[cell] = to_pixels(images[j : j + 1], mean, std)[0]
             start += len(images)
             del images  # before the next piece is read: one piece in memory at a time
     return cells
@@ -236,13 +242,12 @@ def write_set(
     labels = torch.cat([p.labels for p in pieces])
     ipc_index = torch.cat([p.ipc_index for p in pieces])
     rows, columns = grid_rows(len(class_names), seed), min(int(ipc_index.max()) + 1, MAX_GRID_COLUMNS)
-    cells = stream_tensors_file(
-        artifact, pieces, class_major_positions(labels, ipc_index), {(c, i) for c in rows for i in range(columns)}
-    )
+    wanted = {(c, i) for c in rows for i in range(columns)}
+    cells = stream_tensors_file(artifact, pieces, class_major_positions(labels, ipc_index), wanted, mean, std)
     tiles = sorted(cells)
     save_image_atomic(
         distilled_grid(
-            to_pixels(torch.stack([cells[t] for t in tiles]), mean, std),
+            torch.stack([cells[t] for t in tiles]),
             torch.tensor([c for c, _ in tiles]),
             torch.tensor([i for _, i in tiles]),
             class_names,

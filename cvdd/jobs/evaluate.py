@@ -10,7 +10,6 @@ from typing import Any
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
 
 from cvdd.artifacts import check_files, ensure_writable, fingerprint, load_json, save_json
 from cvdd.artifacts.results import result_path, results_folder
@@ -22,7 +21,7 @@ from cvdd.hardware import numerics_for
 from cvdd.image_sets import StudentSet, student_set
 from cvdd.metrics import evaluate_classifier
 from cvdd.precision import Numerics
-from cvdd.runtime import build_trainer, finish_loggers, log_final
+from cvdd.runtime import build_trainer, finish_loggers, log, log_final
 from cvdd.soft_labels import build_plan, label_settings, labels_of, relabel_committee, teacher_weights
 from cvdd.student import StudentModule
 from cvdd.summary import command_with, stage_summary
@@ -78,6 +77,16 @@ def offline_labels(cfg: DictConfig, root: Path, chosen: StudentSet, expected: di
     recorded = manifest.get("files", {})
     rebuild = f"{relabel_command(overwrite=False)} (it recomputes damaged epochs)"
     check_files(artifact.folder, recorded, rebuild)  # every epoch there at its size, before training starts
+    epochs = [d["bytes"] for name, d in recorded.items() if name.startswith("epoch_")]
+    log.info(
+        "labels %s: %d epochs, %.1f MB per epoch, %.2f GB in all (%s); every rank reads and checks the epoch it "
+        "trains on",
+        artifact.folder,
+        len(epochs),
+        max(epochs, default=0) / 1e6,
+        sum(epochs) / 1e9,
+        f"top-{manifest['topk']}" if manifest.get("topk") else "dense: relabel.topk=<k> stores far less",
+    )
     cache: dict[int, torch.Tensor] = {}
     batch_size = int(cfg.relabel.batch_size)
 
@@ -170,14 +179,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             "pin_memory": cfg.hardware.get("pin_memory", False),
             "batch_size": cfg.hardware.get("eval_batch_size", 256),
         },
+        ddp_split=str(v.get("ddp_split", "slices")),
     )
     started = time.time()
     trainer, loggers = build_trainer(cfg)
     try:
-        trainer.fit(
-            module,
-            train_dataloaders=DataLoader(range(plan.batches_per_epoch()), batch_size=None),  # every rank: every step
-        )
+        trainer.fit(module)  # its steps: StudentModule.train_dataloader (every rank walks the same step count)
         # the recorded pass: each rank its shard of the test set, counts summed (exact, nothing padded)
         test = evaluate_classifier(
             net, module.test_loader(), spec.num_classes, trainer.strategy.root_device, distributed=True
