@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torchvision.utils import make_grid
 
@@ -12,6 +13,7 @@ from cvdd.artifacts import atomic_write
 
 MAX_GRID_CLASSES = 100
 MAX_GRID_COLUMNS = 10
+MAX_TILE = 112  # larger images are shown at this size: a 224 px set's grid stays 11k px tall, not 23k
 LABEL_WIDTH = 110  # pixels left of the images for the class names
 
 
@@ -26,7 +28,8 @@ def grid_rows(num_classes: int, seed: int = 0) -> list[int]:
 def distilled_grid(
     pixels: torch.Tensor, labels: torch.Tensor, ipc_index: torch.Tensor, class_names: list[str], seed: int = 0
 ) -> Image.Image:
-    """One row per class (up to 100), one column per IPC index (up to 10), class names on the left."""
+    """One row per class (up to 100), one column per IPC index (up to 10), class names on the left; images larger
+    than :data:`MAX_TILE` pixels are shown downscaled to it (area-averaged)."""
     rows = grid_rows(len(class_names), seed)
     columns = min(int(ipc_index.max()) + 1, MAX_GRID_COLUMNS)
     c, h, w = pixels.shape[1:]
@@ -36,6 +39,10 @@ def distilled_grid(
             match = torch.nonzero((labels == cls) & (ipc_index == i)).flatten()
             if len(match):
                 tiles[r * columns + i] = pixels[match[0]]
+    if max(h, w) > MAX_TILE:
+        size = (h * MAX_TILE // max(h, w), w * MAX_TILE // max(h, w))
+        tiles = F.interpolate(tiles.float(), size=size, mode="area").round().to(torch.uint8)
+        h, w = size
     scale = max(1, 64 // h)  # small images are upscaled so a person can see them
     grid = make_grid(tiles, nrow=columns, padding=2, pad_value=255)  # grey tiles come back as RGB
     image = Image.fromarray(grid.permute(1, 2, 0).numpy()).resize(

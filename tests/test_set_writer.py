@@ -94,3 +94,14 @@ def test_a_failed_fill_leaves_no_tensor_file(tmp_path: Path):
         write_set(artifact, pieces, NAMES, MEAN, STD, 0, {})
     assert not artifact.tensors.exists() and not list(artifact.folder.glob(".images.pt.*"))
     assert not artifact.manifest.exists()
+
+
+def test_large_images_are_shown_at_most_112_px_in_the_grid():
+    from cvdd.grid import LABEL_WIDTH, MAX_TILE, distilled_grid
+
+    pixels = torch.stack([torch.full((3, 224, 224), 40 * (k + 1), dtype=torch.uint8) for k in range(4)])
+    labels, ipc_index = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 0, 1])
+    grid = distilled_grid(pixels, labels, ipc_index, ["a", "b"])
+    assert (grid.width, grid.height) == (LABEL_WIDTH + 2 * (MAX_TILE + 2) + 2, 2 * (MAX_TILE + 2) + 2)
+    tile = grid.crop((LABEL_WIDTH + 2 + MAX_TILE + 2, 2, LABEL_WIDTH + 2 * (MAX_TILE + 2), MAX_TILE + 2))
+    assert tile.getcolors() == [(MAX_TILE * MAX_TILE, (80, 80, 80))], "class 0, IPC 1: its own pixels, downscaled"
