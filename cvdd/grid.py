@@ -25,6 +25,16 @@ def grid_rows(num_classes: int, seed: int = 0) -> list[int]:
     return sorted(picked.tolist())
 
 
+def grid_tile(pixels: torch.Tensor) -> torch.Tensor:
+    """One uint8 (C, H, W) image as the grid shows it: area-downscaled to :data:`MAX_TILE` pixels when larger (each
+    tile on its own, so a 100 × 10 grid of 224 px images never exists at full size)."""
+    h, w = pixels.shape[1:]
+    if max(h, w) <= MAX_TILE:
+        return pixels
+    size = (h * MAX_TILE // max(h, w), w * MAX_TILE // max(h, w))
+    return F.interpolate(pixels[None].float(), size=size, mode="area")[0].round().to(torch.uint8)
+
+
 def distilled_grid(
     pixels: torch.Tensor, labels: torch.Tensor, ipc_index: torch.Tensor, class_names: list[str], seed: int = 0
 ) -> Image.Image:
@@ -32,17 +42,13 @@ def distilled_grid(
     than :data:`MAX_TILE` pixels are shown downscaled to it (area-averaged)."""
     rows = grid_rows(len(class_names), seed)
     columns = min(int(ipc_index.max()) + 1, MAX_GRID_COLUMNS)
-    c, h, w = pixels.shape[1:]
+    c, h, w = grid_tile(pixels[0]).shape
     tiles = torch.zeros(len(rows) * columns, c, h, w, dtype=torch.uint8)
     for r, cls in enumerate(rows):
         for i in range(columns):
             match = torch.nonzero((labels == cls) & (ipc_index == i)).flatten()
             if len(match):
-                tiles[r * columns + i] = pixels[match[0]]
-    if max(h, w) > MAX_TILE:
-        size = (h * MAX_TILE // max(h, w), w * MAX_TILE // max(h, w))
-        tiles = F.interpolate(tiles.float(), size=size, mode="area").round().to(torch.uint8)
-        h, w = size
+                tiles[r * columns + i] = grid_tile(pixels[match[0]])
     scale = max(1, 64 // h)  # small images are upscaled so a person can see them
     grid = make_grid(tiles, nrow=columns, padding=2, pad_value=255)  # grey tiles come back as RGB
     image = Image.fromarray(grid.permute(1, 2, 0).numpy()).resize(

@@ -34,7 +34,7 @@ from cvdd.artifacts.io import (
     streamed_tensors,
 )
 from cvdd.distributed import gather_objects, raise_together, rank_and_world
-from cvdd.grid import MAX_GRID_COLUMNS, distilled_grid, grid_rows, save_image_atomic
+from cvdd.grid import MAX_GRID_COLUMNS, distilled_grid, grid_rows, grid_tile, save_image_atomic
 
 
 def safe_name(text: str) -> str:
@@ -185,8 +185,8 @@ def stream_tensors_file(
     std,
 ) -> dict[tuple[int, int], torch.Tensor]:
     """``images.pt`` (fp32 images, labels, IPC indices, class-major) filled piece by piece in place: one piece in
-    memory at a time. Returns the uint8 pixels of ``grid_cells`` ((class, IPC index) pairs) on the way: at most the
-    grid's 100 × 10 tiles, whatever the set's size."""
+    memory at a time. Returns the grid tiles of ``grid_cells`` ((class, IPC index) pairs) on the way: at most the
+    grid's 100 × 10 tiles of at most 112 px, whatever the set's size."""
     labels = torch.cat([p.labels for p in pieces])
     ipc_index = torch.cat([p.ipc_index for p in pieces])
     shape = pieces[0].load().shape[1:]  # the first piece is read twice: the file's shape comes before its data
@@ -205,7 +205,7 @@ def stream_tensors_file(
             out.write_rows("images", positions[start : start + len(images)], images)
             for j, cell in enumerate(zip(piece.labels.tolist(), piece.ipc_index.tolist(), strict=True)):
                 if cell in grid_cells:
-                    cells[cell] = to_pixels(images[j : j + 1], mean, std)[0]
+                    cells[cell] = grid_tile(to_pixels(images[j : j + 1], mean, std)[0])
             start += len(images)
             del images  # before the next piece is read: one piece in memory at a time
     return cells

@@ -174,7 +174,7 @@ class InPlaceTensors:
         if data.shape[0] and data[0].nbytes != row_bytes:
             raise ValueError(f"rows of {tuple(rows.shape[1:])} do not fit {name}'s rows of {row_bytes} bytes")
         for position, row in zip(positions.tolist(), data, strict=True):
-            os.pwrite(self.fd, row.tobytes(), offset + position * row_bytes)
+            os.pwrite(self.fd, row.data, offset + position * row_bytes)  # the row's own buffer: no copy
 
 
 @contextmanager
