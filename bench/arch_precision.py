@@ -10,6 +10,8 @@ per-architecture table is read off this table (the JSON is kept in ``bench/resul
 
     python bench/arch_precision.py                   # CPU, Fashion-MNIST shapes
     python bench/arch_precision.py --device cuda --size 32 --channels 3
+    python bench/arch_precision.py --models full --size 32 --channels 3 --repeats 3 \
+        --out bench/results/arch_precision_full_32px.json   # the paper's full-size pool on CIFAR-shaped inputs
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 WORKLOADS = {"recover": 40, "relabel": 16, "squeeze": 128, "student": 16}  # workload: batch
 MODELS = ["resnet18_small", "resnet50_small", "shufflenetv2_small", "mobilenetv2_small", "densenet_small", "convnet"]
+FULL = ["resnet18", "resnet50", "shufflenetv2", "mobilenetv2", "densenet121"]  # --models full: the paper's pool
 VARIANTS = {
     "fp32": (None, False),
     "fp32_cl": (None, True),
@@ -110,7 +113,7 @@ def main() -> None:
         + " ".join(f"{v:>9s}" for v in VARIANTS)
         + "   (ms per step; × vs fp32)"
     )
-    for model_id in args.models.split(","):
+    for model_id in FULL if args.models == "full" else args.models.split(","):
         for kind, batch in workloads.items():
             x = torch.randn(batch, args.channels, args.size, args.size, device=args.device)
             y = torch.randint(0, 10, (batch,), device=args.device)

@@ -12,7 +12,7 @@ is 49 times fewer pixels, so the numbers sit side by side, not as a like-for-lik
     bash bench/gpu_smoke.sh                      # GPU machine: hardware gpu and ddp
     python bench/gpu_smoke.py --hardware cpu --members resnet18_small,resnet50_small --iterations 2   # CPU check
 
-Writes ``<out>/gpu_smoke.json`` and prints the table.
+Writes ``bench/results/gpu_smoke.json`` (``--json``) and prints the table.
 """
 
 from __future__ import annotations
@@ -169,7 +169,8 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=50)
     parser.add_argument("--epochs", type=int, default=2, help="relabel and student epochs")
     parser.add_argument("--per-class", type=int, default=5, help="miniature CIFAR-100 images per class")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "work" / "gpu_smoke")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "work" / "gpu_smoke", help="work folder")
+    parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "gpu_smoke.json")
     args = parser.parse_args()
     from minidata import write_cifar
 
@@ -180,8 +181,9 @@ def main() -> None:
     results = {hardware: smoke(hardware, args, data) for hardware in args.hardware.split(",")}
     table(results)
     record = {"command": " ".join(sys.argv), "paper": PAPER, "results": results, "gpus": gpu_used() is not None}
-    (args.out / "gpu_smoke.json").write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {args.out / 'gpu_smoke.json'}")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

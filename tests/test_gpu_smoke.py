@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_the_smoke_runs_every_stage_of_the_preset_and_records_its_cost(tmp_path: Path):
     out = tmp_path / "smoke"
     command = [sys.executable, str(ROOT / "bench" / "gpu_smoke.py"), "--hardware", "cpu", "--out", str(out)]
+    command += ["--json", str(out / "gpu_smoke.json")]
     command += ["--members", "resnet18_small,mobilenetv2_small", "--student", "convnet_small"]
     command += ["--ipc", "1", "--iterations", "2", "--epochs", "1", "--per-class", "2"]
     proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900)
