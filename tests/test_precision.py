@@ -159,3 +159,22 @@ def test_unit_moments_of_bf16_activations_are_fp32():
     assert mean.dtype == var.dtype == torch.float32 and mean.shape == (2, 4)
     (mean.sum() + var.sum()).backward()
     assert x.grad.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("table", ["arch_precision.json", "arch_precision_full_32px.json"])
+def test_auto_is_never_slower_than_fp32_where_it_was_measured(native_bf16, table: str):
+    """Every (architecture, workload) row the benchmark measured on this project's CPU (AVX512-BF16): the numerics
+    ``auto`` picks ran at least as fast as fp32 (5 % timing noise allowed)."""
+    import json
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    native_bf16(True)
+    root = Path(__file__).resolve().parents[1]
+    rows = json.loads((root / "bench" / "results" / table).read_text())["rows"]
+    assert rows
+    for row in rows:
+        arch = OmegaConf.load(root / "conf" / "model" / f"{row['model']}.yaml").net.name
+        chosen = choose_numerics(arch, row["workload"], "auto", "auto", "cpu")
+        assert row["speedup"][chosen.tag] >= 0.95, (row["model"], row["workload"], chosen.tag, row["speedup"])
