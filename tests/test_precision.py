@@ -161,7 +161,9 @@ def test_unit_moments_of_bf16_activations_are_fp32():
     assert x.grad.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("table", ["arch_precision.json", "arch_precision_full_32px.json"])
+@pytest.mark.parametrize(
+    "table", ["arch_precision.json", "arch_precision_full_32px.json", "arch_precision_full_64px.json"]
+)
 def test_auto_is_never_slower_than_fp32_where_it_was_measured(native_bf16, table: str):
     """Every (architecture, workload) row the benchmark measured on this project's CPU (AVX512-BF16): the numerics
     ``auto`` picks ran at least as fast as fp32 (5 % timing noise allowed)."""
