@@ -162,13 +162,12 @@ class Initializer:
         p = self.patches
         identity = {"seed": self.seed, "candidates": p.candidates, "scale": p.scale, "sources": "distinct"}
         path = self.cache.path(identity) if self.cache else None
-        if path is not None and all(gather_objects(path.is_file())):  # one decision for all ranks
+        if path is not None and path.is_file():
             try:
                 self._bank = load_tensors(path, "it is rescored")
             except ArtifactCorruptError:  # a cache: score the candidates again and replace it
                 log.warning("patch cache %s is damaged; scoring the candidates again", path)
-        cached = self._bank is not None
-        if not all(gather_objects(cached)):
+        if not all(gather_objects(self._bank is not None)):  # one decision for all ranks: any miss rescores
             self._bank = self._score_bank()
             if path is not None and rank == 0:
                 save_tensors(path, self._bank)

@@ -179,16 +179,17 @@ def class_major_positions(labels: torch.Tensor, ipc_index: torch.Tensor) -> torc
 def stream_tensors_file(
     artifact: DistilledArtifact,
     pieces: list[SetPiece],
-    positions: torch.Tensor,
+    labels: torch.Tensor,
+    ipc_index: torch.Tensor,
     grid_cells: set[tuple[int, int]],
     mean,
     std,
 ) -> dict[tuple[int, int], torch.Tensor]:
     """``images.pt`` (fp32 images, labels, IPC indices, class-major) filled piece by piece in place: one piece in
     memory at a time. Returns the grid tiles of ``grid_cells`` ((class, IPC index) pairs) on the way: at most the
-    grid's 100 × 10 tiles of at most 112 px, whatever the set's size."""
-    labels = torch.cat([p.labels for p in pieces])
-    ipc_index = torch.cat([p.ipc_index for p in pieces])
+    grid's 100 × 10 tiles of at most 112 px, whatever the set's size. ``labels`` and ``ipc_index`` are the pieces'
+    own, concatenated."""
+    positions = class_major_positions(labels, ipc_index)
     shape = pieces[0].load().shape[1:]  # the first piece is read twice: the file's shape comes before its data
     shapes = {
         "images": ((len(labels), *shape), torch.float32),
@@ -243,7 +244,7 @@ def write_set(
     ipc_index = torch.cat([p.ipc_index for p in pieces])
     rows, columns = grid_rows(len(class_names), seed), min(int(ipc_index.max()) + 1, MAX_GRID_COLUMNS)
     wanted = {(c, i) for c in rows for i in range(columns)}
-    cells = stream_tensors_file(artifact, pieces, class_major_positions(labels, ipc_index), wanted, mean, std)
+    cells = stream_tensors_file(artifact, pieces, labels, ipc_index, wanted, mean, std)
     tiles = sorted(cells)
     save_image_atomic(
         distilled_grid(
