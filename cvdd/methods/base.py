@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig
 
-from cvdd.artifacts import TeacherArtifact, load_json
+from cvdd.artifacts import ArtifactCorruptError, TeacherArtifact, load_json, load_tensors
 from cvdd.artifacts.distilled import DistilledArtifact, SetPiece
 from cvdd.artifacts.identity import dataset_identity
 from cvdd.artifacts.patches import PatchCache
@@ -26,6 +26,7 @@ from cvdd.committee import Committee, load_committee
 from cvdd.data import get_spec
 from cvdd.data.registry import DatasetSpec, ImageDataset
 from cvdd.hardware import numerics_for
+from cvdd.runtime import log
 from cvdd.teachers import ensure_teachers
 
 
@@ -127,6 +128,19 @@ class DistillContext:
     def device(self) -> torch.device:
         """Where single-process methods compute: the Trainer's root device."""
         return self.trainer.strategy.root_device
+
+
+def finished_piece(path: Path, recipe_hash: str, what: str) -> dict[str, Any] | None:
+    """The metadata of a finished piece file (a recover unit, a class) of this recipe, memory-mapped so its images
+    stay on disk; ``None`` when it is missing, of another recipe, or damaged (then ``what`` is redone)."""
+    if not path.is_file():
+        return None
+    try:
+        saved = load_tensors(path, f"the run redoes {what}", mapped=True)
+    except ArtifactCorruptError:
+        log.warning("%s is damaged; redoing %s", path, what)
+        return None
+    return saved if saved["recipe"] == recipe_hash else None
 
 
 def require_real_images(ctx: DistillContext, needs: str) -> None:

@@ -18,14 +18,14 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from cvdd.artifacts import ArtifactCorruptError, load_tensors, save_tensors
+from cvdd.artifacts import load_tensors, save_tensors
 from cvdd.artifacts.distilled import DistilledArtifact, SetPiece
 from cvdd.committee import select_members, voting_weights
 from cvdd.distributed import HydraDDPStrategy
 from cvdd.hardware import check_same_threads, cpu_threads
 from cvdd.init import INIT_MODES, Initializer, PatchSettings
 from cvdd.member_passes import plan_passes
-from cvdd.methods.base import DistillContext, ImageSet, Method, require_real_images
+from cvdd.methods.base import DistillContext, ImageSet, Method, finished_piece, require_real_images
 from cvdd.recover import Layout, RecoverModule, RecoverSettings, Unit, class_blocks
 from cvdd.runtime import log
 from cvdd.seeding import derive_seed
@@ -196,15 +196,8 @@ def finished_units(artifact: DistilledArtifact, units: list[Unit], recipe_hash: 
     refused (:func:`check_same_threads`)."""
     done = set()
     for unit in units:
-        path = artifact.unit_path(unit.key)
-        if not path.is_file():
-            continue
-        try:
-            saved = load_tensors(path, "the run recomputes it", mapped=True)  # metadata only: images stay on disk
-        except ArtifactCorruptError:
-            log.warning("unit file %s is damaged; recomputing that unit", path)
-            continue
-        if saved["recipe"] == recipe_hash:
+        saved = finished_piece(artifact.unit_path(unit.key), recipe_hash, f"unit {unit.key}")
+        if saved is not None:
             check_same_threads(
                 saved.get("cpu_threads"), threads, f"distilled set {artifact.folder} (its member passes)"
             )

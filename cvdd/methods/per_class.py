@@ -18,10 +18,10 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from cvdd.artifacts import ArtifactCorruptError, load_tensors, save_tensors
+from cvdd.artifacts import load_tensors, save_tensors
 from cvdd.artifacts.distilled import SetPiece
 from cvdd.distributed import HydraDDPStrategy
-from cvdd.methods.base import DistillContext, ImageSet, Method
+from cvdd.methods.base import DistillContext, ImageSet, Method, finished_piece
 from cvdd.runtime import log
 
 REDO_CLASS = "run the same command again: it remakes damaged classes"
@@ -79,17 +79,7 @@ class PerClassMethod(Method):
 
 def finished_classes(ctx: DistillContext, classes: range, recipe_hash: str) -> set[int]:
     """Classes already on disk for this recipe (metadata only is read); a damaged file is made again."""
-    done = set()
-    for c in classes:
-        path = ctx.artifact.unit_path(class_key(c))
-        if not path.is_file():
-            continue
-        try:
-            if load_tensors(path, REDO_CLASS, mapped=True)["recipe"] == recipe_hash:
-                done.add(c)
-        except ArtifactCorruptError:
-            log.warning("class file %s is damaged; making that class again", path)
-    return done
+    return {c for c in classes if finished_piece(ctx.artifact.unit_path(class_key(c)), recipe_hash, f"class {c}")}
 
 
 class ClassWorkModule(L.LightningModule):
