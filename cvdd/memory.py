@@ -36,17 +36,20 @@ STATE_COPIES = 6  # fp32 copies of an image: parameter, gradient, Adam's two mom
 
 
 def saved_bytes(run) -> int:
-    """Bytes of the distinct storages autograd saves for backward while ``run()`` builds its graph."""
-    seen: dict[int, int] = {}
+    """Bytes of the distinct storages autograd saves for backward while ``run()`` builds its graph.
+
+    Each storage seen is held until the count is done: a saved tensor freed mid-run would otherwise let the
+    allocator hand its address to a later one, and the two would count once (how often depends on the heap)."""
+    seen: dict[int, torch.UntypedStorage] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
+        seen[storage.data_ptr()] = storage
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         run()
-    return sum(seen.values())
+    return sum(storage.nbytes() for storage in seen.values())
 
 
 def member_bytes_per_image(committee: Committee, member: str, image_shape: Sequence[int], device) -> float:
