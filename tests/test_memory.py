@@ -43,7 +43,8 @@ def test_the_per_image_estimate_predicts_what_a_group_saves_for_backward():
     group = GroupState(units, torch.randn(len(units), 10, *SHAPE), RecoverSettings(1, 0.1, 0.01, 2), grouping=True)
     measured = saved_bytes(lambda: step_surrogate([group], committee, 0.01, MemberPasses(1, 1)))
     predicted = sum(len(u.classes) * sum(member[m] for m in u.members) for u in units)
-    assert 0.95 < measured / predicted < 1.15, (measured, predicted)  # the rest: the augmentation's saved input, the group's stacking
+    # The rest: the augmentation's saved input and the group's stacking.
+    assert 0.95 < measured / predicted < 1.15, (measured, predicted)
 
 
 def test_bf16_members_save_about_half_the_bytes():
