@@ -85,11 +85,11 @@ def batch_statistics(net: nn.Module, sizes: Sequence[int] | None = None) -> Iter
 
 
 def stat_groups(batch_sizes: Sequence[int], halves: bool) -> list[int]:
-    """The groups BatchNorm takes statistics over for stacked batches: each batch, or each half of it (the
-    first half the larger, as ``Tensor.chunk(2)`` splits)."""
+    """The groups BatchNorm takes statistics over for stacked batches: each batch, or each half of it (the first
+    half ``n // 2`` images, as the released relabel code splits an odd batch)."""
     if not halves:
         return list(batch_sizes)
-    return [part for size in batch_sizes for part in ((size + 1) // 2, size // 2) if part]
+    return [part for size in batch_sizes for part in (size // 2, size - size // 2) if part]
 
 
 @torch.no_grad()

@@ -34,6 +34,30 @@ def compose_job(config_name: str, overrides: Sequence[str], output_dir: Path | s
     return cfg
 
 
+def compose_stage(config_name: str, overrides: Sequence[str]) -> DictConfig:
+    """``conf/<config_name>.yaml`` with ``overrides``, composed from inside a running job (within its Hydra
+    context when it has one): the config of a stage that job runs itself, e.g. a missing teacher's squeeze."""
+    if GlobalHydra.instance().is_initialized():
+        return compose(config_name=config_name, overrides=list(overrides))
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name=config_name, overrides=list(overrides))
+
+
+def select_overrides(overrides: Sequence[str], keys: Sequence[str], exclude: Sequence[str] = ()) -> list[str]:
+    """The ``overrides`` whose key is one of ``keys`` or below one, and neither one of ``exclude`` nor below one."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    def under(key: str, names: Sequence[str]) -> bool:
+        return any(key == name or key.startswith(name + ".") for name in names)
+
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    return [
+        text
+        for text, override in zip(overrides, parsed, strict=True)
+        if under(override.key_or_group, keys) and not under(override.key_or_group, exclude)
+    ]
+
+
 def model_config(model_id: str, key: str) -> Path:
     """``conf/model/<model_id>.yaml``; an unknown id is an error naming ``key`` and listing the ids."""
     path = CONF / "model" / f"{model_id}.yaml"

@@ -11,11 +11,12 @@ from omegaconf import DictConfig
 from cvdd.artifacts import TeacherArtifact, load_json
 from cvdd.artifacts.labels import LabelArtifact, label_artifact
 from cvdd.augment import EpochPlan
-from cvdd.committee import Committee, load_committee, voting_weights
+from cvdd.committee import Committee, load_committee, voting_weights, warn_if_nearly_equal
 from cvdd.compose import model_config
 from cvdd.data import get_spec
 from cvdd.hardware import numerics_for
 from cvdd.image_sets import StudentSet
+from cvdd.priors import MeasureMember, Use, configured_priors
 
 
 def labels_of(cfg: DictConfig, root: Path, chosen: StudentSet) -> LabelArtifact:
@@ -28,11 +29,14 @@ def relabel_teachers(cfg: DictConfig) -> list[str]:
     return list(cfg.committee.members) if choice == "committee" else [str(choice)]
 
 
-def teacher_weights(cfg: DictConfig, root: Path) -> dict[str, float]:
+def teacher_weights(
+    cfg: DictConfig, root: Path, use: Use = "read", measure: MeasureMember | None = None
+) -> dict[str, float]:
     """The relabelling teachers and their weights ``softmax(prior / relabel.temperature)``; priors from the
-    config (paper presets) or each teacher's recorded test top-1. Reads records only, no weights."""
+    config (paper presets), measured (``committee.priors=measured``: ``use`` as in :mod:`cvdd.priors`; only
+    relabel measures) or each teacher's recorded test top-1. Reads records only, no weights."""
     members = relabel_teachers(cfg)
-    priors = cfg.committee.get("priors") or {}
+    priors = configured_priors(cfg, root, use, measure) if len(members) > 1 else None
     scores = {}
     for member in members:
         model_config(member, "relabel.teachers ('committee' or a model id)")
@@ -42,7 +46,10 @@ def teacher_weights(cfg: DictConfig, root: Path) -> dict[str, float]:
                 f"teacher {member} for relabelling is missing from {artifact.folder}; squeeze it: "
                 f"{artifact.train_command()}"
             )
-        scores[member] = float(priors[member]) if member in priors else float(load_json(artifact.record)["test_top1"])
+        recorded = priors[member] if priors and member in priors else load_json(artifact.record)["test_top1"]
+        scores[member] = float(recorded)
+    if not priors:
+        warn_if_nearly_equal(scores, float(cfg.relabel.temperature), "relabel.teachers=committee")
     weights = voting_weights(members, scores, "prior", float(cfg.relabel.temperature), ())
     return dict(zip(members, weights, strict=True))
 
@@ -57,11 +64,10 @@ def relabel_numerics(cfg: DictConfig, root: Path, members: list[str]) -> dict[st
     }
 
 
-def relabel_committee(cfg: DictConfig, root: Path, classes: list[str]) -> tuple[Committee, dict[str, float]]:
-    """The relabelling teachers, loaded and checked against the class order, each in its relabelling numerics,
-    with their weights."""
-    weights = teacher_weights(cfg, root)
-    committee = load_committee(
+def relabel_committee(cfg: DictConfig, root: Path, classes: list[str], weights: dict[str, float]) -> Committee:
+    """The relabelling teachers of ``weights`` (:func:`teacher_weights`), loaded and checked against the class
+    order, each in its relabelling numerics."""
+    return load_committee(
         root,
         cfg.dataset.name,
         list(weights),
@@ -70,7 +76,6 @@ def relabel_committee(cfg: DictConfig, root: Path, classes: list[str]) -> tuple[
         first_bn_multiplier=1.0,
         numerics=lambda arch: numerics_for(cfg, arch, "relabel"),
     )
-    return committee, weights
 
 
 def label_settings(cfg: DictConfig, weights: dict[str, float], plan: EpochPlan, chosen: StudentSet) -> dict[str, Any]:

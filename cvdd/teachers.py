@@ -31,6 +31,7 @@ from cvdd.artifacts import (
     save_tensors,
 )
 from cvdd.artifacts.identity import dataset_identity
+from cvdd.compose import compose_stage, select_overrides
 from cvdd.hardware import numerics_for
 from cvdd.metrics import evaluate_classifier
 from cvdd.models.pretrained import load_imagenet_weights
@@ -202,27 +203,16 @@ SINGLE_DEVICE = {"ddp": "gpu", "ddp_cpu": "cpu"}  # members are squeezed one at 
 def squeeze_overrides(overrides: list[str]) -> list[str]:
     """The user's overrides of this run that ``train.py`` understands: dataset, paths, hardware (on one
     device), seed, the preset, precision. Recover's own keys (ipc, recover.*, committee.*) are left out."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     kept = []
-    for text, override in zip(overrides, OverridesParser.create().parse_overrides(overrides), strict=True):
-        key = override.key_or_group
-        if not any(key == k or key.startswith(k + ".") for k in SQUEEZE_KEYS):
-            continue
-        if key == "hardware":
-            text = f"hardware={SINGLE_DEVICE.get(override.value(), override.value())}"
-        kept.append(text)
+    for text in select_overrides(overrides, SQUEEZE_KEYS):
+        key, _, value = text.partition("=")
+        kept.append(f"hardware={SINGLE_DEVICE.get(value, value)}" if key == "hardware" else text)
     return kept
 
 
 def compose_train_config(cfg: DictConfig, member: str) -> DictConfig:
     """The ``train.py`` config for one member: this run's dataset, paths, hardware, seed and preset as the
     user gave them, then ``committee.train_overrides``."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from cvdd.compose import CONF
-
     task = task_overrides()
     if task is None:  # a config built without Hydra's command line: what names the data and the device
         task = [f"dataset={cfg.dataset.name}", f"hardware={cfg.hardware.name}", f"paths.root={cfg.paths.root}"]
@@ -232,7 +222,4 @@ def compose_train_config(cfg: DictConfig, member: str) -> DictConfig:
         "logger=none",
         *(cfg.committee.get("train_overrides") or []),
     ]
-    if GlobalHydra.instance().is_initialized():
-        return compose(config_name="train", overrides=overrides)
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
+    return compose_stage("train", overrides)

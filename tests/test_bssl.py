@@ -79,13 +79,13 @@ def test_stacked_batches_are_normalised_batch_by_batch(channels_last, arch):
     assert not torch.allclose(stacked, whole, atol=1e-2), "one batch of 48 would mix the three batches' statistics"
 
 
-def test_stacked_halves_and_uneven_sizes_follow_chunking():
+def test_stacked_halves_and_uneven_sizes_split_as_released():
     net = teacher()
     torch.manual_seed(2)
-    batches = [torch.randn(9, 1, 16, 16), torch.randn(9, 1, 16, 16) * 3]  # odd: halves of 5 and 4
+    batches = [torch.randn(9, 1, 16, 16), torch.randn(9, 1, 16, 16) * 3]  # odd: halves of n // 2 = 4, then 5
     stacked = soft_label_logits({"t": net}, {"t": 1.0}, torch.cat(batches), halves=True, batch_sizes=[9, 9])
-    halves = [half for b in batches for half in b.chunk(2)]
-    assert [len(h) for h in halves] == [5, 4, 5, 4]
+    halves = [half for b in batches for half in (b[: len(b) // 2], b[len(b) // 2 :])]
+    assert [len(h) for h in halves] == [4, 5, 4, 5]
     assert torch.allclose(stacked, train_mode_logits(net, halves), atol=1e-4)
     assert stat_groups([16, 4], halves=True) == [8, 8, 2, 2] and stat_groups([16, 4], halves=False) == [16, 4]
 

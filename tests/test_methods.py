@@ -176,11 +176,14 @@ def cvdd_imports(path: Path) -> set[str]:
 
 
 def test_jobs_import_only_lower_layers():
-    """``cvdd/jobs/*`` never import each other (or the entry points); lower layers never import jobs."""
+    """``cvdd/jobs/*`` never import each other (or the entry points) but for the priors measurement, the job made
+    of the three jobs (which distill and relabel hand down); lower layers never import jobs."""
     jobs = sorted((ROOT / "cvdd/jobs").glob("*.py"))
-    assert {p.stem for p in jobs} >= {"distill", "relabel", "evaluate"}
+    assert {p.stem for p in jobs} >= {"distill", "relabel", "evaluate", "priors"}
+    measuring = {"distill": {"cvdd.jobs.priors"}, "relabel": {"cvdd.jobs.priors"}}
+    measuring["priors"] = {"cvdd.jobs.distill", "cvdd.jobs.relabel", "cvdd.jobs.evaluate"}
     for path in jobs:
-        assert not {m for m in cvdd_imports(path) if m.startswith("cvdd.jobs")}, path.name
+        assert {m for m in cvdd_imports(path) if m.startswith("cvdd.jobs")} == measuring.get(path.stem, set()), path
     for path in (ROOT / "cvdd").rglob("*.py"):
         if "jobs" not in path.parts:
             assert not {m for m in cvdd_imports(path) if m.startswith("cvdd.jobs")}, path

@@ -58,7 +58,7 @@ STUDENT_LR_ETA = {  # ResNet-18 student: lr, η by IPC
     "imagenette": (5e-4, {1: 2, 10: 1, 50: 2}),
     "imagenet1k": (1e-3, {1: 2, 10: 2, 50: 1}),
 }
-RELABEL_BATCH = {"imagenette": 10}  # 16 elsewhere
+RELABEL_BATCH = {("imagenette", 1): 10, ("imagenette", 10): 10, ("imagenette", 50): 10, ("cifar10", 1): 10}  # else 16
 
 
 def preset(dataset: str, ipc: int) -> str:
@@ -84,7 +84,7 @@ def test_every_stage_composes_the_paper_settings(make_cfg, dataset: str, ipc: in
         if stage in ("relabel", "evaluate"):
             rel = cfg.relabel
             assert (rel.teachers, rel.temperature, rel.bssl, rel.halves) == ("committee", 10.0, True, True)
-            assert (rel.batch_size, rel.epochs) == (RELABEL_BATCH.get(dataset, 16), 300)
+            assert (rel.batch_size, rel.epochs) == (RELABEL_BATCH.get((dataset, ipc), 16), 300)
             assert cfg.ipc == ipc and cfg.distilled.format == "png"
         if stage == "evaluate":
             lr, eta = STUDENT_LR_ETA[dataset]

@@ -7,6 +7,7 @@ Everything lives under ``<paths.artifacts>/<dataset>/``:
 * :mod:`~cvdd.artifacts.labels`: ``labels/<set>[_float][_top<k>]/`` (one soft-label file per epoch)
 * :mod:`~cvdd.artifacts.results`: ``results/<set>__<student>__<labels>__<method>__<recipe>.json``
 * :mod:`~cvdd.artifacts.patches`: ``patches/<identity>.pt`` (scored candidate crops)
+* :mod:`~cvdd.artifacts.priors`: ``priors/<committee>_ipc<n>_s<seed>.json`` (measured committee priors)
 
 :mod:`~cvdd.artifacts.identity` derives what names them (the dataset's identity, a set's name);
 :mod:`~cvdd.artifacts.io` writes atomically and checks files against their manifests.

@@ -26,6 +26,7 @@ from cvdd.artifacts import (
 from cvdd.artifacts.distilled import DistilledArtifact, write_set
 from cvdd.artifacts.identity import set_name
 from cvdd.data import load_dataset
+from cvdd.jobs.priors import measure_member
 from cvdd.methods.base import DistillContext, Method
 from cvdd.runtime import build_trainer, finish_loggers, log
 from cvdd.summary import SET_KEYS, next_command, size_on_disk, stage_summary
@@ -67,7 +68,7 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     data = load_dataset(cfg.dataset)
     trainer, loggers = build_trainer(cfg)
     try:
-        ctx = DistillContext(cfg, artifact.root, data, artifact, trainer)
+        ctx = DistillContext(cfg, artifact.root, data, artifact, trainer, measure_member)
         method.check(ctx)  # bad settings are refused before anything is written
         ensure_writable(artifact.folder)
         recipe = method.recipe(ctx)

@@ -100,7 +100,8 @@ def offline_labels(cfg: DictConfig, root: Path, chosen: StudentSet, expected: di
 
 
 def online_labels(cfg: DictConfig, root: Path, classes: list[str]):
-    committee, weights = relabel_committee(cfg, root, classes)
+    weights = teacher_weights(cfg, root)
+    committee = relabel_committee(cfg, root, classes, weights)
 
     def labels(_epoch: int, _b: int, _plan, whole_batch) -> torch.Tensor:
         x = whole_batch()
@@ -241,6 +242,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             result["wall_seconds"],
             f"python -m cvdd.report {results}",
         )
-        return result
+        return {**result, "path": str(out)}
     finally:
         finish_loggers(loggers)

@@ -28,6 +28,7 @@ from cvdd.artifacts import (
 from cvdd.distributed import HydraDDPStrategy
 from cvdd.hardware import check_same_threads, cpu_threads
 from cvdd.image_sets import student_set
+from cvdd.jobs.priors import measure_member
 from cvdd.label_store import PLAN_KEY, check_storage, pack_logits, payload_bytes
 from cvdd.member_passes import plan_passes
 from cvdd.relabel import RelabelModule
@@ -56,7 +57,7 @@ def relabel(cfg: DictConfig) -> dict[str, Any]:
         )
     artifact = labels_of(cfg, root, chosen)
     ensure_writable(artifact.folder)
-    weights = teacher_weights(cfg, root)  # records only: the weights are loaded when there is work
+    weights = teacher_weights(cfg, root, "reuse", measure_member)  # records only: weights load when there is work
     plan = build_plan(cfg, len(chosen))
     settings = label_settings(cfg, weights, plan, chosen)
     recipe = {
@@ -111,7 +112,7 @@ def relabel(cfg: DictConfig) -> dict[str, Any]:
             save_json(stamp, {"fingerprint": recipe_hash, "cpu_threads": threads})
         mine = todo[trainer.global_rank :: trainer.world_size]
         if todo:
-            committee, _ = relabel_committee(cfg, root, classes)
+            committee = relabel_committee(cfg, root, classes, weights)
             module = RelabelModule(
                 committee.members,
                 weights,

@@ -26,6 +26,7 @@ from cvdd.committee import Committee, load_committee
 from cvdd.data import get_spec
 from cvdd.data.registry import DatasetSpec, ImageDataset
 from cvdd.hardware import numerics_for
+from cvdd.priors import MeasureMember
 from cvdd.runtime import log
 from cvdd.teachers import ensure_teachers
 
@@ -52,13 +53,15 @@ class ImageSet:
 
 @dataclass
 class DistillContext:
-    """What a method works with: the run's config, the real data, the set's folder and the run's Trainer."""
+    """What a method works with: the run's config, the real data, the set's folder, the run's Trainer and the job
+    runner that measures committee priors."""
 
     cfg: DictConfig
     root: Path
     data: ImageDataset
     artifact: DistilledArtifact
     trainer: L.Trainer
+    measure: MeasureMember | None = None  # runs a member's prior measurement (committee.priors=measured)
     _committees: dict[tuple, Committee] = field(default_factory=dict, repr=False)
 
     @property

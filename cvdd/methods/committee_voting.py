@@ -20,12 +20,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from cvdd.artifacts import load_tensors, save_tensors
 from cvdd.artifacts.distilled import DistilledArtifact, SetPiece
-from cvdd.committee import select_members, voting_weights
+from cvdd.committee import select_members, voting_weights, warn_if_nearly_equal
 from cvdd.distributed import HydraDDPStrategy
 from cvdd.hardware import check_same_threads, cpu_threads
 from cvdd.init import INIT_MODES, Initializer, PatchSettings
 from cvdd.member_passes import plan_passes
 from cvdd.methods.base import DistillContext, ImageSet, Method, finished_piece, require_real_images
+from cvdd.priors import MEASURED, configured_priors
 from cvdd.recover import Layout, RecoverModule, RecoverSettings, Unit, class_blocks
 from cvdd.runtime import log
 from cvdd.seeding import derive_seed
@@ -38,6 +39,7 @@ class CommitteeVoting(Method):
     def __init__(self, name: str, set_name: str, labels_by: str, member: str | None = None):
         super().__init__(name, set_name, labels_by)
         self.member = member
+        self._priors: dict[str, float] | None = None
 
     def committee_config(self, cfg: DictConfig) -> DictConfig:
         """``cfg.committee``, or for one ``member`` a committee of it alone (k = 1, weight 1)."""
@@ -81,14 +83,23 @@ class CommitteeVoting(Method):
             for member, losses in unit["losses"].items():
                 terms.setdefault(member, []).append((losses["ce"], losses["bn"]))
         means = {m: [sum(t) / len(t) for t in zip(*v, strict=True)] for m, v in sorted(terms.items())}
-        return [
+        rows = [
             ("CE / BN", ", ".join(f"{m.removesuffix('_small')} {ce:.2f} / {bn:.1f}" for m, (ce, bn) in means.items()))
         ]
+        priors = made.metadata["priors"]
+        if len(priors) > 1:
+            rows.append(("priors", ", ".join(f"{m.removesuffix('_small')} {p:.1f}" for m, p in priors.items())))
+        return rows
 
     def _committee(self, ctx: DistillContext):
         comm = self.committee_config(ctx.cfg)
-        priors = OmegaConf.to_container(comm.priors, resolve=True) if comm.get("priors") else None
-        return ctx.committee(list(comm.members), priors, float(ctx.cfg.recover.first_bn_multiplier))
+        if self._priors is None or comm.get("priors") != MEASURED:  # measured ones once per run
+            cfg = OmegaConf.merge(ctx.cfg, {"committee": comm})
+            self._priors = configured_priors(cfg, ctx.root, "measure", ctx.measure)
+        committee = ctx.committee(list(comm.members), self._priors, float(ctx.cfg.recover.first_bn_multiplier))
+        if self._priors is None and comm.weighting == "prior" and int(comm.k) > 1:
+            warn_if_nearly_equal(committee.priors, float(comm.temperature), "distill (committee.priors=null)")
+        return committee
 
     def recipe(self, ctx: DistillContext) -> dict[str, Any]:
         """Dataset, IPC, seed, recover and committee settings, priors, the teachers' own fingerprints and each
