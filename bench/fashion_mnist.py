@@ -28,7 +28,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -39,17 +39,20 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
+from scipy.stats import spearmanr  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from cvdd.artifacts import TeacherArtifact, load_json, save_json  # noqa: E402
 from cvdd.artifacts.distilled import png_files, read_pngs  # noqa: E402
 from cvdd.bssl import soft_label_logits  # noqa: E402
+from cvdd.committee import load_committee  # noqa: E402
 from cvdd.compose import compose_job  # noqa: E402
-from cvdd.data import load_dataset  # noqa: E402
+from cvdd.data import get_spec, load_dataset  # noqa: E402
 from cvdd.grid import LABEL_WIDTH, distilled_grid, save_image_atomic  # noqa: E402
 from cvdd.jobs.distill import distill  # noqa: E402
 from cvdd.jobs.evaluate import evaluate  # noqa: E402
 from cvdd.jobs.relabel import relabel  # noqa: E402
+from cvdd.metrics import set_diversity  # noqa: E402
 from cvdd.report import Group, markdown_table, plot  # noqa: E402
 from cvdd.soft_labels import relabel_committee, teacher_weights  # noqa: E402
 from cvdd.teachers import squeeze_teacher  # noqa: E402
@@ -356,14 +359,9 @@ class Bench:
         """Distill, relabel (soft labels) and evaluate one student; skipped when finished."""
         if cell.key in self.state["cells"]:
             return self.state["cells"][cell.key]
-        image_set, _ = METHODS[cell.method]
-        if cell.method in (V3, REAL_V3):
-            image_set = [*image_set, *measure_overrides(cell.crop)]
+        common, made = set_overrides(cell)
+        self.stage(f"distill/{cell.set_name}", "distill", distill, made)
         crop = f"[{cell.crop},1.0]"
-        common = [*image_set, f"ipc={cell.ipc}", f"seed={cell.seed}", f"hardware.precision={cell.precision}"]
-        common.append(f"set={cell.set_name}")
-        recover = [f"recover.iterations={cell.iterations}", f"recover.crop_scale={crop}"] if cell.optimised else []
-        self.stage(f"distill/{cell.set_name}", "distill", distill, [*common, *recover, *cell.set_change])
         artifacts = self.variant_artifacts(cell.variant)
         labelled = [
             *common,
@@ -444,6 +442,44 @@ class Bench:
                     self.cell(Cell(REAL_V3, ipc, seed, crop))
                     self.cell(Cell(V3, ipc, seed, crop, labels="hard", iterations=iterations))
 
+    def remake_sets(self, crop: float) -> None:
+        """The seed-0 set of every method at every IPC made again where this work folder lacks it (a fresh folder
+        keeps only the results), so every set in the report has its diversity measured. Same recipe and seed."""
+        for ipc in IPCS:
+            for method in ORDER:
+                cell = Cell(method, ipc, 0, crop)
+                folder = self.work / "artifacts" / DATASET / "distilled" / cell.set_name
+                if (folder / "manifest.json").is_file():
+                    continue
+                _, made = set_overrides(cell)
+                manifest, seconds, cpu = self.job("distill", distill, made, f"again_{cell.set_name}")
+                again = {"seconds": seconds, "cpu_seconds": cpu, "commit": self.commit}
+                self.state.setdefault("remade", {})[cell.set_name] = {**again, "fingerprint": manifest["fingerprint"]}
+                self.save()
+                print(f"[bench] {cell.set_name} made again in {seconds:.0f}s", flush=True)
+
+    def diversity(self) -> None:
+        """Within-class diversity of every finished set in the work folder, in pixels and in the pool's penultimate
+        features (:func:`cvdd.metrics.set_diversity`); kept per set name and fingerprint."""
+        cache = self.state.setdefault("diversity", {})
+        spec = get_spec(DATASET)
+        nets = None
+        for path in sorted((self.work / "artifacts" / DATASET / "distilled").glob("*/manifest.json")):
+            folder, manifest = path.parent, load_json(path)
+            if (
+                folder.name.startswith("priors_")
+                or cache.get(folder.name, {}).get("fingerprint") == manifest["fingerprint"]
+            ):
+                continue
+            if nets is None:
+                root = self.work / "artifacts"
+                nets = load_committee(root, DATASET, COMMITTEE, manifest["classes"], None, 1.0).members
+            names, labels, _ = png_files(manifest["files"])
+            pixels = read_pngs(folder, names, manifest["files"], f"delete {folder} and run the benchmark again")
+            found = set_diversity(pixels, labels, nets, spec.mean, spec.std)
+            cache[folder.name] = {**found, "fingerprint": manifest["fingerprint"]}
+            self.save()
+
     def grid(self, crop: float, ipcs, seeds) -> None:
         """Soft-label students of every method, random_real under SRe2L++'s one teacher (its IOR), and hard-label
         students of every method (HLR)."""
@@ -454,6 +490,18 @@ class Bench:
                 self.cell(Cell("random_real", ipc, seed, crop, teachers=METHODS["sre2l"][1]))
                 for method in ORDER:
                     self.cell(Cell(method, ipc, seed, crop, labels="hard"))
+
+
+def set_overrides(cell: Cell) -> tuple[list[str], list[str]]:
+    """The overrides naming ``cell``'s image set (every stage), and those that make it (distill)."""
+    image_set, _ = METHODS[cell.method]
+    if cell.method in (V3, REAL_V3):
+        image_set = [*image_set, *measure_overrides(cell.crop)]
+    common = [*image_set, f"ipc={cell.ipc}", f"seed={cell.seed}", f"hardware.precision={cell.precision}"]
+    common.append(f"set={cell.set_name}")
+    crop = f"[{cell.crop},1.0]"
+    recover = [f"recover.iterations={cell.iterations}", f"recover.crop_scale={crop}"] if cell.optimised else []
+    return common, [*common, *recover, *cell.set_change]
 
 
 def set_pixels(folder: Path, columns: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
@@ -513,7 +561,7 @@ def grid_cells(state: dict, teachers: str | None = None, **match) -> list[dict]:
     """The grid's cells (chosen crop, 300 epochs, 1,000 iterations, fast numerics, no check): under their own
     labelling teachers, or under ``teachers`` (random real images labelled as SRe2L++'s are, for its IOR)."""
     crop = state.get("crop", {}).get("chosen", PAPER_CROP)
-    return select(
+    cells = select(
         state["cells"],
         crop=crop,
         epochs=EPOCHS,
@@ -523,6 +571,7 @@ def grid_cells(state: dict, teachers: str | None = None, **match) -> list[dict]:
         check=None,
         **match,
     )
+    return [c for c in cells if c["method"] in ORDER]  # v2's methods (v3's are reported on their own)
 
 
 def mean_of(cells: list[dict], method: str, ipc: int, field: str = "test_top1") -> tuple[float, float, int] | None:
@@ -767,6 +816,13 @@ def write_report(bench: Bench) -> None:
             *numerics_lines(state),
             "",
             *v3_lines(bench.work, state),
+            "## Diversity: mean distance between two images of a class",
+            "",
+            "In pixels (RMS difference of two images of a class, 0–1 scale) and in the pool's penultimate features",
+            "(distance of L2-normalised features, 0–2, averaged over the five members), averaged over classes.",
+            "Sets of a work folder the report was written from (v2's seed-0 sets made again where missing).",
+            "",
+            *diversity_lines(state),
             "## Targets",
             "",
             *targets(state),
@@ -917,6 +973,40 @@ def v3_lines(work: Path, state: dict) -> list[str]:
     ]
 
 
+def cell_of(record: dict) -> Cell:
+    return Cell(**{f.name: record[f.name] for f in fields(Cell)})
+
+
+def diversity_lines(state: dict) -> list[str]:
+    """Per set (seed 0 of every method and IPC, and every v3 set): within-class diversity beside its soft-label
+    top-1, and per IPC the rank correlation of each diversity with top-1 over the sets."""
+    found = state.get("diversity", {})
+    cells = [c for c in [*grid_cells(state, labels="soft"), *v3_cells(state)] if c["method"] != REAL_V3]
+    rows, by_ipc = [], {}
+    for c in sorted(cells, key=lambda c: (c["ipc"], c["method"], c["iterations"], c["seed"])):
+        d = found.get(cell_of(c).set_name)
+        if d is None:
+            continue
+        it = f", {c['iterations']} it." if cell_of(c).optimised else ""
+        rows.append([f"{c['method']}{it}", str(c["ipc"]), str(c["seed"]), f"{d['pixels']:.3f}", f"{d['features']:.3f}"])
+        rows[-1].append(f"{c['test_top1']:.2f}")
+        by_ipc.setdefault(c["ipc"], []).append((d["pixels"], d["features"], c["test_top1"]))
+    if not rows:
+        return ["Not measured yet.", ""]
+    correlation = []
+    for ipc, points in sorted(by_ipc.items()):
+        if len(points) < 4:
+            continue
+        pixels, features, top1 = zip(*points, strict=True)
+        rho_p, rho_f = spearmanr(pixels, top1).statistic, spearmanr(features, top1).statistic
+        correlation.append(
+            f"* IPC {ipc} ({len(points)} sets): Spearman ρ of top-1 with pixel diversity {rho_p:+.2f}, "
+            f"with feature diversity {rho_f:+.2f}"
+        )
+    header = ["set", "IPC", "seed", "pixels (RMS, 0–1)", "features (0–2)", "top-1 (%)"]
+    return [*table(header, rows), "", *correlation, ""]
+
+
 def picture_lines(state: dict) -> list[str]:
     """The sets side by side (nothing until the picture was made)."""
     if "pictures" not in state:
@@ -1013,6 +1103,7 @@ def main() -> None:
     bench = Bench(args.work, args.out)
     if args.report:
         bench.pictures(bench.state.get("crop", {}).get("chosen", PAPER_CROP))
+        bench.diversity()
         write_report(bench)
         return
     started = time.time()
@@ -1022,6 +1113,7 @@ def main() -> None:
 
     def tick() -> None:
         bench.state["sessions"][-1]["seconds"] = round(time.time() - started, 1)
+        bench.diversity()
         bench.save()
         write_report(bench)
 
@@ -1049,6 +1141,8 @@ def main() -> None:
         bench.grid(crop, ipcs, [seed])
         tick()
     bench.v3(crop, args.seeds)
+    tick()
+    bench.remake_sets(crop)
     tick()
     print((args.out / "fashion_mnist.md").read_text())
 

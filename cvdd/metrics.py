@@ -39,3 +39,62 @@ def evaluate_classifier(
         dist.all_reduce(counts)
     top1, top5, seen = counts.tolist()
     return {"top1": 100.0 * top1 / seen, "top5": 100.0 * top5 / seen, "samples": seen}
+
+
+def within_class_distance(x: torch.Tensor, labels: torch.Tensor) -> float:
+    """Diversity of a set: the mean over classes of the mean Euclidean distance between two different rows of
+    ``x`` (N, D) of that class (classes with one row are left out). Near-identical images per class give ≈ 0."""
+    means = []
+    for c in labels.unique():
+        rows = x[labels == c].double()
+        n = len(rows)
+        if n < 2:
+            continue
+        means.append(float(torch.pdist(rows).sum() / (n * (n - 1) / 2)))
+    if not means:
+        raise ValueError("within-class distance needs a class with at least two images")
+    return sum(means) / len(means)
+
+
+def last_linear(net: nn.Module) -> nn.Linear:
+    """The classifier of ``net``: its last ``nn.Linear`` (every registered architecture ends in one)."""
+    linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(net).__name__} has no nn.Linear classifier to take penultimate features from")
+    return linears[-1]
+
+
+@torch.no_grad()
+def penultimate_features(net: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """``net``'s input to its classifier for ``images`` (normalised N × C × H × W), in eval mode: (N, D) fp32."""
+    captured: list[torch.Tensor] = []
+    hook = last_linear(net).register_forward_pre_hook(lambda _m, args: captured.append(args[0].float().flatten(1)))
+    was_training = net.training
+    net.eval()
+    try:
+        for start in range(0, len(images), batch_size):
+            net(images[start : start + batch_size])
+    finally:
+        hook.remove()
+        net.train(was_training)
+    return torch.cat(captured)
+
+
+def set_diversity(
+    pixels: torch.Tensor, labels: torch.Tensor, nets: dict[str, nn.Module], mean, std
+) -> dict[str, float]:
+    """Within-class diversity of a set of uint8 ``pixels``: ``pixels`` is the RMS per-pixel difference (0–1 scale)
+    between two images of a class, averaged; ``features`` the distance between their L2-normalised penultimate
+    features (0–2), averaged over classes and over the ``nets`` (the pool) — the second says how differently the
+    models see them, the first how differently they look."""
+    x = pixels.float() / 255.0
+    flat = x.flatten(1)
+    normalised = (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+    features = [
+        within_class_distance(nn.functional.normalize(penultimate_features(net, normalised), dim=1), labels)
+        for net in nets.values()
+    ]
+    return {
+        "pixels": within_class_distance(flat, labels) / flat.shape[1] ** 0.5,
+        "features": sum(features) / len(features),
+    }

@@ -207,3 +207,41 @@ def test_no_picture_until_every_method_has_its_set(state: Path):
     b = bench.Bench(state / "work", state / "out")
     b.pictures(0.5)
     assert not (state / "out" / bench.PICTURES).exists() and "pictures" not in b.state
+
+
+def test_v3_compares_measured_priors_with_v2_and_reports_ior_per_seed(state: Path):
+    b = bench.Bench(state / "work", state / "out")
+    crop = bench.ALT_CROP
+    b.state["cells"].update(
+        [
+            finished(Cell(bench.V3, 10, 0, crop), 88.0),
+            finished(Cell(bench.V3, 10, 1, crop), 87.0),
+            finished(Cell(bench.V3, 10, 0, crop, iterations=bench.RELEASED_ITERATIONS), 89.0),
+            finished(Cell(bench.REAL_V3, 10, 0, crop), 85.5),
+            finished(Cell(bench.REAL_V3, 10, 1, crop), 85.0),
+        ]
+    )
+    lines = bench.v3_lines(state / "work", b.state)
+    row = next(line for line in lines if line.startswith("| 10 |"))
+    # v2 CV-DD 86.5 ± 0.71; v3 87.5 ± 0.71; v3 at 4,000 it. 89.0; IOR seeds 88 − 85.5, 87 − 85.0
+    assert "| 86.50 ± 0.71 (n=2) | 87.50 ± 0.71 (n=2) | 89.00 ± 0.00 (n=1) | +2.25 (seeds: +2.50, +2.00) |" in row
+    assert "* IPC 10: measured priors +1.00 points over v2's CV-DD" in lines
+    assert "* IPC 10: 4,000 instead of 1,000 iterations +1.50 points more" in lines
+    assert "Priors not measured yet." in lines
+    assert not any(line.startswith("| 1 |") for line in lines)  # no v3 cell at IPC 1
+
+
+def test_diversity_rows_join_sets_with_their_students_and_rank_correlate_per_ipc(state: Path):
+    b = bench.Bench(state / "work", state / "out")
+    crop = bench.ALT_CROP
+    b.state["cells"].update([finished(Cell("rded", 10, 0, crop), 80.0), finished(Cell(bench.V3, 10, 0, crop), 88.0)])
+    values = {"random_real": 0.5, "sre2l": 0.1, "rded": 0.3, "cvdd": 0.4, bench.V3: 0.45}
+    b.state["diversity"] = {
+        Cell(m, 10, 0, crop).set_name: {"pixels": v, "features": 1 - v, "fingerprint": "x"} for m, v in values.items()
+    }
+    lines = bench.diversity_lines(b.state)
+    assert "| cvdd, 1000 it. | 10 | 0 | 0.400 | 0.600 | 87.00 |" in lines
+    assert "| random_real | 10 | 0 | 0.500 | 0.500 | 85.00 |" in lines
+    assert sum(line.startswith("| ") for line in lines) == 1 + 5  # the header and five sets with a student
+    # top-1 ranks 4, 2, 3, 1, 5 against pixel ranks 3, 1, 5, 2, 4: Σd² = 8, ρ = 1 − 6·8 / 120 = +0.60
+    assert "* IPC 10 (5 sets): Spearman ρ of top-1 with pixel diversity +0.60, with feature diversity -0.60" in lines

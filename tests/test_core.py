@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from cvdd.artifacts import atomic_write, fingerprint, load_json, save_json
-from cvdd.metrics import topk_accuracy
+from cvdd.metrics import last_linear, penultimate_features, set_diversity, topk_accuracy, within_class_distance
+from cvdd.models.registry import build_model
 from cvdd.optim import cosine_schedule
 
 
@@ -60,3 +61,26 @@ def test_atomic_write_leaves_nothing_behind_on_failure(tmp_path: Path):
 def test_fingerprint_ignores_key_order_but_not_values():
     assert fingerprint({"a": 1, "b": [1, 2]}) == fingerprint({"b": [1, 2], "a": 1})
     assert fingerprint({"a": 1}) != fingerprint({"a": 2})
+
+
+def test_within_class_distance_is_the_mean_pairwise_distance_per_class():
+    x = torch.tensor([[0.0, 0.0], [3.0, 4.0], [0.0, 0.0], [1.0, 0.0], [1.0, 0.0], [9.0, 9.0]])
+    labels = torch.tensor([0, 0, 1, 1, 1, 2])  # class 2 has one image: left out
+    # class 0: one pair at 5; class 1: pairs at 1, 1, 0 → 2/3
+    assert within_class_distance(x, labels) == pytest.approx((5 + 2 / 3) / 2)
+    with pytest.raises(ValueError, match="at least two images"):
+        within_class_distance(x[:1], labels[:1])
+
+
+def test_set_diversity_is_zero_for_copies_and_grows_with_differences():
+    torch.manual_seed(0)
+    net = build_model("convnet", 3, 16, 1, width=0.25)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    copies = torch.randint(0, 256, (3, 1, 16, 16), dtype=torch.uint8).repeat_interleave(2, 0)
+    varied = torch.randint(0, 256, (6, 1, 16, 16), dtype=torch.uint8)
+    same = set_diversity(copies, labels, {"convnet": net}, [0.5], [0.25])
+    assert same["pixels"] == 0 and same["features"] == pytest.approx(0, abs=1e-6)
+    other = set_diversity(varied, labels, {"convnet": net}, [0.5], [0.25])
+    assert other["pixels"] > 0.2 and other["features"] > 0.01
+    assert penultimate_features(net, torch.zeros(5, 1, 16, 16)).shape == (5, last_linear(net).in_features)
+    assert net.training  # restored
