@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MEMBERS, compose_config
+from conftest import MEMBERS, compose_config, run_cli
 from hydra.core.global_hydra import GlobalHydra
 
 import cvdd.jobs.distill
@@ -122,3 +122,13 @@ def test_nearly_equal_weights_from_teacher_accuracy_warn_once(caplog):
         warn_if_nearly_equal({"a": 63.0, "b": 68.5}, 5.0, "test-paper")  # CIFAR-10's spread: 3.0x
     warned = [r.getMessage() for r in caplog.records]
     assert len(warned) == 1 and "committee.priors=measured" in warned[0] and "1.38" in warned[0]
+
+
+def test_two_ranks_measure_the_priors_together_and_vote_with_them(workdir):
+    """Under hardware=ddp_cpu each member's three jobs run on both ranks (nested fits in one process group)."""
+    run_cli("distill.py", "hardware=ddp_cpu", *MEASURE, cwd=workdir)
+    record = load_json(workdir / RECORD)
+    manifest = load_json(workdir / "artifacts/digits/distilled/small_ipc1_gaussian_s0/manifest.json")
+    assert record["complete"] and manifest["priors"] == record["priors"]
+    for entry in record["members"].values():
+        assert load_json(workdir / "artifacts/digits" / entry["result"])["test_top1"] == entry["prior"]
