@@ -3,10 +3,10 @@
 import hydra
 from omegaconf import DictConfig
 
-import cvdd.config  # noqa: F401  (registers the config resolvers)
-from cvdd.distributed import isolated_job
-from cvdd.errors import reported_errors
-from cvdd.jobs.relabel import relabel
+import cvdd.config.resolvers  # noqa: F401  (registers the config resolvers)
+from cvdd.runtime.distributed import isolated_job
+from cvdd.runtime.errors import reported_errors
+from cvdd.stages.relabel import relabel
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="relabel")

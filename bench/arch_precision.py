@@ -5,7 +5,7 @@ For every architecture of the CPU-sized pool and the ConvNet student, on Fashion
 gradient with respect to the input; 40 images: a member's stacked units at IPC 10), relabel (BSSL:
 train-mode BatchNorm forward, no gradient; batch 16), squeeze (train-mode forward + backward + SGD
 step; batch 128) and student (the same at the student's batch 16) — in fp32, fp32 channels-last, bf16
-autocast and bf16 channels-last, and prints the speed-up of each over fp32. ``cvdd/precision.py``'s
+autocast and bf16 channels-last, and prints the speed-up of each over fp32. ``cvdd/runtime/precision.py``'s
 per-architecture table is read off this table (the JSON is kept in ``bench/results/``).
 
     python bench/arch_precision.py                   # CPU, Fashion-MNIST shapes

@@ -44,18 +44,18 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from cvdd.artifacts import TeacherArtifact, load_json, save_json  # noqa: E402
 from cvdd.artifacts.distilled import png_files, read_pngs  # noqa: E402
-from cvdd.bssl import soft_label_logits  # noqa: E402
-from cvdd.committee import load_committee  # noqa: E402
-from cvdd.compose import compose_job  # noqa: E402
+from cvdd.artifacts.grid import LABEL_WIDTH, distilled_grid, save_image_atomic  # noqa: E402
+from cvdd.committee.committee import load_committee  # noqa: E402
+from cvdd.config.compose import compose_job  # noqa: E402
 from cvdd.data import get_spec, load_dataset  # noqa: E402
-from cvdd.grid import LABEL_WIDTH, distilled_grid, save_image_atomic  # noqa: E402
-from cvdd.jobs.distill import distill  # noqa: E402
-from cvdd.jobs.evaluate import evaluate  # noqa: E402
-from cvdd.jobs.relabel import relabel  # noqa: E402
-from cvdd.metrics import set_diversity  # noqa: E402
+from cvdd.labels.bssl import soft_label_logits  # noqa: E402
+from cvdd.labels.protocol import relabel_committee, teacher_weights  # noqa: E402
 from cvdd.report import Group, markdown_table, plot  # noqa: E402
-from cvdd.soft_labels import relabel_committee, teacher_weights  # noqa: E402
-from cvdd.teachers import squeeze_teacher  # noqa: E402
+from cvdd.stages.distill import distill  # noqa: E402
+from cvdd.stages.evaluate import evaluate  # noqa: E402
+from cvdd.stages.relabel import relabel  # noqa: E402
+from cvdd.stages.squeeze import squeeze_teacher  # noqa: E402
+from cvdd.training.metrics import set_diversity  # noqa: E402
 
 DATASET = "fashion_mnist"
 COMMITTEE = ["resnet18_small", "resnet50_small", "shufflenetv2_small", "mobilenetv2_small", "densenet_small"]
@@ -460,7 +460,7 @@ class Bench:
 
     def diversity(self) -> None:
         """Within-class diversity of every finished set in the work folder, in pixels and in the pool's penultimate
-        features (:func:`cvdd.metrics.set_diversity`); kept per set name and fingerprint."""
+        features (:func:`cvdd.training.metrics.set_diversity`); kept per set name and fingerprint."""
         cache = self.state.setdefault("diversity", {})
         spec = get_spec(DATASET)
         nets = None

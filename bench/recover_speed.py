@@ -49,8 +49,8 @@ def worker(args: argparse.Namespace) -> None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    import cvdd.config  # noqa: F401
-    from cvdd.jobs.distill import distill
+    import cvdd.config.resolvers  # noqa: F401
+    from cvdd.stages.distill import distill
 
     mode = "grouped" if args.grouping else "sequential"
     ipc = args.ipc[0]

@@ -74,7 +74,8 @@ def worker(args: argparse.Namespace) -> None:
     import os
 
     os.environ.setdefault("WANDB_MODE", "disabled")
-    from cvdd.compose import compose_job
+    stages_layout = (Path(args.code) / "cvdd" / "stages").is_dir()  # packages by role (from the layout change on)
+    compose_job = importlib.import_module("cvdd.config.compose" if stages_layout else "cvdd.compose").compose_job
 
     # a checkout from before the methods seam (e.g. the baseline) names its jobs and sets the old way
     methods_seam = (Path(args.code) / "conf" / "method").is_dir()
@@ -90,7 +91,7 @@ def worker(args: argparse.Namespace) -> None:
     s = args.settings
     if args.stage == "squeeze":
         squeeze_teacher = importlib.import_module(
-            "cvdd.teachers" if methods_seam else "cvdd.jobs.squeeze"
+            "cvdd.stages.squeeze" if stages_layout else "cvdd.teachers" if methods_seam else "cvdd.jobs.squeeze"
         ).squeeze_teacher
 
         per_member = {}
@@ -116,7 +117,8 @@ def worker(args: argparse.Namespace) -> None:
         busy = sum(per_member.values())
         result = {"rate": len(MEMBERS) * s["squeeze_batch"] / busy, "unit": "images/s", "s_per_batch": per_member}
     elif args.stage == "recover":
-        distill = importlib.import_module("cvdd.jobs.distill" if methods_seam else "cvdd.jobs.recover").distill
+        jobs = "cvdd.stages" if stages_layout else "cvdd.jobs"
+        distill = importlib.import_module(f"{jobs}.distill" if methods_seam else "cvdd.jobs.recover").distill
 
         name = f"speed_{args.variant}"
         iterations = s["recover_iterations"]
@@ -138,7 +140,7 @@ def worker(args: argparse.Namespace) -> None:
         busy = mean_step(2)  # one step = one Adam step of all 100 images (one group, one wave)
         result = {"rate": busy / 100, "unit": "s/image/iteration"}
     elif args.stage == "relabel":
-        from cvdd.jobs.relabel import relabel
+        relabel = importlib.import_module("cvdd.stages.relabel" if stages_layout else "cvdd.jobs.relabel").relabel
 
         epochs = s["relabel_epochs"]
         relabel(
@@ -151,7 +153,7 @@ def worker(args: argparse.Namespace) -> None:
         busy = mean_step(1)  # one step = one epoch of the plan: 100 images through every teacher
         result = {"rate": 100 / busy, "unit": "images/s"}
     else:
-        from cvdd.jobs.evaluate import evaluate
+        evaluate = importlib.import_module("cvdd.stages.evaluate" if stages_layout else "cvdd.jobs.evaluate").evaluate
 
         epochs = s["student_epochs"]
         out = evaluate(

@@ -16,8 +16,8 @@ os.environ.setdefault("WANDB_MODE", "disabled")  # before anything imports wandb
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
-from cvdd.compose import compose_job
-from cvdd.teachers import squeeze_teacher
+from cvdd.config.compose import compose_job
+from cvdd.stages.squeeze import squeeze_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -46,7 +46,7 @@ def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
 @pytest.fixture
 def random_real(make_cfg) -> Callable[..., dict]:
     """Distils the random-real baseline set (no teachers needed) with ``overrides``; returns its manifest."""
-    from cvdd.jobs.distill import distill
+    from cvdd.stages.distill import distill
 
     return lambda *overrides: distill(make_cfg("distill", "method=random_real", "logger=none", *overrides))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cvdd.augment import EpochPlan, apply_batch, sample_crop_box
+from cvdd.labels.plan import EpochPlan, apply_batch, sample_crop_box
 
 
 def plan(**kw) -> EpochPlan:

@@ -7,11 +7,11 @@ import copy
 import pytest
 import torch
 
-from cvdd.augment import EpochPlan
-from cvdd.bssl import batch_statistics, soft_label_logits, stat_groups
+from cvdd.labels.bssl import batch_statistics, soft_label_logits, stat_groups
+from cvdd.labels.module import stack_batches
+from cvdd.labels.plan import EpochPlan
 from cvdd.models import build_model
-from cvdd.precision import FP32, FP32_CL
-from cvdd.relabel import stack_batches
+from cvdd.runtime.precision import FP32, FP32_CL
 
 
 def teacher(arch: str = "resnet18") -> torch.nn.Module:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cvdd.artifacts import TeacherArtifact, save_json, save_tensors
-from cvdd.committee import (
+from cvdd.committee.committee import (
     ClassOrderMismatchError,
     Committee,
     load_teacher,
@@ -124,7 +124,7 @@ def test_class_order_mismatch_names_the_first_differing_class(tmp_path):
 
 
 def test_groups_are_a_fixed_partition_and_waves_pack_whole_groups():
-    from cvdd.recover import Unit, class_blocks, plan_groups, plan_waves
+    from cvdd.methods.committee_voting.recover import Unit, class_blocks, plan_groups, plan_waves
 
     blocks = class_blocks(25, 10)
     assert [len(b) for b in blocks] == [10, 10, 5]
@@ -142,8 +142,8 @@ def test_groups_are_a_fixed_partition_and_waves_pack_whole_groups():
 
 
 def test_recover_module_keeps_the_committee_out_of_checkpoints():
-    from cvdd.init import Initializer
-    from cvdd.recover import RecoverModule, RecoverSettings
+    from cvdd.methods.committee_voting.recover import RecoverModule, RecoverSettings
+    from cvdd.methods.init_images import Initializer
 
     committee = Committee({"m": two_bn_net()}, {"m": 1.0})
     module = RecoverModule(

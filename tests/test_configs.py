@@ -14,9 +14,9 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from cvdd.data import ImageDataModule, get_spec
-from cvdd.distributed import HydraDDPStrategy
-from cvdd.runtime import instantiate_named
-from cvdd.squeeze import TeacherModule
+from cvdd.runtime.distributed import HydraDDPStrategy
+from cvdd.runtime.trainer import instantiate_named
+from cvdd.training.teacher import TeacherModule
 
 GROUPS = {
     "train": ["dataset", "model", "hardware", "logger", "experiment"],

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from cvdd.artifacts import atomic_write, fingerprint, load_json, save_json
-from cvdd.metrics import last_linear, penultimate_features, set_diversity, topk_accuracy, within_class_distance
 from cvdd.models.registry import build_model
-from cvdd.optim import cosine_schedule
+from cvdd.training.metrics import last_linear, penultimate_features, set_diversity, topk_accuracy, within_class_distance
+from cvdd.training.optim import cosine_schedule
 
 
 def test_accuracy_is_micro_not_macro():

@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from cvdd.artifacts.distilled import to_pixels
-from cvdd.augment import apply_batch
 from cvdd.data import get_spec
-from cvdd.image_sets import student_set
-from cvdd.jobs.distill import distill
-from cvdd.jobs.evaluate import evaluate, offline_labels, online_labels
-from cvdd.jobs.relabel import relabel
-from cvdd.soft_labels import build_plan, label_settings, teacher_weights
-from cvdd.student import kd_loss
+from cvdd.labels.plan import apply_batch
+from cvdd.labels.protocol import build_plan, label_settings, teacher_weights
+from cvdd.labels.student_set import student_set
+from cvdd.stages.distill import distill
+from cvdd.stages.evaluate import evaluate, offline_labels, online_labels
+from cvdd.stages.relabel import relabel
+from cvdd.training.student import kd_loss
 
 DISTILL = ("ipc=2", "recover.iterations=2", "recover.init.mode=real", "logger=none")
 PLAN = ("ipc=2", "recover.init.mode=real", "relabel.epochs=3", "relabel.batch_size=8")

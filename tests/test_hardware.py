@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cvdd.hardware import ThreadCount, available_cores, configure_threads, threads_per_process
+from cvdd.runtime.hardware import ThreadCount, available_cores, configure_threads, threads_per_process
 
 
 def test_processes_share_the_cores():

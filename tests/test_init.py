@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from cvdd.artifacts.patches import PatchCache
-from cvdd.committee import load_committee
+from cvdd.committee.committee import load_committee
 from cvdd.data import load_dataset
-from cvdd.init import DIFFICULTIES, Initializer, PatchSettings, difficulty_band
-from cvdd.jobs.distill import distill
-from cvdd.recover import Unit, class_blocks
+from cvdd.methods.committee_voting.recover import Unit, class_blocks
+from cvdd.methods.init_images import DIFFICULTIES, Initializer, PatchSettings, difficulty_band
+from cvdd.stages.distill import distill
 
 IPC = 10
 
@@ -91,7 +91,7 @@ def test_distill_rejects_a_bad_difficulty_before_any_work(make_cfg, tmp_path: Pa
 def test_ranks_score_a_share_of_the_classes_each_and_get_the_whole_bank(digits_committee, monkeypatch):
     """Two ranks simulated in turn: each scores only its classes (rank r: r, r + 2, …), the gathered bank equals the
     bank one process scores, and nothing is scored again once it is prepared."""
-    import cvdd.init as init_module
+    import cvdd.methods.init_images as init_module
 
     data, committee = digits_committee
     scored: list[int] = []

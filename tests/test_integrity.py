@@ -13,11 +13,11 @@ from cvdd.artifacts import ArtifactCorruptError
 from cvdd.data import load_dataset
 from cvdd.data.formats import IMAGENETTE_NAMES
 from cvdd.data.images import DatasetImageError
-from cvdd.jobs import evaluate as evaluate_job
-from cvdd.jobs.distill import distill
-from cvdd.jobs.evaluate import evaluate
-from cvdd.jobs.relabel import relabel
-from cvdd.teachers import squeeze_teacher
+from cvdd.stages import evaluate as evaluate_job
+from cvdd.stages.distill import distill
+from cvdd.stages.evaluate import evaluate
+from cvdd.stages.relabel import relabel
+from cvdd.stages.squeeze import squeeze_teacher
 
 DISTILL = ("ipc=2", "recover.iterations=2", "recover.init.mode=real", "logger=none")
 PLAN = ("ipc=2", "recover.init.mode=real", "relabel.epochs=3", "relabel.batch_size=8", "logger=none")

@@ -7,8 +7,8 @@ import threading
 import pytest
 import torch
 
-from cvdd.member_passes import MemberPasses, member_workers, plan_passes, threads_per_pass
-from cvdd.runtime import build_trainer
+from cvdd.committee.passes import MemberPasses, member_workers, plan_passes, threads_per_pass
+from cvdd.runtime.trainer import build_trainer
 
 
 def test_workers_default_to_one_pass_per_cpu_thread_and_one_on_a_gpu():

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cvdd.committee import Committee
-from cvdd.member_passes import MemberPasses
-from cvdd.memory import (
+from cvdd.committee.committee import Committee
+from cvdd.committee.passes import MemberPasses
+from cvdd.methods.committee_voting.memory import (
     BUDGET_FRACTION,
     HEADROOM,
     auto_group_images,
@@ -21,9 +21,9 @@ from cvdd.memory import (
     saved_bytes,
     wave_bytes_per_image,
 )
+from cvdd.methods.committee_voting.recover import GroupState, RecoverSettings, Unit, step_surrogate
 from cvdd.models.registry import build_model
-from cvdd.precision import BF16_CL, FP32, choose_numerics
-from cvdd.recover import GroupState, RecoverSettings, Unit, step_surrogate
+from cvdd.runtime.precision import BF16_CL, FP32, choose_numerics
 
 SHAPE = (1, 16, 16)
 ARCHS = ("convnet", "mobilenetv2", "resnet18")
@@ -94,7 +94,7 @@ def test_groups_from_free_memory_fit_a_24_gb_card_in_bf16(make_cfg, dataset, siz
 
 
 def test_group_sizes_change_the_images_by_rounding_only_and_not_the_recipe(make_cfg, workdir: Path, caplog):
-    from cvdd.jobs.distill import distill
+    from cvdd.stages.distill import distill
     from tests.test_recover import FAST, images_of
 
     common = (*FAST, "ipc=4", "hardware.precision=32")
@@ -111,7 +111,7 @@ def test_group_sizes_change_the_images_by_rounding_only_and_not_the_recipe(make_
 
 
 def test_waves_sized_from_free_memory_give_the_same_images(make_cfg, workdir: Path, caplog, monkeypatch):
-    from cvdd.jobs.distill import distill
+    from cvdd.stages.distill import distill
     from tests.test_recover import FAST, images_of
 
     common = (*FAST, "ipc=3", "recover.group_images=10")
@@ -119,7 +119,9 @@ def test_waves_sized_from_free_memory_give_the_same_images(make_cfg, workdir: Pa
         distill(make_cfg("distill", *common, "set=roomy"))
     assert "recover.wave_images=null: 30 images per wave" in caplog.text
     caplog.clear()
-    monkeypatch.setattr("cvdd.recover.free_bytes", lambda device, processes=1: 0)  # no room: one group per wave
+    monkeypatch.setattr(
+        "cvdd.methods.committee_voting.recover.free_bytes", lambda device, processes=1: 0
+    )  # no room: one group per wave
     with caplog.at_level(logging.INFO, logger="cvdd"):
         distill(make_cfg("distill", *common, "set=cramped"))
     assert "recover.wave_images=null: 10 images per wave" in caplog.text

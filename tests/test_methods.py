@@ -14,16 +14,16 @@ from hydra.core.global_hydra import GlobalHydra
 
 from cvdd.artifacts import load_json, load_tensors, save_json
 from cvdd.artifacts.distilled import DistilledArtifact
-from cvdd.committee import Committee
+from cvdd.committee.committee import Committee
 from cvdd.data import load_dataset
-from cvdd.image_sets import student_set
-from cvdd.init import Initializer
-from cvdd.jobs.distill import distill
-from cvdd.jobs.evaluate import evaluate
-from cvdd.jobs.relabel import relabel
+from cvdd.labels.student_set import student_set
+from cvdd.methods.committee_voting.recover import Unit
 from cvdd.methods.herding import herd
+from cvdd.methods.init_images import Initializer
 from cvdd.models import build_model
-from cvdd.recover import Unit
+from cvdd.stages.distill import distill
+from cvdd.stages.evaluate import evaluate
+from cvdd.stages.relabel import relabel
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ("ipc=2", "logger=none")
@@ -164,30 +164,86 @@ def test_a_student_without_batchnorm_trains(make_cfg, workdir: Path, random_real
     assert result["student"] == "convnet_in" and result["test_top1"] > 10.0
 
 
-def cvdd_imports(path: Path) -> set[str]:
+LAYERS = {  # package -> layer: a module imports its own layer or lower ones, never a higher one
+    "cvdd.stages": 4,
+    "cvdd.methods": 3,
+    **dict.fromkeys(("cvdd.committee", "cvdd.labels", "cvdd.training", "cvdd.report"), 2),
+    **dict.fromkeys(("cvdd.runtime", "cvdd.artifacts", "cvdd.data", "cvdd.models", "cvdd.config"), 1),
+}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def layer(module: str) -> int:
+    package = ".".join(module.split(".")[:2])
+    assert package in LAYERS, f"{module} is in no layer: add its package to LAYERS"
+    return LAYERS[package]
+
+
+MODULES = {module_name(p) for p in (ROOT / "cvdd").rglob("*.py")}
+
+
+def cvdd_imports(path: Path, top_level_only: bool = False) -> set[str]:
+    """The cvdd modules ``path`` imports (``top_level_only``: at import time, not inside functions)."""
     tree = ast.parse(path.read_text())
+    nodes = tree.body if top_level_only else ast.walk(tree)
     found = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module:
-            found.add(node.module)
+    for node in nodes:
+        if isinstance(node, ast.ImportFrom) and node.module:  # `from cvdd.data import formats` imports the module
+            found.update(
+                f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in MODULES else node.module for a in node.names
+            )
         elif isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
-    return {name for name in found if name.startswith("cvdd")}
+    return {name for name in found if name.startswith("cvdd.")}
 
 
-def test_jobs_import_only_lower_layers():
-    """``cvdd/jobs/*`` never import each other (or the entry points) but for the priors measurement, the job made
-    of the three jobs (which distill and relabel hand down); lower layers never import jobs."""
-    jobs = sorted((ROOT / "cvdd/jobs").glob("*.py"))
-    assert {p.stem for p in jobs} >= {"distill", "relabel", "evaluate", "priors"}
-    measuring = {"distill": {"cvdd.jobs.priors"}, "relabel": {"cvdd.jobs.priors"}}
-    measuring["priors"] = {"cvdd.jobs.distill", "cvdd.jobs.relabel", "cvdd.jobs.evaluate"}
-    for path in jobs:
-        assert {m for m in cvdd_imports(path) if m.startswith("cvdd.jobs")} == measuring.get(path.stem, set()), path
-    for path in (ROOT / "cvdd").rglob("*.py"):
-        if "jobs" not in path.parts:
-            assert not {m for m in cvdd_imports(path) if m.startswith("cvdd.jobs")}, path
-    entry = {"distill.py": "cvdd.jobs.distill", "relabel.py": "cvdd.jobs.relabel", "evaluate.py": "cvdd.jobs.evaluate"}
+def test_packages_import_only_their_own_or_lower_layers_without_cycles():
+    """stages → methods → committee / labels / training / report → runtime / artifacts / data / models / config.
+    Stages never import each other but for the priors measurement (a stage made of the three others, imported
+    inside its function) and the squeeze distill runs for missing teachers."""
+    modules = {module_name(p): p for p in (ROOT / "cvdd").rglob("*.py") if module_name(p) != "cvdd"}
+    for name, path in modules.items():
+        for imported in cvdd_imports(path):
+            assert layer(imported) <= layer(name), f"{name} imports {imported} from a higher layer"
+    allowed = {
+        "cvdd.stages.distill": {"cvdd.stages.priors", "cvdd.stages.squeeze"},
+        "cvdd.stages.relabel": {"cvdd.stages.priors"},
+        "cvdd.stages.priors": {"cvdd.stages.distill", "cvdd.stages.relabel", "cvdd.stages.evaluate"},
+    }
+    for name, path in modules.items():
+        if name.startswith("cvdd.stages."):
+            stages = {m for m in cvdd_imports(path) if m.startswith("cvdd.stages.")}
+            assert stages <= allowed.get(name, set()), (name, stages)
+
+    def with_packages(imported: set[str]) -> set[str]:  # importing a.b.c runs a/__init__ and a/b/__init__ first
+        return {".".join(m.split(".")[:i]) for m in imported for i in range(2, m.count(".") + 2)} & set(modules)
+
+    def ancestors(name: str) -> set[str]:  # already being imported when ``name`` is
+        return {".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 2)}
+
+    graph = {n: with_packages(cvdd_imports(p, top_level_only=True)) - ancestors(n) for n, p in modules.items()}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        state[name] = 1
+        for nxt in graph[name]:
+            assert state.get(nxt) != 1, f"import cycle: {' → '.join((*path, name, nxt))}"
+            if nxt not in state:
+                visit(nxt, (*path, name))
+        state[name] = 2
+
+    for name in graph:
+        if name not in state:
+            visit(name, ())
+    entry = {
+        "distill.py": "cvdd.stages.distill",
+        "relabel.py": "cvdd.stages.relabel",
+        "evaluate.py": "cvdd.stages.evaluate",
+    }
     for script, job in entry.items():
         assert job in cvdd_imports(ROOT / script)
 

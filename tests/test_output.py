@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cvdd.quiet import NOISE
+from cvdd.runtime.quiet import NOISE
 from tests.conftest import run_cli
 
 NOISE_PATTERN = re.compile("|".join(NOISE))

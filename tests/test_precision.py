@@ -6,13 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-import cvdd.precision as precision
-from cvdd.bssl import soft_label_logits
-from cvdd.committee import Committee
+import cvdd.runtime.precision as precision
+from cvdd.committee.committee import Committee
+from cvdd.labels.bssl import soft_label_logits
 from cvdd.models import build_model
-from cvdd.precision import BF16, BF16_CL, CPU_TABLE, FP32, FP32_CL, Numerics, choose_numerics
-from cvdd.squeeze import TeacherModule
-from cvdd.student import StudentModule
+from cvdd.runtime.precision import BF16, BF16_CL, CPU_TABLE, FP32, FP32_CL, Numerics, choose_numerics
+from cvdd.training.student import StudentModule
+from cvdd.training.teacher import TeacherModule
 
 
 @pytest.fixture
@@ -116,7 +116,7 @@ def test_teacher_and_student_modules_train_their_network_in_the_given_numerics()
     assert teacher(torch.randn(4, 1, 16, 16)).dtype == torch.float32
     assert inside and all(seen == (torch.bfloat16, True) for seen in inside[1:])
 
-    from cvdd.augment import EpochPlan
+    from cvdd.labels.plan import EpochPlan
 
     plan = EpochPlan(0, 20, 1, 10, (16, 16), "cutmix", (0.5, 1.0), False)
     student = StudentModule(
@@ -134,7 +134,7 @@ def test_numerics_tags_name_precision_and_format():
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_unit_moments_match_autograd_reference(channels_last):
-    from cvdd.committee import UnitMoments
+    from cvdd.committee.committee import UnitMoments
 
     torch.manual_seed(0)
     x = torch.randn(6, 5, 4, 3, dtype=torch.float64) * 2 + 1
@@ -152,7 +152,7 @@ def test_unit_moments_match_autograd_reference(channels_last):
 
 
 def test_unit_moments_of_bf16_activations_are_fp32():
-    from cvdd.committee import UnitMoments
+    from cvdd.committee.committee import UnitMoments
 
     x = torch.randn(8, 4, 5, 5).bfloat16().requires_grad_(True)
     mean, var = UnitMoments.apply(x, 2)

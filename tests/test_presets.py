@@ -13,10 +13,10 @@ import pytest
 import torch
 from minidata import write_cifar
 
-from cvdd.jobs.distill import distill
-from cvdd.jobs.evaluate import evaluate
-from cvdd.jobs.relabel import relabel
-from cvdd.teachers import squeeze_teacher
+from cvdd.stages.distill import distill
+from cvdd.stages.evaluate import evaluate
+from cvdd.stages.relabel import relabel
+from cvdd.stages.squeeze import squeeze_teacher
 
 DATASETS = ["cifar10", "cifar100", "tiny_imagenet", "imagenette", "imagenet1k"]
 IPCS = [1, 10, 50]

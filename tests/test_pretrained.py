@@ -14,7 +14,7 @@ from torchvision import models as tvm
 from cvdd.data.formats import IMAGENETTE_NAMES
 from cvdd.models import build_model
 from cvdd.models.pretrained import IMAGENET_WEIGHTS, classifier_name, load_imagenet_weights, weights_file
-from cvdd.teachers import squeeze_teacher
+from cvdd.stages.squeeze import squeeze_teacher
 
 TORCHVISION = {
     "resnet18": tvm.resnet18,

@@ -11,16 +11,16 @@ import torch
 from conftest import MEMBERS, compose_config, run_cli
 from hydra.core.global_hydra import GlobalHydra
 
-import cvdd.jobs.distill
-import cvdd.jobs.priors
-import cvdd.jobs.relabel
+import cvdd.stages.distill
+import cvdd.stages.priors
+import cvdd.stages.relabel
 from cvdd.artifacts import load_json
-from cvdd.committee import warn_if_nearly_equal
-from cvdd.jobs.distill import distill
-from cvdd.jobs.evaluate import evaluate
-from cvdd.jobs.relabel import relabel
-from cvdd.priors import measured_priors
-from cvdd.teachers import squeeze_teacher
+from cvdd.committee.committee import warn_if_nearly_equal
+from cvdd.committee.priors import measured_priors
+from cvdd.stages.distill import distill
+from cvdd.stages.evaluate import evaluate
+from cvdd.stages.relabel import relabel
+from cvdd.stages.squeeze import squeeze_teacher
 
 MEASURE = [
     "logger=none",
@@ -50,8 +50,8 @@ def refuse_to_measure(*args, **kwargs):
 
 def no_measuring(monkeypatch: pytest.MonkeyPatch) -> None:
     refuse = refuse_to_measure
-    monkeypatch.setattr(cvdd.jobs.distill, "measure_member", refuse)
-    monkeypatch.setattr(cvdd.jobs.relabel, "measure_member", refuse)
+    monkeypatch.setattr(cvdd.stages.distill, "measure_member", refuse)
+    monkeypatch.setattr(cvdd.stages.relabel, "measure_member", refuse)
 
 
 def test_the_priors_are_the_members_students_top1_and_cvdd_votes_with_them(measured):
@@ -94,7 +94,7 @@ def test_a_retrained_member_is_measured_again_alone(measured, tmp_path):
 
     def measure(measurement, member, *rest):
         remeasured.append(member)
-        return cvdd.jobs.priors.measure_member(measurement, member, *rest)
+        return cvdd.stages.priors.measure_member(measurement, member, *rest)
 
     cfg = compose_config("distill", MEASURE, tmp_path)
     priors = measured_priors(cfg, tmp_path / "artifacts", "measure", measure)

@@ -12,12 +12,12 @@ from hydra.core.global_hydra import GlobalHydra
 from lightning.pytorch.callbacks import Callback
 
 from cvdd.artifacts import ArtifactConflictError
-from cvdd.committee import Committee
+from cvdd.committee.committee import Committee
+from cvdd.committee.passes import MemberPasses
 from cvdd.data import get_spec
-from cvdd.jobs.distill import distill
-from cvdd.member_passes import MemberPasses
+from cvdd.methods.committee_voting.recover import GroupState, RecoverSettings, Unit, step_surrogate
 from cvdd.models.registry import build_model
-from cvdd.recover import GroupState, RecoverSettings, Unit, step_surrogate
+from cvdd.stages.distill import distill
 
 FAST = ("ipc=2", "recover.iterations=4", "recover.init.mode=real", "logger=none")
 
@@ -235,9 +235,9 @@ def test_resuming_at_another_thread_count_is_refused(make_cfg, workdir: Path):
 
 
 def test_recipe_records_each_members_numerics(make_cfg, workdir: Path, monkeypatch):
-    import cvdd.precision
+    import cvdd.runtime.precision
 
-    monkeypatch.setattr(cvdd.precision, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(cvdd.runtime.precision, "cpu_has_native_bf16", lambda: True)
     exact = distill(make_cfg("distill", *FAST, "set=fp32", "hardware.precision=32"))
     fast = distill(make_cfg("distill", *FAST, "set=auto"))
     assert exact["recipe"]["numerics"] == dict.fromkeys(MEMBERS, "fp32")

@@ -13,13 +13,13 @@ from conftest import run_cli
 from hydra.core.global_hydra import GlobalHydra
 
 from cvdd.artifacts import ArtifactConflictError
-from cvdd.augment import EpochPlan, apply_batch
-from cvdd.bssl import soft_label_logits
-from cvdd.committee import load_committee
-from cvdd.image_sets import student_set
-from cvdd.jobs.distill import distill
-from cvdd.jobs.relabel import relabel
-from cvdd.soft_labels import build_plan
+from cvdd.committee.committee import load_committee
+from cvdd.labels.bssl import soft_label_logits
+from cvdd.labels.plan import EpochPlan, apply_batch
+from cvdd.labels.protocol import build_plan
+from cvdd.labels.student_set import student_set
+from cvdd.stages.distill import distill
+from cvdd.stages.relabel import relabel
 
 DISTILL = ("ipc=2", "recover.iterations=2", "recover.init.mode=real", "logger=none")
 RELABEL = ("ipc=2", "recover.init.mode=real", "relabel.epochs=3", "relabel.batch_size=8")
@@ -78,7 +78,7 @@ def test_relabel_stops_on_sigterm_after_the_epoch_in_hand_and_resumes(
     make_cfg, distilled: Path, monkeypatch: pytest.MonkeyPatch
 ):
     """Lightning leaves predict running on SIGTERM; relabel stops at the next epoch, keeping the finished ones."""
-    from cvdd.relabel import RelabelModule
+    from cvdd.labels.module import RelabelModule
 
     labelled = RelabelModule.predict_step
 

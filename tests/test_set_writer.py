@@ -97,7 +97,7 @@ def test_a_failed_fill_leaves_no_tensor_file(tmp_path: Path):
 
 
 def test_large_images_are_shown_at_most_112_px_in_the_grid():
-    from cvdd.grid import LABEL_WIDTH, MAX_TILE, distilled_grid
+    from cvdd.artifacts.grid import LABEL_WIDTH, MAX_TILE, distilled_grid
 
     pixels = torch.stack([torch.full((3, 224, 224), 40 * (k + 1), dtype=torch.uint8) for k in range(4)])
     labels, ipc_index = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 0, 1])

@@ -12,8 +12,8 @@ from lightning.pytorch.callbacks import Callback
 
 from cvdd.artifacts import ArtifactConflictError, TeacherArtifact
 from cvdd.data import ImageDataModule
-from cvdd.metrics import evaluate_classifier
-from cvdd.teachers import squeeze_teacher
+from cvdd.stages.squeeze import squeeze_teacher
+from cvdd.training.metrics import evaluate_classifier
 
 FAST = ("dataset=digits", "model=convnet_small", "squeeze.epochs=3", "logger=none")
 

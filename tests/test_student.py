@@ -10,9 +10,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from cvdd.augment import EpochPlan, apply_batch
+from cvdd.labels.plan import EpochPlan, apply_batch
 from cvdd.models import build_model
-from cvdd.student import StudentModule, decay_groups, kd_loss
+from cvdd.training.student import StudentModule, decay_groups, kd_loss
 
 NUM_CLASSES, SIZE, BATCH = 4, 8, 16
 

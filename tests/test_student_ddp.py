@@ -15,11 +15,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import run_cli
 
-from cvdd.augment import apply_batch
-from cvdd.bn_merge import BatchNormMerge
-from cvdd.distributed import ShardSampler
+from cvdd.labels.plan import apply_batch
 from cvdd.models import build_model
-from cvdd.student import rank_slices
+from cvdd.runtime.distributed import ShardSampler
+from cvdd.training.bn_merge import BatchNormMerge
+from cvdd.training.student import rank_slices
 
 
 def test_rank_slices_cover_a_batch_once_in_contiguous_rank_blocks():
@@ -47,13 +47,13 @@ def test_each_of_two_ranks_forwards_its_own_slice_of_a_batch(rank: int, monkeypa
     whole = module.training_step(torch.tensor(0), 0)
     seen: list[torch.Tensor] = []
     module.net.register_forward_hook(lambda _m, args, _out: seen.append(args[0]))
-    monkeypatch.setattr("cvdd.student.rank_and_world", lambda: (rank, 2))
+    monkeypatch.setattr("cvdd.training.student.rank_and_world", lambda: (rank, 2))
     mine = module.training_step(torch.tensor(0), 0)
     (x,) = seen
     rows = torch.arange(8 * rank, 8 * rank + 8)
     assert torch.equal(x, apply_batch(module.images, plan.epoch(0)[0], rows)) and module.forwards == 1
     other = 1 - rank
-    monkeypatch.setattr("cvdd.student.rank_and_world", lambda: (other, 2))
+    monkeypatch.setattr("cvdd.training.student.rank_and_world", lambda: (other, 2))
     theirs = module.training_step(torch.tensor(0), 0)
     assert ((mine + theirs) / 2).item() == pytest.approx(whole.item(), rel=1e-6)
 
@@ -68,7 +68,7 @@ def test_with_ddp_split_batches_each_rank_takes_whole_planned_batches(rank: int,
     module, _, plan = make_student(micro_batches=2, num_images=40)
     module.hparams.ddp_split = "batches"
     one_process = [module.training_step(torch.tensor(b), 0) for b in range(3)]  # world 1: batch b at step b
-    monkeypatch.setattr("cvdd.student.rank_and_world", lambda: (rank, 2))
+    monkeypatch.setattr("cvdd.training.student.rank_and_world", lambda: (rank, 2))
     assert len(module.train_dataloader()) == 2, "3 batches over 2 ranks: 2 steps"
     seen: list[torch.Tensor] = []
     module.net.register_forward_hook(lambda _m, args, _out: seen.append(args[0]))
@@ -169,7 +169,7 @@ def test_ddp_cpu_student_equals_one_process_at_the_same_thread_count(workdir: Pa
 def evaluate_worker(rank: int, world: int, port: int, out: str) -> None:
     from torch.utils.data import DataLoader, TensorDataset
 
-    from cvdd.metrics import evaluate_classifier
+    from cvdd.training.metrics import evaluate_classifier
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -185,7 +185,7 @@ def test_distributed_evaluation_equals_one_process_on_the_test_set(tmp_path: Pat
     """101 test images over 3 ranks (34 + 34 + 33, nothing padded): every rank reports the one-device numbers."""
     from torch.utils.data import DataLoader, TensorDataset
 
-    from cvdd.metrics import evaluate_classifier
+    from cvdd.training.metrics import evaluate_classifier
 
     mp.spawn(evaluate_worker, args=(3, free_port(), str(tmp_path)), nprocs=3, join=True)
     torch.manual_seed(0)

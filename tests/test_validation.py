@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-from cvdd.jobs.distill import distill
-from cvdd.jobs.evaluate import evaluate
-from cvdd.jobs.relabel import relabel
+from cvdd.stages.distill import distill
+from cvdd.stages.evaluate import evaluate
+from cvdd.stages.relabel import relabel
 
 NO_SQUEEZE = ("committee.train_missing=false", "logger=none")
 
@@ -97,10 +97,10 @@ def test_unwritable_outputs_fail_before_the_work(
     """A file where the output folder should be cannot be written even by root (unlike a chmod)."""
     if stage in ("relabel", "evaluate"):
         random_real()  # the set they read
-    from cvdd import teachers as squeeze_job
     from cvdd.artifacts import ArtifactNotWritableError
-    from cvdd.jobs import evaluate as evaluate_job
-    from cvdd.teachers import squeeze_teacher
+    from cvdd.stages import evaluate as evaluate_job
+    from cvdd.stages import squeeze as squeeze_job
+    from cvdd.stages.squeeze import squeeze_teacher
 
     def no_training(*_args, **_kwargs):
         raise AssertionError("training started before the outputs were checked")

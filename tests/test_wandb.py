@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from cvdd.jobs.distill import distill
-from cvdd.jobs.evaluate import evaluate
-from cvdd.jobs.relabel import relabel
 from cvdd.report import main as report_main
+from cvdd.stages.distill import distill
+from cvdd.stages.evaluate import evaluate
+from cvdd.stages.relabel import relabel
 from tests.wandb_offline import describe, offline_runs
 
 SET = ("committee=sre2l_small", "ipc=1", "logger=wandb")

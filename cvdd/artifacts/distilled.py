@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cvdd.artifacts.grid import MAX_GRID_COLUMNS, distilled_grid, grid_rows, grid_tile, save_image_atomic
 from cvdd.artifacts.io import (
     ArtifactCorruptError,
     NamedArtifact,
@@ -33,8 +34,7 @@ from cvdd.artifacts.io import (
     sha256_hex,
     streamed_tensors,
 )
-from cvdd.distributed import gather_objects, raise_together, rank_and_world
-from cvdd.grid import MAX_GRID_COLUMNS, distilled_grid, grid_rows, grid_tile, save_image_atomic
+from cvdd.runtime.distributed import gather_objects, raise_together, rank_and_world
 
 
 def safe_name(text: str) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from cvdd.artifacts.io import ArtifactConflictError, NamedArtifact, load_tensors
-from cvdd.label_store import PLAN_KEY, unpack_logits
+from cvdd.artifacts.label_store import PLAN_KEY, unpack_logits
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class LabelArtifact(NamedArtifact):
         self, epoch: int, recorded: dict[str, dict], rebuild: str, plan_digest: bytes | None = None
     ) -> torch.Tensor:
         """Dense float32 logits of one epoch, whatever the stored format, checked against its recorded digest and,
-        given ``plan_digest`` (:meth:`cvdd.augment.EpochPlan.epoch_digest` of the epoch the reader rebuilt), against
+        given ``plan_digest`` (:meth:`cvdd.labels.plan.EpochPlan.epoch_digest` of the epoch the reader rebuilt), against
         the plan the labels were made on."""
         path = self.epoch_path(epoch)
         payload = load_tensors(path, rebuild, recorded.get(path.name))

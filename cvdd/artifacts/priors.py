@@ -1,4 +1,5 @@
-"""Measured committee priors: ``priors/<committee>_ipc<n>_s<seed>.json`` (:mod:`cvdd.priors` measures them)."""
+"""Measured committee priors: ``priors/<committee>_ipc<n>_s<seed>.json`` (measured by
+:mod:`cvdd.committee.priors`)."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cvdd.data.registry import DatasetSpec, ImageDataset, get_spec, load_dataset
-from cvdd.seeding import derive_seed
+from cvdd.runtime.seeding import derive_seed
 
 
 class EpochSeededSampler(Sampler[tuple[int, int]]):

@@ -9,6 +9,7 @@ manifest. Adding a method is one module here and one ``conf/method/<name>.yaml``
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -22,13 +23,12 @@ from cvdd.artifacts import ArtifactCorruptError, TeacherArtifact, load_json, loa
 from cvdd.artifacts.distilled import DistilledArtifact, SetPiece
 from cvdd.artifacts.identity import dataset_identity
 from cvdd.artifacts.patches import PatchCache
-from cvdd.committee import Committee, load_committee
+from cvdd.committee.committee import Committee, load_committee
+from cvdd.committee.priors import MeasureMember
 from cvdd.data import get_spec
 from cvdd.data.registry import DatasetSpec, ImageDataset
-from cvdd.hardware import numerics_for
-from cvdd.priors import MeasureMember
-from cvdd.runtime import log
-from cvdd.teachers import ensure_teachers
+from cvdd.runtime.hardware import numerics_for
+from cvdd.runtime.trainer import log
 
 
 @dataclass
@@ -53,14 +53,15 @@ class ImageSet:
 
 @dataclass
 class DistillContext:
-    """What a method works with: the run's config, the real data, the set's folder, the run's Trainer and the job
-    runner that measures committee priors."""
+    """What a method works with: the run's config, the real data, the set's folder, the run's Trainer, and what the
+    distill stage hands down from above this layer: how missing teachers are squeezed and priors measured."""
 
     cfg: DictConfig
     root: Path
     data: ImageDataset
     artifact: DistilledArtifact
     trainer: L.Trainer
+    ensure_teachers: Callable[[DictConfig, list[str]], None]  # squeezes missing members (committee.train_missing)
     measure: MeasureMember | None = None  # runs a member's prior measurement (committee.priors=measured)
     _committees: dict[tuple, Committee] = field(default_factory=dict, repr=False)
 
@@ -103,7 +104,7 @@ class DistillContext:
     def _load_committee(
         self, members: list[str], priors: dict[str, float] | None, first_bn_multiplier: float
     ) -> Committee:
-        ensure_teachers(self.cfg, members)
+        self.ensure_teachers(self.cfg, members)
         committee = load_committee(
             self.root,
             self.cfg.dataset.name,

@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
-from cvdd.init import real_image_order
 from cvdd.methods.base import DistillContext, require_real_images
+from cvdd.methods.init_images import real_image_order
 from cvdd.methods.per_class import PerClassMethod
 
 

@@ -3,7 +3,8 @@
 Candidate crops of real images are scored by the committee's cross-entropy (the teachers' confidence that a crop
 shows its class); the ``ipc × factor²`` most realistic crops of each class (lowest cross-entropy) are kept and
 every ``factor × factor`` of them are stitched into one image. The scored candidates are the same bank CV-DD's
-patch initialisation draws from (:class:`cvdd.init.Initializer`), cached under ``patches/`` and shared with it.
+patch initialisation draws from (:class:`~cvdd.methods.init_images.Initializer`), cached under ``patches/`` and
+shared with it.
 
 Differences from the released RDED code: every candidate comes from its own source image (RDED scores several
 crops of one image and keeps its best), the committee's mean cross-entropy scores a crop (RDED: one observer
@@ -16,8 +17,8 @@ from typing import Any
 
 import torch
 
-from cvdd.init import Initializer, PatchSettings
 from cvdd.methods.base import DistillContext
+from cvdd.methods.init_images import Initializer, PatchSettings
 from cvdd.methods.per_class import PerClassMethod
 
 

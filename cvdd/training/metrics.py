@@ -1,0 +1,100 @@
+"""Classification metrics as the papers report them: micro-averaged top-k accuracy."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader
+from torchmetrics.classification import MulticlassAccuracy
+
+
+def topk_accuracy(num_classes: int, k: int, sync: bool = True) -> MulticlassAccuracy:
+    """Fraction of samples whose label is in the top ``k`` (``average="micro"``: not torchmetrics' macro default)."""
+    return MulticlassAccuracy(num_classes=num_classes, top_k=min(k, num_classes), average="micro", sync_on_compute=sync)
+
+
+@torch.no_grad()
+def evaluate_classifier(
+    net: nn.Module,
+    loader: DataLoader,
+    num_classes: int,
+    device: torch.device | str = "cpu",
+    distributed: bool = False,
+) -> dict[str, float]:
+    """Top-1/top-5 of ``net`` over every sample of ``loader``. With ``distributed`` each rank passes its own shard
+    (:class:`~cvdd.runtime.distributed.ShardSampler`: no padding, no repeats) and the counts are summed over ranks,
+    so the result is exactly the one-device pass."""
+    was_training = net.training
+    net.eval()
+    counts = torch.zeros(3, dtype=torch.int64, device=device)  # top-1 hits, top-5 hits, samples
+    k = min(5, num_classes)
+    for images, labels in loader:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        top = net(images).float().topk(k, dim=1).indices
+        hits = top == labels[:, None]
+        counts += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), torch.tensor(len(labels), device=device)])
+    net.train(was_training)
+    if distributed and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(counts)
+    top1, top5, seen = counts.tolist()
+    return {"top1": 100.0 * top1 / seen, "top5": 100.0 * top5 / seen, "samples": seen}
+
+
+def within_class_distance(x: torch.Tensor, labels: torch.Tensor) -> float:
+    """Diversity of a set: the mean over classes of the mean Euclidean distance between two different rows of
+    ``x`` (N, D) of that class (classes with one row are left out). Near-identical images per class give ≈ 0."""
+    means = []
+    for c in labels.unique():
+        rows = x[labels == c].double()
+        n = len(rows)
+        if n < 2:
+            continue
+        means.append(float(torch.pdist(rows).sum() / (n * (n - 1) / 2)))
+    if not means:
+        raise ValueError("within-class distance needs a class with at least two images")
+    return sum(means) / len(means)
+
+
+def last_linear(net: nn.Module) -> nn.Linear:
+    """The classifier of ``net``: its last ``nn.Linear`` (every registered architecture ends in one)."""
+    linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(net).__name__} has no nn.Linear classifier to take penultimate features from")
+    return linears[-1]
+
+
+@torch.no_grad()
+def penultimate_features(net: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """``net``'s input to its classifier for ``images`` (normalised N × C × H × W), in eval mode: (N, D) fp32."""
+    captured: list[torch.Tensor] = []
+    hook = last_linear(net).register_forward_pre_hook(lambda _m, args: captured.append(args[0].float().flatten(1)))
+    was_training = net.training
+    net.eval()
+    try:
+        for start in range(0, len(images), batch_size):
+            net(images[start : start + batch_size])
+    finally:
+        hook.remove()
+        net.train(was_training)
+    return torch.cat(captured)
+
+
+def set_diversity(
+    pixels: torch.Tensor, labels: torch.Tensor, nets: dict[str, nn.Module], mean, std
+) -> dict[str, float]:
+    """Within-class diversity of a set of uint8 ``pixels``: ``pixels`` is the RMS per-pixel difference (0–1 scale)
+    between two images of a class, averaged; ``features`` the distance between their L2-normalised penultimate
+    features (0–2), averaged over classes and over the ``nets`` (the pool) — the second says how differently the
+    models see them, the first how differently they look."""
+    x = pixels.float() / 255.0
+    flat = x.flatten(1)
+    normalised = (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+    features = [
+        within_class_distance(nn.functional.normalize(penultimate_features(net, normalised), dim=1), labels)
+        for net in nets.values()
+    ]
+    return {
+        "pixels": within_class_distance(flat, labels) / flat.shape[1] ** 0.5,
+        "features": sum(features) / len(features),
+    }
