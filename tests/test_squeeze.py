@@ -119,3 +119,26 @@ def test_resumed_run_equals_an_uninterrupted_one_bitwise(make_cfg, tmp_path: Pat
 def test_channels_last_path_trains(make_cfg):
     record = squeeze_teacher(make_cfg("train", *FAST, "squeeze.epochs=1", "hardware.channels_last=true"))
     assert record["test_top1"] > 20.0
+
+
+def test_a_teacher_recorded_under_the_flat_layout_is_still_the_same_recipe(make_cfg, tmp_path: Path):
+    """Records written before the packages-by-role layout name their module's code by its old path; moving code
+    changes no recipe, so such a teacher is reused, not refused or retrained."""
+    from cvdd.artifacts import fingerprint, save_json
+
+    record = squeeze_teacher(make_cfg("train", *FAST))
+    art = TeacherArtifact(tmp_path / "artifacts", "digits", "convnet_small")
+    old = json.loads(art.record.read_text())
+    old["recipe"]["module"]["_target_"] = "cvdd.squeeze.TeacherModule"
+    old["recipe"]["module"]["optimizer"]["_target_"] = "cvdd.optim.build_optimizer"
+    old["fingerprint"] = fingerprint(old["recipe"])  # what the old code stored
+    save_json(art.record, old)
+    mtime = art.weights.stat().st_mtime_ns
+    again = squeeze_teacher(make_cfg("train", *FAST))
+    assert again["fingerprint"] == old["fingerprint"] != record["fingerprint"]
+    assert art.weights.stat().st_mtime_ns == mtime  # not retrained
+    old["recipe"]["squeeze"]["lr"] = 1.0  # another recipe is still refused
+    old["fingerprint"] = fingerprint(old["recipe"])
+    save_json(art.record, old)
+    with pytest.raises(ArtifactConflictError, match="different recipe"):
+        squeeze_teacher(make_cfg("train", *FAST))

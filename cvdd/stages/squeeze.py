@@ -56,6 +56,27 @@ def squeeze_recipe(cfg: DictConfig, numerics: Numerics) -> dict[str, Any]:
     }
 
 
+def without_code_paths(node: Any) -> Any:
+    """``node`` with every ``_target_`` cut to the name of what it builds: a recipe says what runs, not where its
+    code lives, so moving a module changes no fingerprint."""
+    if isinstance(node, dict):
+        return {
+            k: v.rsplit(".", 1)[-1] if k == "_target_" and isinstance(v, str) else without_code_paths(v)
+            for k, v in node.items()
+        }
+    if isinstance(node, list):
+        return [without_code_paths(v) for v in node]
+    return node
+
+
+def same_recipe(record: dict, recipe_hash: str) -> bool:
+    """``record`` was trained by the recipe of ``recipe_hash`` (:func:`without_code_paths` of it); a record written
+    when fingerprints still held code paths (``cvdd.squeeze.TeacherModule``) is compared by the recipe it stores."""
+    if record.get("fingerprint") == recipe_hash:
+        return True
+    return "recipe" in record and fingerprint(without_code_paths(record["recipe"])) == recipe_hash
+
+
 def _existing_record(artifact: TeacherArtifact, recipe_hash: str, overwrite: bool) -> dict | None:
     """The finished teacher of this recipe, or ``None`` to train (none yet, ``overwrite``, or damaged files)."""
     if overwrite or not artifact.exists():
@@ -65,7 +86,7 @@ def _existing_record(artifact: TeacherArtifact, recipe_hash: str, overwrite: boo
     except ArtifactCorruptError:
         log.warning("teacher record %s is damaged; training %s again", artifact.record, artifact.model)
         return None
-    if record.get("fingerprint") == recipe_hash:
+    if same_recipe(record, recipe_hash):
         if damaged_files(artifact.folder, record.get("files", {})):
             log.warning("teacher weights %s are damaged; training %s again", artifact.weights, artifact.model)
             return None
@@ -84,7 +105,7 @@ def squeeze_teacher(cfg: DictConfig, title: str | None = None) -> dict[str, Any]
     artifact = TeacherArtifact(Path(cfg.paths.artifacts), cfg.dataset.name, cfg.model.id)
     numerics = numerics_for(cfg, cfg.model.net.name, "squeeze")
     recipe = squeeze_recipe(cfg, numerics)
-    recipe_hash = fingerprint(recipe)
+    recipe_hash = fingerprint(without_code_paths(recipe))
     existing = _existing_record(artifact, recipe_hash, bool(cfg.get("overwrite", False)))
     if existing is not None:
         log.info(
