@@ -19,8 +19,8 @@ from torch import nn
 
 from cvdd.artifacts import TeacherArtifact, load_json, load_tensors
 from cvdd.committee.moments import group_moments
+from cvdd.runtime import log
 from cvdd.runtime.precision import FP32, Numerics
-from cvdd.runtime.trainer import log
 
 SCHEDULES = ("fixed", "cycle", "random", "auto")
 WEIGHTINGS = ("prior", "equal", "random")

@@ -44,7 +44,8 @@ from cvdd.artifacts.identity import dataset_identity
 from cvdd.artifacts.priors import PriorsArtifact
 from cvdd.committee.committee import voting_weights
 from cvdd.config.compose import compose_stage, select_overrides
-from cvdd.runtime.trainer import log, task_overrides
+from cvdd.runtime import log
+from cvdd.runtime.trainer import task_overrides
 
 MEASURED = "measured"
 STAGES = ("distill", "relabel", "evaluate")

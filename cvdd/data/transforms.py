@@ -11,8 +11,7 @@ import torch
 from torchvision.transforms import v2
 
 from cvdd.data.registry import DatasetSpec
-
-SMALL_INPUT_MAX = 64
+from cvdd.models.registry import SMALL_INPUT_MAX  # the models' small-input stems and these crops change together
 
 
 def normalize(spec: DatasetSpec) -> v2.Transform:

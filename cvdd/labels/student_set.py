@@ -12,7 +12,6 @@ batch is normalised on its device when it is taken. At ImageNet-1K IPC 50 that i
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,9 +31,8 @@ from cvdd.artifacts.distilled import (
 )
 from cvdd.artifacts.identity import set_name
 from cvdd.data import get_spec
+from cvdd.runtime import log
 from cvdd.runtime.distributed import raise_together, rank_and_world
-
-log = logging.getLogger("cvdd")
 
 
 class SetImages:

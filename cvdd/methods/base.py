@@ -27,8 +27,8 @@ from cvdd.committee.committee import Committee, load_committee
 from cvdd.committee.priors import MeasureMember
 from cvdd.data import get_spec
 from cvdd.data.registry import DatasetSpec, ImageDataset
+from cvdd.runtime import log
 from cvdd.runtime.hardware import numerics_for
-from cvdd.runtime.trainer import log
 
 
 @dataclass

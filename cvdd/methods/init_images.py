@@ -6,7 +6,6 @@ processed in, so a unit starts from the same pixels on any rank, in any wave.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -19,13 +18,13 @@ from cvdd.artifacts.patches import PatchCache
 from cvdd.committee.committee import Committee
 from cvdd.data.images import ImageSplit
 from cvdd.labels.plan import crop_flip_theta, resized_crop, sample_crop_box
+from cvdd.runtime import log
 from cvdd.runtime.distributed import gather_objects, rank_and_world
 from cvdd.runtime.seeding import derive_seed
 
 if TYPE_CHECKING:  # a type only: committee_voting imports this module
     from cvdd.methods.committee_voting.recover import Unit
 
-log = logging.getLogger("cvdd")
 INIT_MODES = ("gaussian", "real", "patches")
 DIFFICULTIES = ("easy", "medium", "hard")
 

@@ -21,8 +21,8 @@ from torch.utils.data import DataLoader
 from cvdd.artifacts import load_tensors, save_tensors
 from cvdd.artifacts.distilled import SetPiece
 from cvdd.methods.base import DistillContext, ImageSet, Method, finished_piece
+from cvdd.runtime import log
 from cvdd.runtime.distributed import HydraDDPStrategy
-from cvdd.runtime.trainer import log
 
 REDO_CLASS = "run the same command again: it remakes damaged classes"
 

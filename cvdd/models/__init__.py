@@ -1,5 +1,5 @@
 """Model zoo: every network the committee, teachers and students are drawn from."""
 
-from cvdd.models.registry import MODELS, build_model, count_parameters
+from cvdd.models.registry import MODELS, build_model
 
-__all__ = ["MODELS", "build_model", "count_parameters"]
+__all__ = ["MODELS", "build_model"]

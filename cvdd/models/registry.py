@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import timm
-import torch
 from torch import nn
 from torchvision.models import MobileNetV2, ShuffleNetV2
 
@@ -154,8 +153,4 @@ def build_model(name: str, num_classes: int, image_size: int, in_chans: int = 3,
     return MODELS[name](num_classes=num_classes, image_size=image_size, in_chans=in_chans, **kwargs)
 
 
-def count_parameters(net: nn.Module) -> int:
-    return sum(p.numel() for p in net.parameters())
-
-
-__all__ = ["MODELS", "build_model", "count_parameters", "register", "torch"]
+__all__ = ["MODELS", "SMALL_INPUT_MAX", "build_model", "register"]

@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from cvdd.runtime.trainer import log, task_overrides
+from cvdd.runtime import log
+from cvdd.runtime.trainer import task_overrides
 
 # The overrides that name the same set (data, method, committee, IPC, seed, set, paths, machine, preset).
 SET_KEYS = ("dataset", "method", "committee", "ipc", "seed", "set", "paths", "hardware", "experiment", "recover.init")

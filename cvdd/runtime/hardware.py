@@ -14,7 +14,6 @@ record the count (:func:`cpu_threads`) and refuse to mix work done at different 
 
 from __future__ import annotations
 
-import logging
 import os
 
 import torch
@@ -24,9 +23,8 @@ from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 
 from cvdd.artifacts import ArtifactConflictError
+from cvdd.runtime import log
 from cvdd.runtime.precision import Numerics, choose_numerics
-
-log = logging.getLogger("cvdd")
 
 
 def available_cores() -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 
 import lightning as L
@@ -14,8 +13,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from cvdd.runtime.hardware import configure_threads, requested_workers
 from cvdd.runtime.quiet import quiet_libraries
-
-log = logging.getLogger("cvdd")
 
 
 def task_overrides() -> list[str] | None:

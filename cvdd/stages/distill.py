@@ -28,7 +28,8 @@ from cvdd.artifacts.identity import set_name
 from cvdd.data import load_dataset
 from cvdd.methods.base import DistillContext, Method
 from cvdd.report.summary import SET_KEYS, next_command, size_on_disk, stage_summary
-from cvdd.runtime.trainer import build_trainer, finish_loggers, log
+from cvdd.runtime import log
+from cvdd.runtime.trainer import build_trainer, finish_loggers
 from cvdd.stages.priors import measure_member
 from cvdd.stages.squeeze import ensure_teachers
 

@@ -20,9 +20,10 @@ from cvdd.labels.plan import EpochPlan
 from cvdd.labels.protocol import build_plan, label_settings, labels_of, relabel_committee, teacher_weights
 from cvdd.labels.student_set import StudentSet, student_set
 from cvdd.report.summary import command_with, stage_summary
+from cvdd.runtime import log
 from cvdd.runtime.hardware import numerics_for
 from cvdd.runtime.precision import Numerics
-from cvdd.runtime.trainer import build_trainer, finish_loggers, log, log_final
+from cvdd.runtime.trainer import build_trainer, finish_loggers, log_final
 from cvdd.training.metrics import evaluate_classifier
 from cvdd.training.student import StudentModule
 

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, open_dict
 from cvdd.artifacts import ArtifactConflictError
 from cvdd.committee.priors import Measurement, teacher_fingerprint
 from cvdd.config.compose import compose_stage
-from cvdd.runtime.trainer import log
+from cvdd.runtime import log
 
 
 def measure_member(measurement: Measurement, member: str, root: Path, output_dir: Path) -> dict[str, Any]:

@@ -38,9 +38,10 @@ from cvdd.labels.protocol import (
 )
 from cvdd.labels.student_set import student_set
 from cvdd.report.summary import LABEL_KEYS, next_command, size_on_disk, stage_summary
+from cvdd.runtime import log
 from cvdd.runtime.distributed import HydraDDPStrategy
 from cvdd.runtime.hardware import check_same_threads, cpu_threads
-from cvdd.runtime.trainer import build_trainer, finish_loggers, log, log_final
+from cvdd.runtime.trainer import build_trainer, finish_loggers, log_final
 from cvdd.stages.priors import measure_member
 
 

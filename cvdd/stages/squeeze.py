@@ -34,10 +34,11 @@ from cvdd.artifacts.identity import dataset_identity
 from cvdd.config.compose import compose_stage, select_overrides
 from cvdd.models.pretrained import load_imagenet_weights
 from cvdd.report.summary import TEACHER_KEYS, next_command, size_on_disk, stage_summary
+from cvdd.runtime import log
 from cvdd.runtime.hardware import numerics_for
 from cvdd.runtime.precision import Numerics
 from cvdd.runtime.quiet import quiet_libraries
-from cvdd.runtime.trainer import build_trainer, finish_loggers, log, task_overrides
+from cvdd.runtime.trainer import build_trainer, finish_loggers, task_overrides
 from cvdd.training.metrics import evaluate_classifier
 
 

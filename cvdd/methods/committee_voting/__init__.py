@@ -26,10 +26,10 @@ from cvdd.committee.priors import MEASURED, configured_priors
 from cvdd.methods.base import DistillContext, ImageSet, Method, finished_piece, require_real_images
 from cvdd.methods.committee_voting.recover import Layout, RecoverModule, RecoverSettings, Unit, class_blocks
 from cvdd.methods.init_images import INIT_MODES, Initializer, PatchSettings
+from cvdd.runtime import log
 from cvdd.runtime.distributed import HydraDDPStrategy
 from cvdd.runtime.hardware import check_same_threads, cpu_threads
 from cvdd.runtime.seeding import derive_seed
-from cvdd.runtime.trainer import log
 
 
 class CommitteeVoting(Method):

@@ -19,7 +19,6 @@ so a machine-dependent choice is safe.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -27,8 +26,6 @@ from pathlib import Path
 import torch
 
 from cvdd.committee.committee import Committee
-
-log = logging.getLogger("cvdd")
 
 BUDGET_FRACTION = 0.8  # of the free memory at the start of recover
 HEADROOM = 1.5  # peak over the saved tensors: gradient buffers during backward, workspaces, fragmentation

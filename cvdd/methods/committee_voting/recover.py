@@ -10,7 +10,6 @@ step's member passes each take their own input gradient, run one after another o
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -34,6 +33,7 @@ from cvdd.methods.committee_voting.memory import (
     member_bytes_per_image,
     wave_bytes_per_image,
 )
+from cvdd.runtime import log
 from cvdd.runtime.hardware import peak_memory_mib
 from cvdd.runtime.packing import pack_consecutive
 from cvdd.training.optim import cosine_factor
@@ -106,8 +106,6 @@ class UnitAugmenter:
         rolled = [torch.roll(out[i], shifts=shifts[i], dims=(-2, -1)) for i in range(g)]
         return torch.stack(rolled).reshape(g * b, c, h, w)
 
-
-log = logging.getLogger("cvdd")
 
 UnitCallback = Callable[[Unit, torch.Tensor, dict[str, dict[str, float]]], None]
 
