@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
+from cvdd.artifacts import ArtifactConflictError
+from cvdd.runtime.errors import ConfigError, UnknownNameError, UserError, reported_errors
 from cvdd.stages.distill import distill
 from cvdd.stages.evaluate import evaluate
 from cvdd.stages.relabel import relabel
@@ -35,8 +37,20 @@ def test_entry_points_print_the_reason_without_a_stack_trace(tmp_path: Path):
     proc = run_failing("evaluate.py", "student=nope", cwd=tmp_path)
     assert proc.stderr.startswith("error: student='nope' is not a model id; choose from ") and "resnet18" in proc.stderr
     proc = run_failing("distill.py", "ipc=0", cwd=tmp_path, full_error=True)
-    assert "Traceback" in proc.stderr and "ValueError: ipc=0" in proc.stderr
+    assert "Traceback" in proc.stderr and "ConfigError: ipc=0" in proc.stderr
     assert not (tmp_path / "artifacts").exists()
+
+
+def test_only_user_errors_lose_their_traceback(capsys):
+    """A ``UserError`` becomes one line and exit status 1; a bare ``ValueError`` or ``KeyError`` is a bug and
+    propagates with its traceback (it was printed as a user error before)."""
+    with pytest.raises(SystemExit) as stop, reported_errors():
+        raise UnknownNameError("unknown model 'x'; registered: a, b")
+    assert stop.value.code == 1 and capsys.readouterr().err.startswith("error: unknown model 'x'; registered: a, b\n")
+    for bug in (ValueError("a bug"), KeyError("fingerprint")):
+        with pytest.raises(type(bug)), reported_errors():
+            raise bug
+    assert issubclass(ConfigError, ValueError) and issubclass(ArtifactConflictError, UserError)
 
 
 @pytest.mark.parametrize(

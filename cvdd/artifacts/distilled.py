@@ -35,6 +35,7 @@ from cvdd.artifacts.io import (
     streamed_tensors,
 )
 from cvdd.runtime.distributed import gather_objects, raise_together, rank_and_world
+from cvdd.runtime.errors import ConfigError, MissingInputError
 
 
 def safe_name(text: str) -> str:
@@ -282,7 +283,7 @@ def read_manifest(artifact: DistilledArtifact) -> dict:
     """A finished set's manifest, after checking every recorded file is there at its size (no file is read)."""
     rebuild = rebuild_command(artifact)
     if not artifact.complete():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"distilled set {artifact.folder} is missing or incomplete (no manifest.json); produce it with: {rebuild}"
         )
     manifest = load_json(artifact.manifest)
@@ -295,7 +296,7 @@ def read_images(artifact: DistilledArtifact, manifest: dict, image_format: str, 
     opened); ``float`` → ``images.pt``'s normalised float32 images, digest-checked when ``check(0)``. Both in the
     class-major order of :func:`png_files`."""
     if image_format not in IMAGE_FORMATS:
-        raise ValueError(f"distilled.format={image_format!r}; choose from {', '.join(IMAGE_FORMATS)}")
+        raise ConfigError(f"distilled.format={image_format!r}; choose from {', '.join(IMAGE_FORMATS)}")
     recorded, rebuild = manifest.get("files", {}), rebuild_command(artifact)
     names, labels, _ = png_files(recorded)
     if image_format == "png":

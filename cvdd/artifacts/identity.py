@@ -12,6 +12,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from cvdd.runtime.errors import ConfigError
+
 LOCATION_KEYS = ("root", "download", "download_root")
 SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -28,12 +30,12 @@ def set_name(cfg: DictConfig) -> str:
 
     A name is one folder name (letters, digits, ``._-``), so a set never lands outside ``distilled/``."""
     if cfg.get("name") is not None:
-        raise ValueError(f"name={cfg.name} is now set={cfg.name}: the distilled set is named with set=<name>")
+        raise ConfigError(f"name={cfg.name} is now set={cfg.name}: the distilled set is named with set=<name>")
     if int(cfg.ipc) < 1:
-        raise ValueError(f"ipc={cfg.ipc} must be at least 1 (images per class)")
+        raise ConfigError(f"ipc={cfg.ipc} must be at least 1 (images per class)")
     name = cfg.get("set") or cfg.method.set_name
     if not SET_NAME.fullmatch(str(name)):
-        raise ValueError(
+        raise ConfigError(
             f"set={name!r} must be a plain folder name (letters, digits, '.', '_', '-'; no '/' or leading '.')"
         )
     return str(name)

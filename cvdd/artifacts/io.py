@@ -25,6 +25,8 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.serialization import set_default_mmap_options, skip_data
 
+from cvdd.runtime.errors import UserError
+
 
 def _default_mode() -> int:
     umask = os.umask(0)
@@ -216,15 +218,15 @@ def fingerprint(obj: Mapping[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-class ArtifactCorruptError(ValueError):
+class ArtifactCorruptError(UserError, ValueError):
     """An artifact file is missing, truncated, altered or unreadable."""
 
 
-class ArtifactConflictError(RuntimeError):
+class ArtifactConflictError(UserError, RuntimeError):
     """An artifact exists but was made by a different recipe."""
 
 
-class ArtifactNotWritableError(RuntimeError):
+class ArtifactNotWritableError(UserError, RuntimeError):
     """A stage's output folder cannot take new files (read-only, not a folder, disk full)."""
 
 

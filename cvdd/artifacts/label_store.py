@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from cvdd.runtime.errors import ConfigError
+
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 PLAN_KEY = "plan_sha256"  # the epoch plan's digest (32 uint8) stored beside an epoch's labels
 
@@ -25,9 +27,9 @@ def index_dtype(num_classes: int) -> torch.dtype:
 def check_storage(dtype: str, topk: int | None) -> None:
     """Refuse a storage setting before any label is computed."""
     if dtype not in DTYPES:
-        raise ValueError(f"relabel.dtype={dtype!r}; choose one of {sorted(DTYPES)}")
+        raise ConfigError(f"relabel.dtype={dtype!r}; choose one of {sorted(DTYPES)}")
     if topk is not None and topk < 1:
-        raise ValueError(f"relabel.topk={topk}; use a positive number of classes or null for dense labels")
+        raise ConfigError(f"relabel.topk={topk}; use a positive number of classes or null for dense labels")
 
 
 def pack_logits(logits: torch.Tensor, dtype: str = "float16", topk: int | None = None) -> dict[str, torch.Tensor]:

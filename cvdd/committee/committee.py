@@ -20,6 +20,7 @@ from torch import nn
 from cvdd.artifacts import TeacherArtifact, load_json, load_tensors
 from cvdd.committee.moments import group_moments
 from cvdd.runtime import log
+from cvdd.runtime.errors import ConfigError
 from cvdd.runtime.precision import FP32, Numerics
 
 SCHEDULES = ("fixed", "cycle", "random", "auto")
@@ -70,9 +71,9 @@ def select_members(
     """
     pool = list(pool)
     if not 1 <= k <= len(pool):
-        raise ValueError(f"committee.k={k} must be between 1 and the pool size {len(pool)}")
+        raise ConfigError(f"committee.k={k} must be between 1 and the pool size {len(pool)}")
     if schedule not in SCHEDULES:
-        raise ValueError(f"committee.schedule={schedule!r}; choose from {SCHEDULES}")
+        raise ConfigError(f"committee.schedule={schedule!r}; choose from {SCHEDULES}")
     combos = list(itertools.combinations(pool, k))
     if schedule == "auto":
         schedule = "fixed" if ipc == 1 else "cycle" if ipc <= len(combos) else "random"
@@ -80,7 +81,7 @@ def select_members(
         chosen = list(fixed) if fixed else sorted(pool, key=lambda m: (-priors[m], pool.index(m)))[:k]
         unknown = set(chosen) - set(pool)
         if unknown or len(chosen) != k:
-            raise ValueError(f"committee.fixed={chosen} must name {k} members of the pool {pool}")
+            raise ConfigError(f"committee.fixed={chosen} must name {k} members of the pool {pool}")
         return [tuple(sorted(chosen, key=pool.index))] * ipc
     if schedule == "cycle":
         return [combos[i % len(combos)] for i in range(ipc)]
@@ -97,7 +98,7 @@ def voting_weights(
 ) -> list[float]:
     """``softmax(α / T)`` over the chosen members: α = priors (``prior``), uniform random (``random``), or equal."""
     if weighting not in WEIGHTINGS:
-        raise ValueError(f"committee.weighting={weighting!r}; choose from {WEIGHTINGS}")
+        raise ConfigError(f"committee.weighting={weighting!r}; choose from {WEIGHTINGS}")
     if weighting == "equal":
         return [1.0 / len(members)] * len(members)
     if weighting == "prior":
@@ -203,7 +204,7 @@ class Committee(nn.Module):
             net.requires_grad_(False)
             bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
             if not bns:
-                raise ValueError(f"committee member {name} has no BatchNorm layer to match statistics with")
+                raise ConfigError(f"committee member {name} has no BatchNorm layer to match statistics with")
             capture = self._capture[name] = _BNCapture()
             for i, bn in enumerate(bns):
                 scale = first_bn_multiplier if i == 0 else 1.0

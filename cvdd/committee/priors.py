@@ -45,6 +45,7 @@ from cvdd.artifacts.priors import PriorsArtifact
 from cvdd.committee.committee import voting_weights
 from cvdd.config.compose import compose_stage, select_overrides
 from cvdd.runtime import log
+from cvdd.runtime.errors import ConfigError, MissingInputError
 from cvdd.runtime.trainer import task_overrides
 
 MEASURED = "measured"
@@ -106,7 +107,7 @@ def configured_priors(
     if priors == MEASURED:
         return measured_priors(cfg, root, use, measure)
     if not isinstance(priors, Mapping):
-        raise ValueError(f"committee.priors={priors!r}: give {{member: score}}, '{MEASURED}', or null (teacher top-1)")
+        raise ConfigError(f"committee.priors={priors!r}: give {{member: score}}, '{MEASURED}', or null (teacher top-1)")
     return {str(member): float(score) for member, score in priors.items()}
 
 
@@ -205,7 +206,7 @@ def measured_priors(cfg: DictConfig, root: Path, use: Use, measure: MeasureMembe
         valid = still_valid(record, home, measurement.dataset) if record is not None else {}
         missing = [m for m in measurement.members if m not in valid]
         if missing:
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"committee.priors=measured: no valid measured priors for {missing} in {artifact.record} (not "
                 f"measured yet, or their teachers changed since); measure them with relabel.py or distill.py and "
                 f"the same committee.priors=measured"

@@ -15,6 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 import cvdd.config.resolvers  # noqa: F401  (registers the config resolvers)
+from cvdd.runtime.errors import ConfigError
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
@@ -63,5 +64,5 @@ def model_config(model_id: str, key: str) -> Path:
     path = CONF / "model" / f"{model_id}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
-        raise ValueError(f"{key}={model_id!r} is not a model id; choose from {', '.join(known)}")
+        raise ConfigError(f"{key}={model_id!r} is not a model id; choose from {', '.join(known)}")
     return path

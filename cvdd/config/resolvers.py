@@ -16,13 +16,14 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from cvdd.data.registry import get_spec
+from cvdd.runtime.errors import UnknownNameError
 
 SPEC_FIELDS = ("num_classes", "image_size", "channels", "mean", "std", "hflip")
 
 
 def _dataset_spec(name: str, field: str) -> Any:
     if field not in SPEC_FIELDS:
-        raise KeyError(f"dataset_spec: unknown field '{field}'; choose from {SPEC_FIELDS}")
+        raise UnknownNameError(f"dataset_spec: unknown field '{field}'; choose from {SPEC_FIELDS}")
     value = getattr(get_spec(name), field)
     return ListConfig(list(value)) if isinstance(value, tuple) else value
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from cvdd.data.images import FileImages, ImageSplit, TensorImages
+from cvdd.runtime.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
 
@@ -132,12 +133,12 @@ def read_idx(path: Path) -> np.ndarray:
     with opener(path, "rb") as fh:
         data = fh.read()
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise ValueError(f"{path} is not an unsigned-byte IDX file (bad magic number)")
+        raise DataError(f"{path} is not an unsigned-byte IDX file (bad magic number)")
     ndim = data[3]
     dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     payload = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if payload.size != int(np.prod(dims)):
-        raise ValueError(f"{path} is truncated: header says {dims}, found {payload.size} bytes")
+        raise DataError(f"{path} is truncated: header says {dims}, found {payload.size} bytes")
     return payload.reshape(dims)
 
 

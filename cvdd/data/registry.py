@@ -13,6 +13,7 @@ from typing import Any
 
 from cvdd.data import formats
 from cvdd.data.formats import RawData
+from cvdd.runtime.errors import ConfigError, DataError, UnknownNameError
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -67,7 +68,7 @@ class ImageDataset:
 
 def _root(cfg: Mapping[str, Any]) -> Path:
     if not cfg.get("root"):
-        raise ValueError(f"dataset '{cfg['name']}' needs dataset.root (the folder that holds it)")
+        raise ConfigError(f"dataset '{cfg['name']}' needs dataset.root (the folder that holds it)")
     return Path(cfg["root"]).expanduser()
 
 
@@ -146,7 +147,7 @@ DATASETS: dict[str, DatasetSpec] = {
 def get_spec(name: str) -> DatasetSpec:
     """The registered spec for ``name`` (clear error listing the choices otherwise)."""
     if name not in DATASETS:
-        raise KeyError(f"unknown dataset '{name}'; registered: {', '.join(sorted(DATASETS))}")
+        raise UnknownNameError(f"unknown dataset '{name}'; registered: {', '.join(sorted(DATASETS))}")
     return DATASETS[name]
 
 
@@ -155,7 +156,7 @@ def load_dataset(cfg: Mapping[str, Any]) -> ImageDataset:
     spec = get_spec(cfg["name"])
     raw = spec.loader(cfg)
     if len(raw.classes) != spec.num_classes:
-        raise ValueError(
+        raise DataError(
             f"dataset '{spec.name}' at {cfg.get('root')}: found {len(raw.classes)} classes, expected "
             f"{spec.num_classes}; check that dataset.root points at the full dataset"
         )

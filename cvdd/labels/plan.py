@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cvdd.runtime.errors import ConfigError
 from cvdd.runtime.seeding import derive_seed
 
 
@@ -111,7 +112,7 @@ class EpochPlan:
         mix_alpha: float = 1.0,
     ):
         if mix not in MIX_MODES:
-            raise ValueError(f"mix={mix!r}; choose from {MIX_MODES}")
+            raise ConfigError(f"mix={mix!r}; choose from {MIX_MODES}")
         if num_images < 1 or epochs < 1 or batch_size < 1:
             raise ValueError(
                 f"EpochPlan needs positive sizes, got images={num_images} epochs={epochs} batch_size={batch_size}"

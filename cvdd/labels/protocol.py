@@ -16,6 +16,7 @@ from cvdd.config.compose import model_config
 from cvdd.data import get_spec
 from cvdd.labels.plan import EpochPlan
 from cvdd.labels.student_set import StudentSet
+from cvdd.runtime.errors import MissingInputError
 from cvdd.runtime.hardware import numerics_for
 
 
@@ -42,7 +43,7 @@ def teacher_weights(
         model_config(member, "relabel.teachers ('committee' or a model id)")
         artifact = TeacherArtifact(root, cfg.dataset.name, member)
         if not artifact.exists():
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"teacher {member} for relabelling is missing from {artifact.folder}; squeeze it: "
                 f"{artifact.train_command()}"
             )

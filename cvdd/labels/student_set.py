@@ -33,6 +33,7 @@ from cvdd.artifacts.identity import set_name
 from cvdd.data import get_spec
 from cvdd.runtime import log
 from cvdd.runtime.distributed import raise_together, rank_and_world
+from cvdd.runtime.errors import ConfigError
 
 
 class SetImages:
@@ -128,14 +129,14 @@ def student_set(cfg: DictConfig, root: Path) -> StudentSet:
     checks every file's size; no image is read here."""
     replaced = cfg.distilled.get("replaced_by")
     if replaced:
-        raise ValueError(
+        raise ConfigError(
             f"distilled=random_real is replaced by {replaced}: random real images are now a distilled set like any "
             f"other. Make it once with `python distill.py {replaced} ipc={cfg.ipc} seed={cfg.seed}`, then relabel "
             f"and evaluate with {replaced} (its labels are made again: the images now come from the set's files)"
         )
     image_format = cfg.distilled.format
     if image_format not in IMAGE_FORMATS:
-        raise ValueError(f"distilled.format={image_format!r}; choose from {', '.join(IMAGE_FORMATS)}")
+        raise ConfigError(f"distilled.format={image_format!r}; choose from {', '.join(IMAGE_FORMATS)}")
     spec = get_spec(cfg.dataset.name)
     name = set_name(cfg)
     artifact = DistilledArtifact(root, cfg.dataset.name, name)

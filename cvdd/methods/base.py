@@ -28,6 +28,7 @@ from cvdd.committee.priors import MeasureMember
 from cvdd.data import get_spec
 from cvdd.data.registry import DatasetSpec, ImageDataset
 from cvdd.runtime import log
+from cvdd.runtime.errors import ConfigError
 from cvdd.runtime.hardware import numerics_for
 
 
@@ -152,7 +153,7 @@ def require_real_images(ctx: DistillContext, needs: str) -> None:
     counts = torch.bincount(ctx.data.view("train").targets, minlength=len(ctx.data.classes))
     short = [(ctx.data.classes[c], int(n)) for c, n in enumerate(counts.tolist()) if n < ctx.ipc]
     if short:
-        raise ValueError(
+        raise ConfigError(
             f"{needs} needs ipc={ctx.ipc} distinct real images per class, but class {short[0][0]!r} has "
             f"{short[0][1]} ({len(short)} classes are short); lower ipc"
         )

@@ -16,13 +16,14 @@ from torch.utils.data import DataLoader, Subset
 
 from cvdd.methods.base import DistillContext, require_real_images
 from cvdd.methods.per_class import PerClassMethod
+from cvdd.runtime.errors import ConfigError
 
 
 def penultimate_features(net: nn.Module, numerics, images: DataLoader, device: torch.device) -> torch.Tensor:
     """The input of ``net``'s last ``nn.Linear`` for every image of ``images`` (fp32, on CPU)."""
     linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
     if not linears:
-        raise ValueError(f"{type(net).__name__} has no linear classifier to take features from")
+        raise ConfigError(f"{type(net).__name__} has no linear classifier to take features from")
     captured: list[torch.Tensor] = []
     handle = linears[-1].register_forward_hook(lambda _m, inputs, _out: captured.append(inputs[0].float().cpu()))
     try:

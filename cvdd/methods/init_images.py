@@ -20,6 +20,7 @@ from cvdd.data.images import ImageSplit
 from cvdd.labels.plan import crop_flip_theta, resized_crop, sample_crop_box
 from cvdd.runtime import log
 from cvdd.runtime.distributed import gather_objects, rank_and_world
+from cvdd.runtime.errors import ConfigError, DataError
 from cvdd.runtime.seeding import derive_seed
 
 if TYPE_CHECKING:  # a type only: committee_voting imports this module
@@ -42,7 +43,7 @@ def real_image_order(targets: torch.Tensor, class_index: int, seed: int) -> torc
     initialisation starts from exactly the random-real set of the same seed, so the two compare pairwise."""
     idx = torch.nonzero(targets == class_index).flatten()
     if len(idx) == 0:
-        raise ValueError(f"no real training images of class {class_index}")
+        raise DataError(f"no real training images of class {class_index}")
     return idx[torch.randperm(len(idx), generator=class_generator(seed, class_index, REAL_ORDER_SALT))]
 
 
@@ -63,11 +64,11 @@ class PatchSettings:
 
     def __post_init__(self) -> None:
         if self.difficulty not in DIFFICULTIES:
-            raise ValueError(f"recover.init.difficulty={self.difficulty!r}; choose from {', '.join(DIFFICULTIES)}")
+            raise ConfigError(f"recover.init.difficulty={self.difficulty!r}; choose from {', '.join(DIFFICULTIES)}")
         if self.factor < 1:
-            raise ValueError(f"recover.init.factor={self.factor} must be >= 1 (f x f crops per image)")
+            raise ConfigError(f"recover.init.factor={self.factor} must be >= 1 (f x f crops per image)")
         if self.candidates < self.needed:
-            raise ValueError(
+            raise ConfigError(
                 f"recover.init.candidates={self.candidates} is too few for ipc={self.ipc} with "
                 f"recover.init.factor={self.factor}: every image needs {self.factor}² distinct crops, "
                 f"so raise recover.init.candidates to at least {self.needed}"

@@ -20,6 +20,7 @@ import torch
 from cvdd.methods.base import DistillContext
 from cvdd.methods.init_images import Initializer, PatchSettings
 from cvdd.methods.per_class import PerClassMethod
+from cvdd.runtime.errors import ConfigError
 
 
 class RDED(PerClassMethod):
@@ -31,12 +32,12 @@ class RDED(PerClassMethod):
 
     def settings(self, ctx: DistillContext) -> PatchSettings:
         if self.factor < 1 or self.candidates_per_image < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"method.factor={self.factor} and method.candidates_per_image={self.candidates_per_image} must be "
                 f"at least 1"
             )
         if ctx.spec.image_size % self.factor:
-            raise ValueError(
+            raise ConfigError(
                 f"method.factor={self.factor} must divide the image size {ctx.spec.image_size} (tiles of equal size)"
             )
         candidates = self.candidates_per_image * ctx.ipc * self.factor**2

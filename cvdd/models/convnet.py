@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cvdd.runtime.errors import ConfigError
+
 NORMS = {
     "batch": nn.BatchNorm2d,
     "instance": lambda width: nn.GroupNorm(width, width, affine=True),  # per-sample, per-channel, as in DC
@@ -29,9 +31,9 @@ class ConvNet(nn.Module):
     ):
         super().__init__()
         if norm not in NORMS:
-            raise ValueError(f"model.norm={norm!r}; choose from {', '.join(NORMS)}")
+            raise ConfigError(f"model.norm={norm!r}; choose from {', '.join(NORMS)}")
         if image_size >> depth < 1:
-            raise ValueError(f"ConvNet depth {depth} pools a {image_size}px image below 1px; lower model.depth")
+            raise ConfigError(f"ConvNet depth {depth} pools a {image_size}px image below 1px; lower model.depth")
         layers: list[nn.Module] = []
         channels = in_chans
         for _ in range(depth):

@@ -17,6 +17,7 @@ from torch import nn
 from torchvision import models as tvm
 
 from cvdd.models.registry import SMALL_INPUT_MAX
+from cvdd.runtime.errors import ConfigError, MissingInputError
 
 IMAGENET_WEIGHTS = {  # registry name → torchvision weights enum (the paper's IMAGENET1K_V1)
     "resnet18": tvm.ResNet18_Weights.IMAGENET1K_V1,
@@ -49,12 +50,12 @@ def load_imagenet_weights(
     Returns what was loaded (weights id, file), for the teacher's record.
     """
     if name not in IMAGENET_WEIGHTS:
-        raise ValueError(
+        raise ConfigError(
             f"model.pretrained=true: torchvision has ImageNet weights for {', '.join(IMAGENET_WEIGHTS)}, "
             f"not for '{name}'; set model.pretrained=false (and squeeze.epochs > 0) to train it from scratch"
         )
     if image_size <= SMALL_INPUT_MAX or in_chans != 3 or width not in (None, 1.0):
-        raise ValueError(
+        raise ConfigError(
             f"model.pretrained=true needs the standard 224-px, 3-channel, width-1.0 {name}; this one is "
             f"{image_size} px, {in_chans} channels, width {width} (small-input networks have other stems). "
             f"Set model.pretrained=false"
@@ -62,7 +63,7 @@ def load_imagenet_weights(
     path = weights_file(name)
     weights = IMAGENET_WEIGHTS[name]
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"model.pretrained=true: torchvision's {name} {weights.name} weights are not in the local cache.\n"
             f"  Download {weights.url} on a machine with internet and copy it to {path}\n"
             f"  (the folder is $TORCH_HOME/hub/checkpoints; set TORCH_HOME to use another cache), "

@@ -16,6 +16,7 @@ from torch import nn
 from torchvision.models import MobileNetV2, ShuffleNetV2
 
 from cvdd.models.convnet import ConvNet
+from cvdd.runtime.errors import UnknownNameError
 
 SMALL_INPUT_MAX = 64
 Builder = Callable[..., nn.Module]
@@ -149,7 +150,7 @@ def convnet(
 def build_model(name: str, num_classes: int, image_size: int, in_chans: int = 3, **kwargs) -> nn.Module:
     """Build registered model ``name`` for the given classes, input size and channels."""
     if name not in MODELS:
-        raise KeyError(f"unknown model '{name}'; registered: {', '.join(sorted(MODELS))}")
+        raise UnknownNameError(f"unknown model '{name}'; registered: {', '.join(sorted(MODELS))}")
     return MODELS[name](num_classes=num_classes, image_size=image_size, in_chans=in_chans, **kwargs)
 
 

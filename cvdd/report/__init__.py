@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cvdd.artifacts import atomic_write
+from cvdd.runtime.errors import ConfigError, MissingInputError
 
 Reference = Mapping[str, Mapping[int, float]]  # published rows: name → {IPC: top-1}
 METRICS = {"final": "test_top1", "best": "test_top1_best"}  # what a table reports → the result's field
@@ -55,7 +56,7 @@ class Group:
 def load_results(folder: Path) -> list[dict]:
     """Every evaluate result below ``folder`` (other JSON files are ignored)."""
     if not folder.is_dir():
-        raise FileNotFoundError(f"results folder {folder} does not exist; point at artifacts/<dataset>/results")
+        raise MissingInputError(f"results folder {folder} does not exist; point at artifacts/<dataset>/results")
     found = []
     for path in sorted(folder.rglob("*.json")):
         try:
@@ -85,7 +86,7 @@ def summarise(records: Iterable[dict], metric: str = "final") -> list[Group]:
     ``metric``: ``final`` or ``best`` top-1; results that predate the ``best`` record are left out of it.
     """
     if metric not in METRICS:
-        raise ValueError(f"metric={metric!r}; choose from {', '.join(METRICS)}")
+        raise ConfigError(f"metric={metric!r}; choose from {', '.join(METRICS)}")
     field = METRICS[metric]
     by_key: dict[tuple, dict[int, dict]] = defaultdict(dict)
     for r in sorted(records, key=lambda r: r.get("created", "")):

@@ -1,8 +1,9 @@
 """How an entry point reports a mistake in its inputs: the message (what is wrong, how to fix it), no stack trace.
 
-Every check in the stages raises one of :data:`USER_ERRORS` with a message that names the key or file and
-the fix; a traceback through Hydra and Lightning would only bury it. ``HYDRA_FULL_ERROR=1`` re-raises, as
-Hydra itself does for its own errors.
+Every check of a run's inputs raises a :class:`UserError` whose message names the key, file or value and the fix;
+a traceback through Hydra and Lightning would only bury it. Anything else is a bug and keeps its traceback.
+``HYDRA_FULL_ERROR=1`` re-raises user errors too, as Hydra itself does for its own errors. Each subclass is also
+the built-in exception it refines, so ``except ValueError`` still catches a :class:`ConfigError`.
 """
 
 from __future__ import annotations
@@ -12,19 +13,37 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from cvdd.artifacts import ArtifactConflictError, ArtifactNotWritableError
 
-USER_ERRORS = (ValueError, FileNotFoundError, ArtifactConflictError, ArtifactNotWritableError, KeyError)
+class UserError(Exception):
+    """A mistake in a run's inputs: the message says what is wrong and how to fix it."""
+
+
+class ConfigError(UserError, ValueError):
+    """A setting that cannot work: a config value out of range, an unknown choice, settings that contradict."""
+
+
+class DataError(UserError, ValueError):
+    """A dataset's files are not what its format promises (bad header, missing classes, an empty class)."""
+
+
+class MissingInputError(UserError, FileNotFoundError):
+    """Something a stage reads is not there: a teacher, a set, labels, measured priors, a cached download."""
+
+
+class UnknownNameError(UserError, KeyError):
+    """A name that is not registered (a model, a dataset, a dataset field)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
 
 
 @contextmanager
 def reported_errors() -> Iterator[None]:
-    """Turn a user error into ``error: <message>`` on stderr and exit status 1."""
+    """Turn a :class:`UserError` into ``error: <message>`` on stderr and exit status 1."""
     try:
         yield
-    except USER_ERRORS as err:
+    except UserError as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-        print(f"error: {message}\n(HYDRA_FULL_ERROR=1 shows the stack trace)", file=sys.stderr, flush=True)
+        print(f"error: {err}\n(HYDRA_FULL_ERROR=1 shows the stack trace)", file=sys.stderr, flush=True)
         raise SystemExit(1) from None

@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 
 from cvdd.artifacts import ArtifactConflictError
 from cvdd.runtime import log
+from cvdd.runtime.errors import ConfigError
 from cvdd.runtime.precision import Numerics, choose_numerics
 
 
@@ -43,7 +44,7 @@ def threads_per_process(requested: int | str | None, processes: int) -> int:
     except ValueError:
         threads = 0
     if threads < 1:
-        raise ValueError(
+        raise ConfigError(
             f"hardware.threads={requested!r} must be a positive integer, or null for cores // processes "
             f"({available_cores()} cores here)"
         )
@@ -133,7 +134,7 @@ def requested_workers(requested: int | str | None) -> int | None:
     except (TypeError, ValueError):
         workers = 0
     if workers < 1:
-        raise ValueError(
+        raise ConfigError(
             f"hardware.member_threads={requested!r} must be a positive integer, or null for one pass per CPU thread"
         )
     return workers

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cvdd.runtime.errors import ConfigError
+
 WORKLOADS = ("recover", "relabel", "squeeze", "student")
 PRECISIONS = ("auto", "32", "bf16")
 
@@ -99,7 +101,7 @@ def choose_numerics(arch: str, workload: str, precision: str | int, channels_las
     """The numerics of a ``build_model`` network ``arch`` running ``workload`` on ``device`` (``cpu``/``cuda``)."""
     precision, layout = str(precision), str(channels_last).lower()
     if precision not in PRECISIONS:
-        raise ValueError(f"hardware.precision={precision!r}; choose from {', '.join(PRECISIONS)}")
+        raise ConfigError(f"hardware.precision={precision!r}; choose from {', '.join(PRECISIONS)}")
     if layout not in ("auto", "true", "false"):
         raise ValueError(f"hardware.channels_last={channels_last!r}; choose auto, true or false")
     if workload not in WORKLOADS:

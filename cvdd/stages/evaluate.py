@@ -21,6 +21,7 @@ from cvdd.labels.protocol import build_plan, label_settings, labels_of, relabel_
 from cvdd.labels.student_set import StudentSet, student_set
 from cvdd.report.summary import command_with, stage_summary
 from cvdd.runtime import log
+from cvdd.runtime.errors import ConfigError, MissingInputError
 from cvdd.runtime.hardware import numerics_for
 from cvdd.runtime.precision import Numerics
 from cvdd.runtime.trainer import build_trainer, finish_loggers, log_final
@@ -57,7 +58,7 @@ def check_label_settings(manifest: dict, expected: dict, folder: Path) -> None:
         f"  {LABEL_SETTING_KEYS[key]}: {manifest.get(key)!r} in the labels, {expected[key]!r} asked here"
         for key in differ
     ]
-    raise ValueError(
+    raise ConfigError(
         f"the soft labels in {folder} were made with other settings than this run asks for:\n"
         + "\n".join(lines)
         + f"\nMake matching labels: {relabel_command(overwrite=True)}\nor evaluate with the settings the labels record."
@@ -69,7 +70,7 @@ def offline_labels(cfg: DictConfig, root: Path, chosen: StudentSet, expected: di
     file's size; an epoch's file is read (and its digest and plan checked) when training reaches it."""
     artifact = labels_of(cfg, root, chosen)
     if not artifact.manifest.is_file():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"no soft labels at {artifact.folder}; make them with:\n  {relabel_command(overwrite=False)}\n"
             f"or use labels=online"
         )
@@ -145,7 +146,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     name = chosen.name
     plan = build_plan(cfg, len(chosen))
     if cfg.validate.epochs > plan.epochs:
-        raise ValueError(f"validate.epochs={cfg.validate.epochs} exceeds the label plan's relabel.epochs={plan.epochs}")
+        raise ConfigError(
+            f"validate.epochs={cfg.validate.epochs} exceeds the label plan's relabel.epochs={plan.epochs}"
+        )
     if cfg.labels == "offline":
         expected = label_settings(cfg, teacher_weights(cfg, root), plan, chosen)
         soft, label_info = offline_labels(cfg, root, chosen, expected, plan)
@@ -154,7 +157,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     elif cfg.labels == "hard":
         soft, label_info = None, {}
     else:
-        raise ValueError(f"labels={cfg.labels!r}; choose offline, online or hard")
+        raise ConfigError(f"labels={cfg.labels!r}; choose offline, online or hard")
 
     results = results_folder(root, cfg.dataset.name)
     ensure_writable(results, cfg.paths.output_dir)

@@ -40,6 +40,7 @@ from cvdd.labels.student_set import student_set
 from cvdd.report.summary import LABEL_KEYS, next_command, size_on_disk, stage_summary
 from cvdd.runtime import log
 from cvdd.runtime.distributed import HydraDDPStrategy
+from cvdd.runtime.errors import ConfigError
 from cvdd.runtime.hardware import check_same_threads, cpu_threads
 from cvdd.runtime.trainer import build_trainer, finish_loggers, log_final
 from cvdd.stages.priors import measure_member
@@ -53,7 +54,7 @@ def relabel(cfg: DictConfig) -> dict[str, Any]:
     topk = cfg.relabel.get("topk")
     check_storage(cfg.relabel.dtype, topk)
     if int(cfg.relabel.stack_images) < 1:
-        raise ValueError(
+        raise ConfigError(
             f"relabel.stack_images={cfg.relabel.stack_images} must be at least 1 (images per forward pass)"
         )
     artifact = labels_of(cfg, root, chosen)

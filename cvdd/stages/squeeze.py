@@ -35,6 +35,7 @@ from cvdd.config.compose import compose_stage, select_overrides
 from cvdd.models.pretrained import load_imagenet_weights
 from cvdd.report.summary import TEACHER_KEYS, next_command, size_on_disk, stage_summary
 from cvdd.runtime import log
+from cvdd.runtime.errors import ConfigError, MissingInputError
 from cvdd.runtime.hardware import numerics_for
 from cvdd.runtime.precision import Numerics
 from cvdd.runtime.quiet import quiet_libraries
@@ -119,7 +120,7 @@ def squeeze_teacher(cfg: DictConfig, title: str | None = None) -> dict[str, Any]
 
     epochs = int(cfg.squeeze.epochs)
     if epochs < 0 or (epochs == 0 and not recipe["pretrained"]):
-        raise ValueError(
+        raise ConfigError(
             f"squeeze.epochs={epochs} trains nothing; give squeeze.epochs > 0, or model.pretrained=true to "
             f"publish torchvision's ImageNet weights as they are"
         )
@@ -209,7 +210,7 @@ def ensure_teachers(cfg: DictConfig, members: list[str]) -> None:
     if not missing:
         return
     if not cfg.committee.train_missing:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"committee '{cfg.committee.name}' lacks teachers {missing} in {root / cfg.dataset.name / 'teachers'}; "
             f"squeeze them first:\n  {train_command(cfg.dataset.name, missing)}\n"
             f"or add committee.train_missing=true"

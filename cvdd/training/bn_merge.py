@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from cvdd.runtime.distributed import rank_and_world
+from cvdd.runtime.errors import ConfigError
 
 
 class BatchNormMerge:
@@ -24,7 +25,7 @@ class BatchNormMerge:
         self.layers = [m for m in net.modules() if isinstance(m, _BatchNorm) and m.running_mean is not None]
         cumulative = [type(m).__name__ for m in self.layers if m.momentum is None]
         if cumulative:
-            raise ValueError(
+            raise ConfigError(
                 f"BatchNorm with momentum=None (a cumulative average; {cumulative[0]}) cannot be merged across ranks; "
                 "train this student on one device or give its BatchNorm layers a momentum"
             )

@@ -9,6 +9,8 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+from cvdd.runtime.errors import ConfigError
+
 OPTIMIZERS = ("adam", "sgd")
 
 
@@ -20,7 +22,7 @@ def build_optimizer(
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    raise ValueError(f"squeeze.optimizer={name!r}; choose from {', '.join(OPTIMIZERS)}")
+    raise ConfigError(f"squeeze.optimizer={name!r}; choose from {', '.join(OPTIMIZERS)}")
 
 
 def cosine_factor(progress: float, stretch: float = 1.0) -> float:
@@ -49,10 +51,10 @@ def cosine_schedule(
     if total_steps < 1:
         raise ValueError(f"cosine_schedule needs total_steps >= 1, got {total_steps}")
     if stretch <= 0:
-        raise ValueError(f"cosine_schedule stretch (η) must be > 0, got {stretch}")
+        raise ConfigError(f"cosine_schedule stretch (η) must be > 0, got {stretch}")
     if period_epochs is not None:
         if period_epochs < 1 or steps_per_epoch < 1:
-            raise ValueError(f"squeeze.cosine_period_epochs={period_epochs} must be >= 1")
+            raise ConfigError(f"squeeze.cosine_period_epochs={period_epochs} must be >= 1")
         return LambdaLR(
             optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * (step // steps_per_epoch) / period_epochs))
         )

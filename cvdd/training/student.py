@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from cvdd.labels.plan import BatchPlan, EpochPlan, apply_batch
 from cvdd.labels.student_set import SetImages, as_set_images, read_on_every_rank
 from cvdd.runtime.distributed import ShardSampler, rank_and_world
+from cvdd.runtime.errors import ConfigError
 from cvdd.runtime.precision import FP32, Numerics
 from cvdd.training.bn_merge import BatchNormMerge
 from cvdd.training.metrics import topk_accuracy
@@ -110,12 +111,12 @@ class StudentModule(L.LightningModule):
     ):
         super().__init__()
         if micro_batches < 1 or plan.batch_size % micro_batches:
-            raise ValueError(
+            raise ConfigError(
                 f"validate.micro_batches={micro_batches} must be >= 1 and divide the planned batch "
                 f"(relabel.batch_size={plan.batch_size})"
             )
         if ddp_split not in DDP_SPLITS:
-            raise ValueError(f"validate.ddp_split={ddp_split!r}; choose from {', '.join(DDP_SPLITS)}")
+            raise ConfigError(f"validate.ddp_split={ddp_split!r}; choose from {', '.join(DDP_SPLITS)}")
         self.save_hyperparameters(
             ignore=["net", "images", "targets", "plan", "soft_labels", "numerics", "test_set", "loader"]
         )

@@ -28,6 +28,7 @@ from cvdd.methods.committee_voting.recover import Layout, RecoverModule, Recover
 from cvdd.methods.init_images import INIT_MODES, Initializer, PatchSettings
 from cvdd.runtime import log
 from cvdd.runtime.distributed import HydraDDPStrategy
+from cvdd.runtime.errors import ConfigError
 from cvdd.runtime.hardware import check_same_threads, cpu_threads
 from cvdd.runtime.seeding import derive_seed
 
@@ -56,12 +57,12 @@ class CommitteeVoting(Method):
     def patch_settings(self, cfg: DictConfig) -> PatchSettings | None:
         """``recover.*`` checked; the patch settings when the initialisation is ``patches``."""
         if int(cfg.recover.iterations) < 1:
-            raise ValueError(f"recover.iterations={cfg.recover.iterations} must be at least 1")
+            raise ConfigError(f"recover.iterations={cfg.recover.iterations} must be at least 1")
         group_images, wave_images = optional_int(cfg.recover.group_images), optional_int(cfg.recover.wave_images)
         if group_images is not None and group_images < 1:
-            raise ValueError(f"recover.group_images={group_images} must be at least 1 (or null: from free memory)")
+            raise ConfigError(f"recover.group_images={group_images} must be at least 1 (or null: from free memory)")
         if wave_images is not None and wave_images < (group_images or 1):
-            raise ValueError(
+            raise ConfigError(
                 f"recover.wave_images={wave_images} is below "
                 + (f"recover.group_images={group_images}" if group_images else "one image")
                 + ": a group is optimised at once; raise wave_images, or lower group_images (results change by "
@@ -69,7 +70,7 @@ class CommitteeVoting(Method):
             )
         init = cfg.recover.init
         if init.mode not in INIT_MODES:
-            raise ValueError(f"recover.init.mode={init.mode!r}; choose from {', '.join(INIT_MODES)}")
+            raise ConfigError(f"recover.init.mode={init.mode!r}; choose from {', '.join(INIT_MODES)}")
         if init.mode != "patches":
             return None
         return PatchSettings(
