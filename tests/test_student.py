@@ -34,10 +34,10 @@ def make_student(micro_batches: int, num_images: int = 24) -> tuple[StudentModul
         plan,
         NUM_CLASSES,
         soft,
-        20.0,
-        1e-2,
-        0.01,
-        1.0,
+        temperature=20.0,
+        lr=1e-2,
+        weight_decay=0.01,
+        stretch=1.0,
         micro_batches=micro_batches,
     )
     return module, teacher, plan

@@ -40,6 +40,7 @@ class RelabelModule(L.LightningModule):
         images: torch.Tensor | SetImages | Callable[[int, int], SetImages],
         plan: EpochPlan,
         on_epoch_done: Callable[[int, torch.Tensor, bytes], None],
+        *,
         bssl: bool = True,
         halves: bool = False,
         numerics: Mapping[str, Numerics] | None = None,

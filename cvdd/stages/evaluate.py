@@ -171,13 +171,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         plan,
         spec.num_classes,
         soft,
-        v.temperature,
-        v.lr,
-        v.weight_decay,
-        v.stretch,
-        int(v.micro_batches),
-        bool(v.decay_all),
-        numerics_for(cfg, model_cfg.net.name, "student"),  # trains in these; tested in fp32
+        temperature=v.temperature,
+        lr=v.lr,
+        weight_decay=v.weight_decay,
+        stretch=v.stretch,
+        micro_batches=int(v.micro_batches),
+        decay_all=bool(v.decay_all),
+        numerics=numerics_for(cfg, model_cfg.net.name, "student"),  # trains in these; tested in fp32
         test_set=data.view("test"),
         loader={
             "num_workers": cfg.hardware.num_workers,

@@ -121,11 +121,11 @@ def relabel(cfg: DictConfig) -> dict[str, Any]:
                 chosen.read,
                 plan,
                 save_epoch,
-                bool(cfg.relabel.bssl),
-                bool(cfg.relabel.halves),
-                committee.numerics,
-                int(cfg.relabel.stack_images),
-                workers,
+                bssl=bool(cfg.relabel.bssl),
+                halves=bool(cfg.relabel.halves),
+                numerics=committee.numerics,
+                stack_images=int(cfg.relabel.stack_images),
+                member_workers=workers,
             )
             trainer.predict(module, DataLoader(mine, batch_size=None), return_predictions=False)
         if dist.is_available() and dist.is_initialized():

@@ -98,6 +98,7 @@ class StudentModule(L.LightningModule):
         plan: EpochPlan,
         num_classes: int,
         soft_labels: SoftLabels | None,
+        *,
         temperature: float = 20.0,
         lr: float = 1e-3,
         weight_decay: float = 0.01,
