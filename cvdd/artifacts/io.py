@@ -25,6 +25,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.serialization import set_default_mmap_options, skip_data
 
+from cvdd.runtime import log
 from cvdd.runtime.errors import UserError
 
 
@@ -62,6 +63,18 @@ def load_json(path: Path | str) -> Any:
         return json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ArtifactCorruptError(f"{path} is not valid JSON ({err}); it is damaged: rebuild it") from err
+
+
+def load_json_if_intact(path: Path | str, redo: str) -> Any | None:
+    """The JSON record at ``path``; ``None`` when there is none, or when it is damaged (logged with ``redo``, what
+    the stage does instead)."""
+    if not Path(path).is_file():
+        return None
+    try:
+        return load_json(path)
+    except ArtifactCorruptError:
+        log.warning("%s is damaged; %s", path, redo)
+        return None
 
 
 HASHED = {"bytes": 0}  # bytes hashed by this process so far (bench/scale.py reads it; nothing else does)

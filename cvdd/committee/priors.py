@@ -38,6 +38,7 @@ from cvdd.artifacts import (
     TeacherArtifact,
     fingerprint,
     load_json,
+    load_json_if_intact,
     save_json,
 )
 from cvdd.artifacts.identity import dataset_identity
@@ -170,13 +171,7 @@ def teacher_fingerprint(root: Path, dataset: str, member: str) -> str | None:
 
 
 def read_record(artifact: PriorsArtifact) -> dict | None:
-    if not artifact.record.is_file():
-        return None
-    try:
-        return load_json(artifact.record)
-    except ArtifactCorruptError:
-        log.warning("priors %s are damaged; measuring them again", artifact.record)
-        return None
+    return load_json_if_intact(artifact.record, "measuring the priors again")
 
 
 def still_valid(record: dict, root: Path, dataset: str) -> dict[str, dict]:

@@ -17,11 +17,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from cvdd.artifacts import (
     ArtifactConflictError,
-    ArtifactCorruptError,
     damaged_files,
     ensure_writable,
     fingerprint,
-    load_json,
+    load_json_if_intact,
 )
 from cvdd.artifacts.distilled import DistilledArtifact, write_set
 from cvdd.artifacts.identity import set_name
@@ -36,13 +35,7 @@ from cvdd.stages.squeeze import ensure_teachers
 
 def finished_manifest(artifact: DistilledArtifact) -> dict | None:
     """The manifest of a finished set, ``None`` if there is none or it is damaged (then the set is rebuilt)."""
-    if not artifact.complete():
-        return None
-    try:
-        return load_json(artifact.manifest)
-    except ArtifactCorruptError:
-        log.warning("manifest %s is damaged; rebuilding the set", artifact.manifest)
-        return None
+    return load_json_if_intact(artifact.manifest, "rebuilding the set") if artifact.complete() else None
 
 
 def reusable(artifact: DistilledArtifact, recipe_hash: str, overwrite: bool) -> dict | None:
