@@ -70,7 +70,7 @@ def test_damaged_label_epoch_is_found_before_training_and_a_rerun_recomputes_onl
     def no_training(*_args, **_kwargs):
         raise AssertionError("training started before the labels were checked")
 
-    monkeypatch.setattr(evaluate_job, "build_trainer", no_training)
+    monkeypatch.setattr(evaluate_job, "stage_trainer", no_training)
     with pytest.raises(ArtifactCorruptError, match=r"epoch_0002\.pt is missing or damaged .*python relabel\.py"):
         evaluate(make_cfg("evaluate", *PLAN))
     monkeypatch.undo()

@@ -119,8 +119,8 @@ def test_unwritable_outputs_fail_before_the_work(
     def no_training(*_args, **_kwargs):
         raise AssertionError("training started before the outputs were checked")
 
-    monkeypatch.setattr(squeeze_job, "build_trainer", no_training)
-    monkeypatch.setattr(evaluate_job, "build_trainer", no_training)
+    monkeypatch.setattr(squeeze_job, "stage_trainer", no_training)
+    monkeypatch.setattr(evaluate_job, "stage_trainer", no_training)
     (tmp_path / "artifacts" / "digits").mkdir(parents=True, exist_ok=True)
     (tmp_path / "artifacts" / "digits" / blocked).write_text("not a folder")
     job = {"train": squeeze_teacher, "distill": distill, "relabel": relabel, "evaluate": evaluate}[stage]

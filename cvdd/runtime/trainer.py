@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
@@ -53,6 +54,19 @@ def log_final(
             key, columns, rows = table
             logger.log_table(key=key, columns=columns, data=rows)
         logger.save()
+
+
+@contextmanager
+def stage_trainer(
+    cfg: DictConfig, extra_callbacks: list[Callback] | None = None
+) -> Iterator[tuple[L.Trainer, list[Logger]]]:
+    """A stage's Trainer and loggers (:func:`build_trainer`) for the ``with`` block of its work; its W&B runs are
+    closed however the block ends (:func:`finish_loggers`)."""
+    trainer, loggers = build_trainer(cfg, extra_callbacks)
+    try:
+        yield trainer, loggers
+    finally:
+        finish_loggers(loggers)
 
 
 def finish_loggers(loggers: list[Logger]) -> None:

@@ -28,7 +28,7 @@ from cvdd.data import load_dataset
 from cvdd.methods.base import DistillContext, Method
 from cvdd.report.summary import SET_KEYS, next_command, size_on_disk, stage_summary
 from cvdd.runtime import log
-from cvdd.runtime.trainer import build_trainer, finish_loggers
+from cvdd.runtime.trainer import stage_trainer
 from cvdd.stages.priors import measure_member
 from cvdd.stages.squeeze import ensure_teachers
 
@@ -61,8 +61,7 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     artifact = DistilledArtifact(Path(cfg.paths.artifacts), cfg.dataset.name, set_name(cfg))
     method: Method = instantiate(cfg.method)
     data = load_dataset(cfg.dataset)
-    trainer, loggers = build_trainer(cfg)
-    try:
+    with stage_trainer(cfg) as (trainer, loggers):
         ctx = DistillContext(cfg, artifact.root, data, artifact, trainer, ensure_teachers, measure_member)
         method.check(ctx)  # bad settings are refused before anything is written
         ensure_writable(artifact.folder)
@@ -106,5 +105,3 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
             if hasattr(logger, "log_image"):
                 logger.log_image(key="distilled/grid", images=[str(artifact.grid)])
         return manifest
-    finally:
-        finish_loggers(loggers)

@@ -24,7 +24,7 @@ from cvdd.runtime import log
 from cvdd.runtime.errors import ConfigError, MissingInputError
 from cvdd.runtime.hardware import numerics_for
 from cvdd.runtime.precision import Numerics
-from cvdd.runtime.trainer import build_trainer, finish_loggers, log_final
+from cvdd.runtime.trainer import log_final, stage_trainer
 from cvdd.training.metrics import evaluate_classifier
 from cvdd.training.student import StudentModule
 
@@ -187,8 +187,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         ddp_split=str(v.get("ddp_split", "slices")),
     )
     started = time.time()
-    trainer, loggers = build_trainer(cfg)
-    try:
+    with stage_trainer(cfg) as (trainer, loggers):
         trainer.fit(module)  # its steps: StudentModule.train_dataloader (every rank walks the same step count)
         # the recorded pass: each rank its shard of the test set, counts summed (exact, nothing padded)
         test = evaluate_classifier(
@@ -247,5 +246,3 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             f"python -m cvdd.report {results}",
         )
         return {**result, "path": str(out)}
-    finally:
-        finish_loggers(loggers)

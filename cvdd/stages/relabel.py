@@ -42,7 +42,7 @@ from cvdd.runtime import log
 from cvdd.runtime.distributed import HydraDDPStrategy
 from cvdd.runtime.errors import ConfigError
 from cvdd.runtime.hardware import check_same_threads, cpu_threads
-from cvdd.runtime.trainer import build_trainer, finish_loggers, log_final
+from cvdd.runtime.trainer import log_final, stage_trainer
 from cvdd.stages.priors import measure_member
 
 
@@ -100,8 +100,7 @@ def relabel(cfg: DictConfig) -> dict[str, Any]:
         save_tensors(artifact.epoch_path(epoch), payload)
 
     started = time.time()
-    trainer, loggers = build_trainer(cfg)
-    try:
+    with stage_trainer(cfg) as (trainer, loggers):
         if isinstance(trainer.strategy, HydraDDPStrategy):
             trainer.strategy.wrap_model = False
         workers, threads = plan_passes(cfg.hardware.get("member_threads"), cpu_threads(trainer))
@@ -179,5 +178,3 @@ def relabel(cfg: DictConfig) -> dict[str, Any]:
             next_command("evaluate.py", LABEL_KEYS),
         )
         return manifest
-    finally:
-        finish_loggers(loggers)

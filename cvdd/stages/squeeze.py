@@ -39,7 +39,7 @@ from cvdd.runtime.errors import ConfigError, MissingInputError
 from cvdd.runtime.hardware import numerics_for
 from cvdd.runtime.precision import Numerics
 from cvdd.runtime.quiet import quiet_libraries
-from cvdd.runtime.trainer import build_trainer, finish_loggers, task_overrides
+from cvdd.runtime.trainer import stage_trainer, task_overrides
 from cvdd.training.metrics import evaluate_classifier
 
 
@@ -142,13 +142,12 @@ def squeeze_teacher(cfg: DictConfig, title: str | None = None) -> dict[str, Any]
     work_dir = artifact.work_dir(recipe_hash)
     # monitor=None, save_top_k=1: one rolling checkpoint of the latest epoch, named last.ckpt
     checkpoint = ModelCheckpoint(dirpath=work_dir, filename="last", save_top_k=1, enable_version_counter=False)
-    trainer, loggers = build_trainer(cfg, extra_callbacks=[checkpoint])
     last = work_dir / "last.ckpt"
     if last.is_file():
         log.info("resuming %s from %s", cfg.model.id, last)
 
     started = time.time()
-    try:
+    with stage_trainer(cfg, extra_callbacks=[checkpoint]) as (trainer, _):
         if epochs > 0:
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.is_file() else None)
         if trainer.interrupted:
@@ -195,8 +194,6 @@ def squeeze_teacher(cfg: DictConfig, title: str | None = None) -> dict[str, Any]
         else:
             stage_summary("squeeze", rows, record["wall_seconds"], next_command("distill.py", TEACHER_KEYS))
         return record
-    finally:
-        finish_loggers(loggers)
 
 
 def train_command(dataset: str, members: list[str]) -> str:
