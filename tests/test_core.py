@@ -82,5 +82,5 @@ def test_set_diversity_is_zero_for_copies_and_grows_with_differences():
     assert same["pixels"] == 0 and same["features"] == pytest.approx(0, abs=1e-6)
     other = set_diversity(varied, labels, {"convnet": net}, [0.5], [0.25])
     assert other["pixels"] > 0.2 and other["features"] > 0.01
-    assert penultimate_features(net, torch.zeros(5, 1, 16, 16)).shape == (5, last_linear(net).in_features)
+    assert penultimate_features(net, [torch.zeros(5, 1, 16, 16)]).shape == (5, last_linear(net).in_features)
     assert net.training  # restored

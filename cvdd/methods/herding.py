@@ -2,7 +2,8 @@
 the class mean most closely, chosen greedily.
 
 Features are the input of the teacher's last linear layer (its penultimate representation, whatever the
-architecture), of the plain (unaugmented) training images, in the teacher's own numerics, on the run's device.
+architecture: :func:`~cvdd.training.metrics.penultimate_features`), of the plain (unaugmented) training images, in
+the teacher's own numerics, on the run's device.
 Step ``t`` picks the image that brings the mean of the ``t`` chosen features closest to the class mean.
 """
 
@@ -11,28 +12,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from cvdd.methods.base import DistillContext, require_real_images
 from cvdd.methods.per_class import PerClassMethod
-from cvdd.runtime.errors import ConfigError
-
-
-def penultimate_features(net: nn.Module, numerics, images: DataLoader, device: torch.device) -> torch.Tensor:
-    """The input of ``net``'s last ``nn.Linear`` for every image of ``images`` (fp32, on CPU)."""
-    linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ConfigError(f"{type(net).__name__} has no linear classifier to take features from")
-    captured: list[torch.Tensor] = []
-    handle = linears[-1].register_forward_hook(lambda _m, inputs, _out: captured.append(inputs[0].float().cpu()))
-    try:
-        with torch.no_grad():
-            for x, _ in images:
-                numerics.forward(net, x.to(device))
-    finally:
-        handle.remove()
-    return torch.cat(captured)
+from cvdd.training.metrics import penultimate_features
 
 
 def herd(features: torch.Tensor, count: int) -> list[int]:
@@ -75,7 +59,8 @@ class Herding(PerClassMethod):
         split = ctx.data.view("train")
         idx = torch.nonzero(split.targets == c).flatten().tolist()
         loader = DataLoader(Subset(split, idx), batch_size=self.batch_size)
-        sources = [idx[j] for j in herd(penultimate_features(net, numerics, loader, ctx.device), ctx.ipc)]
+        features = penultimate_features(net, (x for x, _ in loader), numerics, ctx.device)
+        sources = [idx[j] for j in herd(features, ctx.ipc)]
         return torch.stack([split[source][0] for source in sources]), sources
 
     def metadata(self, ctx: DistillContext, records: list[list[int]]) -> dict[str, Any]:

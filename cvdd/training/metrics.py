@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
+
+from cvdd.runtime.errors import ConfigError
+from cvdd.runtime.precision import FP32, Numerics
 
 
 def topk_accuracy(num_classes: int, k: int, sync: bool = True) -> MulticlassAccuracy:
@@ -60,20 +65,25 @@ def last_linear(net: nn.Module) -> nn.Linear:
     """The classifier of ``net``: its last ``nn.Linear`` (every registered architecture ends in one)."""
     linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
     if not linears:
-        raise ValueError(f"{type(net).__name__} has no nn.Linear classifier to take penultimate features from")
+        raise ConfigError(f"{type(net).__name__} has no nn.Linear classifier to take penultimate features from")
     return linears[-1]
 
 
 @torch.no_grad()
-def penultimate_features(net: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """``net``'s input to its classifier for ``images`` (normalised N × C × H × W), in eval mode: (N, D) fp32."""
+def penultimate_features(
+    net: nn.Module, batches: Iterable[torch.Tensor], numerics: Numerics = FP32, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """``net``'s input to its classifier for every image of ``batches`` (normalised N × C × H × W each), in eval
+    mode and ``numerics``: (N, D) fp32 on the CPU."""
     captured: list[torch.Tensor] = []
-    hook = last_linear(net).register_forward_pre_hook(lambda _m, args: captured.append(args[0].float().flatten(1)))
+    hook = last_linear(net).register_forward_pre_hook(
+        lambda _m, args: captured.append(args[0].float().flatten(1).cpu())
+    )
     was_training = net.training
     net.eval()
     try:
-        for start in range(0, len(images), batch_size):
-            net(images[start : start + batch_size])
+        for x in batches:
+            numerics.forward(net, x.to(device))
     finally:
         hook.remove()
         net.train(was_training)
@@ -91,7 +101,7 @@ def set_diversity(
     flat = x.flatten(1)
     normalised = (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
     features = [
-        within_class_distance(nn.functional.normalize(penultimate_features(net, normalised), dim=1), labels)
+        within_class_distance(nn.functional.normalize(penultimate_features(net, normalised.split(256)), dim=1), labels)
         for net in nets.values()
     ]
     return {
