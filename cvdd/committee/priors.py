@@ -84,7 +84,7 @@ class Measurement:
 
     @property
     def name(self) -> str:
-        return f"{self.committee}_ipc{self.ipc}_s{self.seed}"
+        return record_name(self.committee, self.ipc, self.seed)
 
     def set_name(self, member: str) -> str:
         return f"priors_{member}_ipc{self.ipc}_s{self.seed}"
@@ -112,6 +112,17 @@ def configured_priors(
     return {str(member): float(score) for member, score in priors.items()}
 
 
+def record_name(committee: str, ipc: int, seed: int) -> str:
+    return f"{committee}_ipc{ipc}_s{seed}"
+
+
+def measured_ipc_seed(cfg: DictConfig) -> tuple[int, int]:
+    """The IPC and seed the priors are measured at (``committee.priors_measure``; null: the run's own)."""
+    options = cfg.committee.get("priors_measure") or {}
+    ipc, seed = options.get("ipc"), options.get("seed")
+    return int(cfg.ipc if ipc is None else ipc), int(cfg.seed if seed is None else seed)
+
+
 def measurement_of(cfg: DictConfig) -> Measurement:
     """The measurement this run asks for: its shared command-line overrides (and its recover recipe for
     distill), ``committee.priors_measure.overrides`` where a stage has the key, and the cost options."""
@@ -130,15 +141,8 @@ def measurement_of(cfg: DictConfig) -> Measurement:
         if stage != "distill" and options.get("epochs") is not None:
             extra.append(f"relabel.epochs={int(options.epochs)}")
         overrides[stage] = [*base, *extra]
-    ipc, seed = options.get("ipc"), options.get("seed")
-    return Measurement(
-        str(cfg.dataset.name),
-        str(cfg.committee.name),
-        tuple(str(m) for m in cfg.committee.members),
-        int(cfg.ipc if ipc is None else ipc),
-        int(cfg.seed if seed is None else seed),
-        overrides,
-    )
+    members = tuple(str(m) for m in cfg.committee.members)
+    return Measurement(str(cfg.dataset.name), str(cfg.committee.name), members, *measured_ipc_seed(cfg), overrides)
 
 
 def override_key(text: str) -> str:
@@ -192,10 +196,11 @@ def still_valid(record: dict, root: Path, dataset: str) -> dict[str, dict]:
 def measured_priors(cfg: DictConfig, root: Path, use: Use, measure: MeasureMember | None = None) -> dict[str, float]:
     """The committee's measured priors (module docstring: which stage measures what), printed with the voting
     weights they give; ``measure`` runs a member's measurement when one is needed."""
-    asked = measurement_of(cfg)
-    artifact = PriorsArtifact(root, asked.dataset, asked.name)
+    name = record_name(str(cfg.committee.name), *measured_ipc_seed(cfg))
+    artifact = PriorsArtifact(root, str(cfg.dataset.name), name)
     record = read_record(artifact)
-    measurement = asked if use == "measure" or record is None else recorded_measurement(record)
+    # the stages' overrides are composed only when this run's own settings make the measurement
+    measurement = measurement_of(cfg) if use == "measure" or record is None else recorded_measurement(record)
     home = Path(compose_stage("distill", measurement.overrides["distill"]).paths.artifacts)  # its sets and teachers
     if use == "read":
         valid = still_valid(record, home, measurement.dataset) if record is not None else {}
@@ -225,7 +230,7 @@ def measured_priors(cfg: DictConfig, root: Path, use: Use, measure: MeasureMembe
             write_record(artifact, measurement, recipe, recipe_hash, done)
     if todo and dist.is_available() and dist.is_initialized():
         dist.barrier()
-    if not todo and (record is None or not record.get("complete") or record["fingerprint"] != recipe_hash):
+    if not todo and not record.get("complete"):
         write_record(artifact, measurement, recipe, recipe_hash, done)  # every member's result was still there
     return report(load_json(artifact.record), artifact, float(cfg.committee.temperature))
 

@@ -22,7 +22,7 @@ from cvdd.artifacts import load_tensors, save_tensors
 from cvdd.artifacts.distilled import DistilledArtifact, SetPiece
 from cvdd.committee.committee import select_members, voting_weights, warn_if_nearly_equal
 from cvdd.committee.passes import plan_passes
-from cvdd.committee.priors import MEASURED, configured_priors
+from cvdd.committee.priors import configured_priors
 from cvdd.methods.base import DistillContext, ImageSet, Method, finished_piece, require_real_images
 from cvdd.methods.committee_voting.recover import Layout, RecoverModule, RecoverSettings, Unit, class_blocks
 from cvdd.methods.init_images import INIT_MODES, Initializer, PatchSettings
@@ -41,6 +41,7 @@ class CommitteeVoting(Method):
         super().__init__(name, set_name, labels_by)
         self.member = member
         self._priors: dict[str, float] | None = None
+        self._priors_resolved = False  # resolved once per run (a measurement runs three jobs per member)
 
     def committee_config(self, cfg: DictConfig) -> DictConfig:
         """``cfg.committee``, or for one ``member`` a committee of it alone (k = 1, weight 1)."""
@@ -94,9 +95,10 @@ class CommitteeVoting(Method):
 
     def _committee(self, ctx: DistillContext):
         comm = self.committee_config(ctx.cfg)
-        if self._priors is None or comm.get("priors") != MEASURED:  # measured ones once per run
+        if not self._priors_resolved:
             cfg = OmegaConf.merge(ctx.cfg, {"committee": comm})
             self._priors = configured_priors(cfg, ctx.root, "measure", ctx.measure)
+            self._priors_resolved = True
         committee = ctx.committee(list(comm.members), self._priors, float(ctx.cfg.recover.first_bn_multiplier))
         if self._priors is None and comm.weighting == "prior" and int(comm.k) > 1:
             warn_if_nearly_equal(committee.priors, float(comm.temperature), "distill (committee.priors=null)")
