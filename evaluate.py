@@ -1,9 +1,12 @@
 """Validate: train a student on a distilled set. ``python evaluate.py dataset=digits ipc=10 student=convnet``."""
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
 import cvdd.config.resolvers  # noqa: F401  (registers the config resolvers)
+from cvdd.config.migrations import refuse_old_spellings
 from cvdd.runtime.distributed import isolated_job
 from cvdd.runtime.errors import reported_errors
 from cvdd.stages.evaluate import evaluate
@@ -17,4 +20,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    refuse_old_spellings(sys.argv[1:])
     main()

@@ -1,9 +1,12 @@
 """Squeeze: train one teacher. ``python train.py dataset=digits model=convnet`` (see conf/train.yaml)."""
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
 import cvdd.config.resolvers  # noqa: F401  (registers the ${dataset_spec:...} resolver)
+from cvdd.config.migrations import refuse_old_spellings
 from cvdd.runtime.distributed import isolated_job
 from cvdd.runtime.errors import reported_errors
 from cvdd.stages.squeeze import squeeze_teacher
@@ -17,4 +20,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    refuse_old_spellings(sys.argv[1:])
     main()

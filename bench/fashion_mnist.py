@@ -141,10 +141,10 @@ CHECKS: dict[str, Check] = {
     # random_real is already whole real images: the reference row, unchanged
     "init_real": Check(
         "whole real images as the starting point: recover from the random-real set of the same seed "
-        "(`recover.init.mode=real`), RDED with one crop per image (`method.factor=1`)",
+        "(`method.recover.init.mode=real`), RDED with one crop per image (`method.factor=1`)",
         image_set={
-            "sre2l": ["recover.init.mode=real"],
-            "cvdd": ["recover.init.mode=real"],
+            "sre2l": ["method.recover.init.mode=real"],
+            "cvdd": ["method.recover.init.mode=real"],
             "rded": ["method.factor=1"],
         },
         curve=True,
@@ -153,10 +153,11 @@ CHECKS: dict[str, Check] = {
     # the two knobs of recovery's drift away from real images: the BN prior's weight and the step size
     "rbn0.1": Check(
         "BN-statistics weight r_bn = 0.1 instead of 0.01",
-        image_set={m: ["recover.r_bn=0.1"] for m in ("sre2l", "cvdd")},
+        image_set={m: ["method.recover.r_bn=0.1"] for m in ("sre2l", "cvdd")},
     ),
     "lr0.05": Check(
-        "recover learning rate 0.05 instead of 0.25", image_set={m: ["recover.lr=0.05"] for m in ("sre2l", "cvdd")}
+        "recover learning rate 0.05 instead of 0.25",
+        image_set={m: ["method.recover.lr=0.05"] for m in ("sre2l", "cvdd")},
     ),
 }
 
@@ -501,7 +502,9 @@ def set_overrides(cell: Cell) -> tuple[list[str], list[str]]:
     common = [*image_set, f"ipc={cell.ipc}", f"seed={cell.seed}", f"hardware.precision={cell.precision}"]
     common.append(f"set={cell.set_name}")
     crop = f"[{cell.crop},1.0]"
-    recover = [f"recover.iterations={cell.iterations}", f"recover.crop_scale={crop}"] if cell.optimised else []
+    recover = (
+        [f"method.recover.iterations={cell.iterations}", f"method.recover.crop_scale={crop}"] if cell.optimised else []
+    )
     return common, [*common, *recover, *cell.set_change]
 
 

@@ -128,7 +128,7 @@ def smoke(hardware: str, args: argparse.Namespace, data: Path) -> dict:
         common += [f"committee.members=[{args.members}]", "committee.priors=null"]
     stages = {
         "squeeze": ("train.py", ["-m", *common, f"model={args.members}", "squeeze.epochs=1"]),
-        "distill": ("distill.py", [*common, f"recover.iterations={args.iterations}"]),
+        "distill": ("distill.py", [*common, f"method.recover.iterations={args.iterations}"]),
         "relabel": ("relabel.py", [*common, f"relabel.epochs={args.epochs}"]),
         "evaluate": ("evaluate.py", [*common, f"relabel.epochs={args.epochs}", f"validate.epochs={args.epochs}"]),
     }

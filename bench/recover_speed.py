@@ -57,9 +57,9 @@ def worker(args: argparse.Namespace) -> None:
     overrides = [
         f"paths.root={args.workdir}",
         f"ipc={ipc}",
-        f"recover.iterations={args.iterations}",
-        f"recover.grouping={str(args.grouping).lower()}",
-        "recover.init.mode=gaussian",
+        f"method.recover.iterations={args.iterations}",
+        f"method.recover.grouping={str(args.grouping).lower()}",
+        "method.recover.init.mode=gaussian",
         "logger=none",
         f"hardware={args.hardware}",
         f"set=bench_ipc{ipc}_{mode}",

@@ -128,8 +128,8 @@ def worker(args: argparse.Namespace) -> None:
                 [
                     *common,
                     "ipc=10",
-                    f"recover.iterations={iterations}",
-                    "recover.init.mode=real",
+                    f"method.recover.iterations={iterations}",
+                    "method.recover.init.mode=real",
                     "committee.train_missing=false",
                     f"{set_key}={name}",
                     "overwrite=true",

@@ -148,13 +148,13 @@ def test_a_check_changes_only_what_it_names_and_stays_out_of_the_grid(state: Pat
     monkeypatch.setattr(b, "job", job)
     b.cell(Cell("cvdd", 10, 0, crop, check="init_real"))
     distilled = [o for name, o in calls if name == "distill"]
-    assert distilled and "recover.init.mode=real" in distilled[0]
+    assert distilled and "method.recover.init.mode=real" in distilled[0]
     assert any("set=cvdd_ipc10_it1000_crop0.5_init_real_s0" in o for o in distilled)
     calls.clear()
     b.cell(Cell("random_real", 10, 0, crop, check="tau4"))  # a student-only check reuses the grid's set and labels
     (evaluated,) = [o for name, o in calls if name == "evaluate"]
     assert "validate.temperature=4" in evaluated and "set=random_real_ipc10_s0" in evaluated
-    assert not any("recover.init.mode=real" in o for _, o in calls)
+    assert not any("method.recover.init.mode=real" in o for _, o in calls)
     # the check cells are not grid cells: the targets still compare 86.5 with 85.1
     assert any(line.startswith("* IPC 10: CV-DD 86.50 vs random_real 85.10") for line in bench.targets(b.state))
     lines = bench.check_lines(b.state)

@@ -63,7 +63,7 @@ def test_compose_and_instantiate(make_cfg, primary: str, group: str, option: str
             assert (CONF / "model" / f"{cfg.student}.yaml").is_file() and cfg.validate.temperature == 20.0
     else:
         assert 1 <= cfg.committee.k <= len(cfg.committee.members)
-        assert cfg.recover.class_block in (10, 100) and cfg.recover.iterations > 0
+        assert cfg.method.recover.class_block in (10, 100) and cfg.method.recover.iterations > 0
         for member in cfg.committee.members:
             assert (CONF / "model" / f"{member}.yaml").is_file(), f"committee member {member} has no model config"
 
@@ -108,10 +108,10 @@ def test_paper_presets(make_cfg, dataset: str, ipc: int):
     cfg = make_cfg("distill", f"experiment={dataset}_ipc{ipc}")
     assert cfg.dataset.name == dataset and cfg.ipc == ipc and cfg.committee.name == "cvdd"
     assert cfg.committee.schedule == {1: "fixed", 10: "cycle", 50: "random"}[ipc]
-    assert cfg.recover.iterations == 4000 and cfg.recover.lr == 0.25 and cfg.recover.r_bn == 0.01
-    assert cfg.recover.jitter == (32 if dataset in ("imagenette", "imagenet1k") else 4)
-    assert cfg.recover.class_block == (10 if dataset in ("cifar10", "imagenette") else 100)
-    assert cfg.recover.init.mode == "patches" and cfg.recover.init.difficulty == "medium"
+    assert cfg.method.recover.iterations == 4000 and cfg.method.recover.lr == 0.25 and cfg.method.recover.r_bn == 0.01
+    assert cfg.method.recover.jitter == (32 if dataset in ("imagenette", "imagenet1k") else 4)
+    assert cfg.method.recover.class_block == (10 if dataset in ("cifar10", "imagenette") else 100)
+    assert cfg.method.recover.init.mode == "patches" and cfg.method.recover.init.difficulty == "medium"
     assert set(cfg.committee.priors) == set(cfg.committee.members)
     if ipc == 1:
         assert (list(cfg.committee.fixed) if cfg.committee.fixed else None) == PAPER_PAIRS_IPC1.get(dataset)

@@ -18,8 +18,8 @@ from cvdd.stages.evaluate import evaluate, offline_labels, online_labels
 from cvdd.stages.relabel import relabel
 from cvdd.training.student import kd_loss
 
-DISTILL = ("ipc=2", "recover.iterations=2", "recover.init.mode=real", "logger=none")
-PLAN = ("ipc=2", "recover.init.mode=real", "relabel.epochs=3", "relabel.batch_size=8")
+DISTILL = ("ipc=2", "method.recover.iterations=2", "method.recover.init.mode=real", "logger=none")
+PLAN = ("ipc=2", "method.recover.init.mode=real", "relabel.epochs=3", "relabel.batch_size=8")
 
 
 def test_kd_loss_matches_hand_computation():
@@ -137,7 +137,7 @@ def test_png_images_are_the_exported_pixels_and_labels_follow_the_format(make_cf
     assert result["images_format"] == "float" and result["config"]["distilled"]["format"] == "float"
 
     # the set changes under its labels (distilled again with other settings): the labels are refused
-    distill(make_cfg("distill", *DISTILL, "recover.iterations=3", "overwrite=true"))
+    distill(make_cfg("distill", *DISTILL, "method.recover.iterations=3", "overwrite=true"))
     with pytest.raises(ValueError, match=r"the images \(the set was distilled again"):
         evaluate(make_cfg("evaluate", *PLAN, "logger=none"))
 

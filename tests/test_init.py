@@ -71,20 +71,20 @@ def test_every_image_of_a_class_starts_from_its_own_patches(digits_committee, tm
 
 
 def test_patch_settings_are_checked_with_the_key_to_fix():
-    with pytest.raises(ValueError, match=r"recover\.init\.difficulty='medum'.*easy, medium, hard"):
+    with pytest.raises(ValueError, match=r"method\.recover\.init\.difficulty='medum'.*easy, medium, hard"):
         PatchSettings(10, "medum")
-    with pytest.raises(ValueError, match=r"raise recover\.init\.candidates to at least 200"):
+    with pytest.raises(ValueError, match=r"raise method\.recover\.init\.candidates to at least 200"):
         PatchSettings(50, "medium", factor=2, candidates=100)
-    with pytest.raises(ValueError, match=r"recover\.init\.factor=0"):
+    with pytest.raises(ValueError, match=r"method\.recover\.init\.factor=0"):
         PatchSettings(10, "medium", factor=0)
 
 
 def test_distill_rejects_a_bad_difficulty_before_any_work(make_cfg, tmp_path: Path):
     """No teachers exist here: the config error must come first, not a squeeze or a missing-teacher error."""
-    with pytest.raises(ValueError, match=r"recover\.init\.difficulty"):
-        distill(make_cfg("distill", "recover.init.difficulty=medum", "committee.train_missing=false"))
-    with pytest.raises(ValueError, match=r"recover\.init\.mode='noise'"):
-        distill(make_cfg("distill", "recover.init.mode=noise", "committee.train_missing=false"))
+    with pytest.raises(ValueError, match=r"method\.recover\.init\.difficulty"):
+        distill(make_cfg("distill", "method.recover.init.difficulty=medum", "committee.train_missing=false"))
+    with pytest.raises(ValueError, match=r"method\.recover\.init\.mode='noise'"):
+        distill(make_cfg("distill", "method.recover.init.mode=noise", "committee.train_missing=false"))
     assert not (tmp_path / "artifacts").exists()
 
 

@@ -19,8 +19,8 @@ from cvdd.stages.evaluate import evaluate
 from cvdd.stages.relabel import relabel
 from cvdd.stages.squeeze import squeeze_teacher
 
-DISTILL = ("ipc=2", "recover.iterations=2", "recover.init.mode=real", "logger=none")
-PLAN = ("ipc=2", "recover.init.mode=real", "relabel.epochs=3", "relabel.batch_size=8", "logger=none")
+DISTILL = ("ipc=2", "method.recover.iterations=2", "method.recover.init.mode=real", "logger=none")
+PLAN = ("ipc=2", "method.recover.init.mode=real", "relabel.epochs=3", "relabel.batch_size=8", "logger=none")
 SET = "small_ipc2_real_s0"
 
 
@@ -88,7 +88,7 @@ def test_damaged_label_epoch_is_found_before_training_and_a_rerun_recomputes_onl
 
 
 def test_damaged_patch_cache_is_scored_again(make_cfg, workdir: Path):
-    common = ("ipc=2", "recover.iterations=1", "recover.init.candidates=10", "logger=none")
+    common = ("ipc=2", "method.recover.iterations=1", "method.recover.init.candidates=10", "logger=none")
     first = distill(make_cfg("distill", *common, "set=a"))
     (cache,) = (workdir / "artifacts/digits/patches").glob("*.pt")
     truncate(cache)

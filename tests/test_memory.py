@@ -69,20 +69,20 @@ def test_auto_wave_images_fits_the_budget_within_one_group_and_all_the_work():
     [("imagenet1k", 224, 1000, 100), ("tiny_imagenet", 64, 200, 100), ("cifar100", 32, 100, 200)],
 )
 def test_groups_from_free_memory_fit_a_24_gb_card_in_bf16(make_cfg, dataset, size, classes, group):
-    """The paper's pool in its GPU numerics (bf16, channels-last), ``recover.group_images=null``: the group chosen
-    on a roomy device (an H200's 139 GiB free) is the one a 24 GB card takes (23 GiB free after the CUDA context and
-    the weights), the largest power of two of units whose costliest pair fits that card's budget; twice as many
+    """The paper's pool in its GPU numerics (bf16, channels-last), ``method.recover.group_images=null``: the group
+    chosen on a roomy device (an H200's 139 GiB free) is the one a 24 GB card takes (23 GiB free after the CUDA context
+    and the weights), the largest power of two of units whose costliest pair fits that card's budget; twice as many
     would not. Tiny-ImageNet's 100-image unit alone is at the budget (18.4 GiB estimated, an upper bound): one unit,
     the floor, as ``class_block`` decides the results (the default 500 was 92 GiB)."""
     cfg = make_cfg("distill", f"dataset={dataset}", "committee=cvdd")
-    assert cfg.recover.group_images is None
+    assert cfg.method.recover.group_images is None
     torch.manual_seed(0)
     nets = {arch: build_model(arch, classes, size, 3) for arch in cfg.committee.members}
     numerics = {arch: choose_numerics(arch, "recover", "auto", "auto", "cuda") for arch in nets}
     committee = Committee(nets, dict.fromkeys(nets, 1.0), 10.0, numerics)
     member = {m: member_bytes_per_image(committee, m, (3, size, size), "cpu") for m in nets}
     per_image = wave_bytes_per_image(member, itertools.combinations(nets, 2), image_state_bytes((3, size, size)))
-    unit = int(cfg.recover.class_block)
+    unit = int(cfg.method.recover.class_block)
     chosen = auto_group_images(per_image, 139 * 2**30, unit)
     assert chosen == auto_group_images(per_image, 23 * 2**30, unit) == group, per_image / 2**20
     budget = BUDGET_FRACTION * 23 * 2**30
@@ -98,10 +98,10 @@ def test_group_sizes_change_the_images_by_rounding_only_and_not_the_recipe(make_
     from tests.test_recover import FAST, images_of
 
     common = (*FAST, "ipc=4", "hardware.precision=32")
-    one = distill(make_cfg("distill", *common, "set=one", "recover.group_images=10"))
+    one = distill(make_cfg("distill", *common, "set=one", "method.recover.group_images=10"))
     with caplog.at_level(logging.INFO, logger="cvdd"):
         auto = distill(make_cfg("distill", *common, "set=auto"))
-    assert "recover.group_images=null: 40 images per group" in caplog.text, "4 units fit: one group"
+    assert "method.recover.group_images=null: 40 images per group" in caplog.text, "4 units fit: one group"
     assert [u["group_images"] for u in one["units"]] == [10] * 4 and [u["group_images"] for u in auto["units"]] == [
         40
     ] * 4
@@ -114,26 +114,26 @@ def test_waves_sized_from_free_memory_give_the_same_images(make_cfg, workdir: Pa
     from cvdd.stages.distill import distill
     from tests.test_recover import FAST, images_of
 
-    common = (*FAST, "ipc=3", "recover.group_images=10")
+    common = (*FAST, "ipc=3", "method.recover.group_images=10")
     with caplog.at_level(logging.INFO, logger="cvdd"):
         distill(make_cfg("distill", *common, "set=roomy"))
-    assert "recover.wave_images=null: 30 images per wave" in caplog.text
+    assert "method.recover.wave_images=null: 30 images per wave" in caplog.text
     caplog.clear()
     monkeypatch.setattr(
         "cvdd.methods.committee_voting.recover.free_bytes", lambda device, processes=1: 0
     )  # no room: one group per wave
     with caplog.at_level(logging.INFO, logger="cvdd"):
         distill(make_cfg("distill", *common, "set=cramped"))
-    assert "recover.wave_images=null: 10 images per wave" in caplog.text
-    assert "Lower recover.group_images" in caplog.text
+    assert "method.recover.wave_images=null: 10 images per wave" in caplog.text
+    assert "Lower method.recover.group_images" in caplog.text
     assert sum(r.getMessage().startswith("wave ") for r in caplog.records) == 3
     assert torch.equal(images_of(workdir, "roomy"), images_of(workdir, "cramped"))
 
 
 @pytest.mark.parametrize("value", ["0", "-5"])
 def test_a_wave_below_one_group_is_refused(make_cfg, value):
-    from cvdd.methods.committee_voting import CommitteeVoting
+    from cvdd.methods.committee_voting.options import RecoverOptions
 
-    method = CommitteeVoting("cvdd", "unused", "committee")
-    with pytest.raises(ValueError, match=rf"recover\.wave_images={value} is below one image"):
-        method.patch_settings(make_cfg("distill", f"recover.wave_images={value}"))
+    options = RecoverOptions.parse(make_cfg("distill", f"method.recover.wave_images={value}").method.recover)
+    with pytest.raises(ValueError, match=rf"method\.recover\.wave_images={value} is below one image"):
+        options.check()

@@ -102,7 +102,7 @@ def test_a_killed_per_class_method_resumes_without_remaking_finished_classes(mak
 
 
 def test_real_initialisation_starts_from_the_random_real_set_of_the_same_seed(make_cfg, workdir: Path, random_real):
-    """Recover with ``recover.init.mode=real`` and ``method=random_real`` draw the same images per (class, IPC
+    """Recover with ``method.recover.init.mode=real`` and ``method=random_real`` draw the same images per (class, IPC
     index), so a recovered set and random real images compare pairwise (what the benchmark's checks rely on)."""
     manifest = random_real("ipc=3", "seed=1")
     stored = torch.load(DistilledArtifact(workdir / "artifacts", "digits", "random_real_ipc3_s1").tensors)
@@ -145,12 +145,12 @@ def test_a_set_named_with_set_is_read_from_its_manifest(make_cfg, workdir: Path,
 
 
 def test_a_set_of_the_previous_layout_loads_as_committee_voting(make_cfg, workdir: Path):
-    distill(make_cfg("distill", "ipc=1", "recover.iterations=2", "recover.init.mode=real", "logger=none"))
+    distill(make_cfg("distill", "ipc=1", "method.recover.iterations=2", "method.recover.init.mode=real", "logger=none"))
     artifact = DistilledArtifact(workdir / "artifacts", "digits", "small_ipc1_real_s0")
     manifest = load_json(artifact.manifest)
     del manifest["method"]  # written before methods existed
     save_json(artifact.manifest, manifest)
-    chosen = student_set(make_cfg("evaluate", "ipc=1", "recover.init.mode=real"), workdir / "artifacts")
+    chosen = student_set(make_cfg("evaluate", "ipc=1", "method.recover.init.mode=real"), workdir / "artifacts")
     assert chosen.method == "cvdd" and chosen.ipc == 1
 
 

@@ -28,7 +28,7 @@ def test_every_entry_point_prints_a_short_quiet_log_with_the_next_command(tmp_pa
         "train.py": (("model=convnet_small", "squeeze.epochs=1"), "python distill.py"),
         # squeezes its missing member first: one line for it, then recover's summary
         "distill.py": (
-            (*SET, "recover.iterations=3", 'committee.train_overrides=["squeeze.epochs=1"]'),
+            (*SET, "method.recover.iterations=3", 'committee.train_overrides=["squeeze.epochs=1"]'),
             "python relabel.py committee=sre2l_small ipc=1",
         ),
         "relabel.py": (LABELS, "python evaluate.py committee=sre2l_small ipc=1 relabel.epochs=2"),

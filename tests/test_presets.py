@@ -80,7 +80,11 @@ def test_every_stage_composes_the_paper_settings(make_cfg, dataset: str, ipc: in
             assert cfg.module.optimizer.name == cfg.squeeze.optimizer
             assert cfg.module.scheduler.period_epochs == cfg.squeeze.cosine_period_epochs
         if stage == "distill":
-            assert cfg.ipc == ipc and cfg.recover.iterations == 4000 and cfg.recover.init.difficulty == "medium"
+            assert (
+                cfg.ipc == ipc
+                and cfg.method.recover.iterations == 4000
+                and cfg.method.recover.init.difficulty == "medium"
+            )
         if stage in ("relabel", "evaluate"):
             rel = cfg.relabel
             assert (rel.teachers, rel.temperature, rel.bssl, rel.halves) == ("committee", 10.0, True, True)
@@ -107,7 +111,9 @@ def test_cifar10_preset_runs_all_four_stages_on_a_miniature_cifar10(make_cfg, tm
     assert record["recipe"]["squeeze"]["optimizer"] == "adam" and record["recipe"]["squeeze"]["batch_size"] == 512
 
     manifest = distill(
-        make_cfg("distill", preset("cifar10", 10), "recover.iterations=2", "recover.init.candidates=10", *tiny)
+        make_cfg(
+            "distill", preset("cifar10", 10), "method.recover.iterations=2", "method.recover.init.candidates=10", *tiny
+        )
     )
     assert manifest["images"] == 100 and manifest["name"] == "cvdd_ipc10_patches_s0"
     assert [u["members"] for u in manifest["units"][:2]] == [["resnet18", "resnet50"], ["resnet18", "shufflenetv2"]]

@@ -25,8 +25,8 @@ from cvdd.stages.squeeze import squeeze_teacher
 MEASURE = [
     "logger=none",
     "ipc=1",
-    "recover.iterations=2",
-    "recover.init.mode=gaussian",
+    "method.recover.iterations=2",
+    "method.recover.init.mode=gaussian",
     "committee.priors=measured",
     "committee.priors_measure.ipc=1",
     "committee.priors_measure.epochs=2",
@@ -76,7 +76,7 @@ def test_a_second_run_reuses_them_and_relabel_and_evaluate_weight_teachers_by_th
     again = compose_config("distill", MEASURE, root)
     priors = load_json(root / RECORD)["priors"]
     assert measured_priors(again, root / "artifacts", "measure", refuse_to_measure) == priors
-    labelled = [*MEASURE[:2], "recover.init.mode=gaussian", "committee.priors=measured", "relabel.epochs=2"]
+    labelled = [*MEASURE[:2], "method.recover.init.mode=gaussian", "committee.priors=measured", "relabel.epochs=2"]
     labelled += ["committee.priors_measure.ipc=1", "committee.priors_measure.epochs=2"]
     labels = relabel(compose_config("relabel", labelled, root))
     alpha = torch.tensor([priors[m] for m in MEMBERS], dtype=torch.float64)

@@ -19,7 +19,7 @@ from cvdd.methods.committee_voting.recover import GroupState, RecoverSettings, U
 from cvdd.models.registry import build_model
 from cvdd.stages.distill import distill
 
-FAST = ("ipc=2", "recover.iterations=4", "recover.init.mode=real", "logger=none")
+FAST = ("ipc=2", "method.recover.iterations=4", "method.recover.init.mode=real", "logger=none")
 
 
 def images_of(root: Path, name: str) -> torch.Tensor:
@@ -69,7 +69,7 @@ def test_distill_writes_images_manifest_and_grid(make_cfg, workdir: Path):
     distill(make_cfg("distill", *FAST))
     assert (folder / "manifest.json").stat().st_mtime_ns == mtime, "same recipe: no-op"
     with pytest.raises(ArtifactConflictError, match="overwrite=true"):
-        distill(make_cfg("distill", *FAST, "recover.r_bn=0.1"))
+        distill(make_cfg("distill", *FAST, "method.recover.r_bn=0.1"))
 
 
 def test_distill_is_seeded(make_cfg, workdir: Path):
@@ -84,15 +84,15 @@ def test_distill_is_seeded(make_cfg, workdir: Path):
 def test_grouped_units_equal_sequential_units(make_cfg, workdir: Path, init: str):
     common = (
         "ipc=12",
-        "recover.iterations=5",
-        f"recover.init.mode={init}",
-        "recover.init.candidates=30",
+        "method.recover.iterations=5",
+        f"method.recover.init.mode={init}",
+        "method.recover.init.candidates=30",
         "logger=none",
         "committee.schedule=random",
         "hardware.precision=32",
     )  # 12 units over the 10 pairs: some share both members; grouping is exact maths in fp32
-    distill(make_cfg("distill", *common, "set=grouped", "recover.grouping=true"))
-    distill(make_cfg("distill", *common, "set=sequential", "recover.grouping=false"))
+    distill(make_cfg("distill", *common, "set=grouped", "method.recover.grouping=true"))
+    distill(make_cfg("distill", *common, "set=sequential", "method.recover.grouping=false"))
     grouped, sequential = images_of(workdir, "grouped"), images_of(workdir, "sequential")
     assert_same_images(grouped, sequential)
 
@@ -128,7 +128,12 @@ def test_one_grouped_step_gives_the_gradient_of_units_run_alone():
 
 
 def test_killed_run_resumes_to_the_same_result(make_cfg, workdir: Path):
-    common = (*FAST, "ipc=3", "recover.group_images=10", "recover.wave_images=10")  # 3 waves of one unit, 4 steps
+    common = (
+        *FAST,
+        "ipc=3",
+        "method.recover.group_images=10",
+        "method.recover.wave_images=10",
+    )  # 3 waves of one unit, 4 steps
     distill(make_cfg("distill", *common, "set=reference"))
     crash = ("+callbacks.crash._target_=test_recover.CrashAtStep", "+callbacks.crash.step=6")
     with pytest.raises(RuntimeError, match="simulated kill"):
@@ -142,18 +147,24 @@ def test_killed_run_resumes_to_the_same_result(make_cfg, workdir: Path):
 
 def test_images_do_not_depend_on_wave_size_or_on_resuming_bitwise(make_cfg, workdir: Path):
     """Groups are a fixed partition of the set (2 units each here); waves only decide how many run at once."""
-    common = (*FAST, "ipc=6", "recover.iterations=3", "recover.group_images=20", "committee.schedule=random")
+    common = (
+        *FAST,
+        "ipc=6",
+        "method.recover.iterations=3",
+        "method.recover.group_images=20",
+        "committee.schedule=random",
+    )
     distill(make_cfg("distill", *common, "set=one_wave"))
-    distill(make_cfg("distill", *common, "set=three_waves", "recover.wave_images=20"))
+    distill(make_cfg("distill", *common, "set=three_waves", "method.recover.wave_images=20"))
     crash = ("+callbacks.crash._target_=test_recover.CrashAtStep", "+callbacks.crash.step=4")
     with pytest.raises(RuntimeError, match="simulated kill"):
-        distill(make_cfg("distill", *common, "set=resumed", "recover.wave_images=20", *crash))
+        distill(make_cfg("distill", *common, "set=resumed", "method.recover.wave_images=20", *crash))
     distill(make_cfg("distill", *common, "set=resumed"))  # resumed with another wave size: same recipe
     reference = images_of(workdir, "one_wave")
     assert torch.equal(reference, images_of(workdir, "three_waves"))
     assert torch.equal(reference, images_of(workdir, "resumed"))
-    with pytest.raises(ValueError, match=r"recover\.wave_images=10 is below recover\.group_images=20"):
-        distill(make_cfg("distill", *common, "set=bad", "recover.wave_images=10"))
+    with pytest.raises(ValueError, match=r"method\.recover\.wave_images=10 is below method\.recover\.group_images=20"):
+        distill(make_cfg("distill", *common, "set=bad", "method.recover.wave_images=10"))
 
 
 def test_missing_teachers_error_prints_the_train_command(make_cfg, tmp_path: Path):
@@ -195,7 +206,7 @@ def test_class_order_mismatch_stops_recover(make_cfg, workdir: Path):
 
 @pytest.mark.slow
 def test_ddp_cpu_gives_bitwise_the_images_of_one_process_at_the_same_thread_count(make_cfg, workdir: Path):
-    split = (*FAST, "recover.group_images=10", "hardware.threads=1")  # two groups of one unit: one per rank
+    split = (*FAST, "method.recover.group_images=10", "hardware.threads=1")  # two groups of one unit: one per rank
     distill(make_cfg("distill", *split, "set=single"))
     GlobalHydra.instance().clear()
     run_cli("distill.py", *split, "set=ddp", "hardware=ddp_cpu", cwd=workdir)
@@ -221,7 +232,7 @@ def test_member_passes_side_by_side_give_bitwise_the_images_of_one_thread(make_c
 
 
 def test_resuming_at_another_thread_count_is_refused(make_cfg, workdir: Path):
-    common = (*FAST, "recover.group_images=10")
+    common = (*FAST, "method.recover.group_images=10")
     distill(make_cfg("distill", *common, "hardware.threads=1"))
     folder = workdir / "artifacts/digits/distilled/small_ipc2_real_s0"
     (folder / "manifest.json").unlink()  # as if killed after its units were written
@@ -254,7 +265,7 @@ def test_recipe_records_each_members_numerics(make_cfg, workdir: Path, monkeypat
 
 def test_each_wave_logs_its_images_and_peak_memory(make_cfg, workdir: Path, caplog):
     caplog.set_level("INFO", logger="cvdd")
-    distill(make_cfg("distill", *FAST, "ipc=3", "recover.group_images=10", "recover.wave_images=10"))
+    distill(make_cfg("distill", *FAST, "ipc=3", "method.recover.group_images=10", "method.recover.wave_images=10"))
     waves = [r.getMessage() for r in caplog.records if r.getMessage().startswith("wave ")]
     assert [w.split(",")[0] for w in waves] == [
         "wave 1/3: 10 images done",
@@ -266,7 +277,7 @@ def test_each_wave_logs_its_images_and_peak_memory(make_cfg, workdir: Path, capl
 
 def test_units_can_be_dropped_after_assembly_without_changing_the_recipe(make_cfg, workdir: Path):
     kept = distill(make_cfg("distill", *FAST, "set=kept"))
-    dropped = distill(make_cfg("distill", *FAST, "set=dropped", "recover.keep_units=false"))
+    dropped = distill(make_cfg("distill", *FAST, "set=dropped", "method.recover.keep_units=false"))
     assert not (workdir / "artifacts/digits/distilled/dropped/units").exists()
     assert (workdir / "artifacts/digits/distilled/kept/units").is_dir()
     assert dropped["fingerprint"] == kept["fingerprint"], "keeping units changes disk use, not the set"
@@ -277,7 +288,7 @@ def test_a_resumed_finish_reads_each_units_images_only_to_write_them(make_cfg, w
     import cvdd.methods.base as base
     import cvdd.methods.committee_voting as cv
 
-    distill(make_cfg("distill", *FAST, "recover.group_images=10"))
+    distill(make_cfg("distill", *FAST, "method.recover.group_images=10"))
     (workdir / "artifacts/digits/distilled/small_ipc2_real_s0/manifest.json").unlink()  # killed before the manifest
     reads = []
     original = cv.load_tensors
@@ -288,6 +299,6 @@ def test_a_resumed_finish_reads_each_units_images_only_to_write_them(make_cfg, w
 
     monkeypatch.setattr(cv, "load_tensors", recorded)
     monkeypatch.setattr(base, "load_tensors", recorded)  # the resume check reads unit files through methods.base
-    distill(make_cfg("distill", *FAST, "recover.group_images=10"))
+    distill(make_cfg("distill", *FAST, "method.recover.group_images=10"))
     assert reads.count(True) == 4, "each of the 2 units' metadata is read mapped, to check it and to list it"
     assert reads.count(False) == 2 * 2 + 1, "each unit's images: for its PNGs, for images.pt (the first: its shape)"

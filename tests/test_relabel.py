@@ -21,8 +21,8 @@ from cvdd.labels.student_set import student_set
 from cvdd.stages.distill import distill
 from cvdd.stages.relabel import relabel
 
-DISTILL = ("ipc=2", "recover.iterations=2", "recover.init.mode=real", "logger=none")
-RELABEL = ("ipc=2", "recover.init.mode=real", "relabel.epochs=3", "relabel.batch_size=8")
+DISTILL = ("ipc=2", "method.recover.iterations=2", "method.recover.init.mode=real", "logger=none")
+RELABEL = ("ipc=2", "method.recover.init.mode=real", "relabel.epochs=3", "relabel.batch_size=8")
 
 
 @pytest.fixture

@@ -136,7 +136,7 @@ def test_batchnorm_without_momentum_is_refused():
         BatchNormMerge(net)
 
 
-CHAIN = ("ipc=2", "recover.init.mode=real", "relabel.epochs=3", "relabel.batch_size=8", "hardware.threads=1")
+CHAIN = ("ipc=2", "method.recover.init.mode=real", "relabel.epochs=3", "relabel.batch_size=8", "hardware.threads=1")
 
 
 def run_record(logs: Path) -> tuple[dict, list[float]]:
@@ -153,7 +153,14 @@ def test_ddp_cpu_student_equals_one_process_at_the_same_thread_count(workdir: Pa
     """Two ranks each forward one of the two slices of every planned batch (20 images in batches of 8: the last
     batch of 4 is one slice, so one rank idles on it): the same loss at every step and the same test top-1 and
     top-5 after every epoch as one process forwarding both slices."""
-    run_cli("distill.py", "ipc=2", "recover.iterations=2", "recover.init.mode=real", "logger=none", cwd=workdir)
+    run_cli(
+        "distill.py",
+        "ipc=2",
+        "method.recover.iterations=2",
+        "method.recover.init.mode=real",
+        "logger=none",
+        cwd=workdir,
+    )
     run_cli("relabel.py", *CHAIN, "logger=none", cwd=workdir)
     student = (*CHAIN, "validate.micro_batches=2", "validate.eval_every=1", "logger=csv")
     run_cli("evaluate.py", *student, "paths.logs=one", cwd=workdir)

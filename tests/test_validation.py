@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 from conftest import ROOT
 
 from cvdd.artifacts import ArtifactConflictError
+from cvdd.config.migrations import refuse_old_spellings
 from cvdd.runtime.errors import ConfigError, UnknownNameError, UserError, reported_errors
 from cvdd.stages.distill import distill
 from cvdd.stages.evaluate import evaluate
@@ -57,10 +59,10 @@ def test_only_user_errors_lose_their_traceback(capsys):
     ("override", "message"),
     [
         ("ipc=0", r"ipc=0 must be at least 1"),
-        ("recover.iterations=0", r"recover\.iterations=0 must be at least 1"),
+        ("method.recover.iterations=0", r"method\.recover\.iterations=0 must be at least 1"),
         ("set=../../x", r"set='\.\./\.\./x' must be a plain folder name"),
         ("set=sub/set", r"set='sub/set' must be a plain folder name"),
-        ("recover.init.candidates=19", r"raise recover\.init\.candidates to at least 20"),
+        ("method.recover.init.candidates=19", r"raise method\.recover\.init\.candidates to at least 20"),
     ],
 )
 def test_distill_refuses_bad_settings_before_any_work(make_cfg, tmp_path: Path, override: str, message: str):
@@ -72,7 +74,7 @@ def test_distill_refuses_bad_settings_before_any_work(make_cfg, tmp_path: Path, 
 def test_real_initialisation_never_repeats_an_image(make_cfg, workdir: Path):
     """digits has 141-146 training images per class: IPC 150 of distinct real images cannot exist."""
     with pytest.raises(ValueError, match=r"needs ipc=150 distinct real images per class, but class '\d' has 14\d"):
-        distill(make_cfg("distill", "ipc=150", "recover.init.mode=real", "logger=none"))
+        distill(make_cfg("distill", "ipc=150", "method.recover.init.mode=real", "logger=none"))
 
 
 def test_unknown_teacher_and_student_ids_list_the_choices(make_cfg, workdir: Path, random_real):
@@ -88,12 +90,27 @@ def test_unknown_teacher_and_student_ids_list_the_choices(make_cfg, workdir: Pat
         relabel(make_cfg("relabel", "relabel.stack_images=0", *real))
     with pytest.raises(ValueError, match=r"hardware\.precision='fp16'"):
         relabel(make_cfg("relabel", "hardware.precision=fp16", *real))
-    with pytest.raises(
-        ValueError, match=r"distilled=random_real is replaced by method=random_real: .* `python distill"
-    ):
-        relabel(make_cfg("relabel", "distilled=random_real", "logger=none"))
-    with pytest.raises(ValueError, match=r"name=x is now set=x"):
-        relabel(make_cfg("relabel", "name=x", "logger=none"))
+
+
+@pytest.mark.parametrize(
+    ("argv", "hint"),
+    [
+        (["distilled=random_real"], r"distilled=random_real is replaced by method=random_real: .* `python distill"),
+        (["-m", "name=x"], r"name=x is now set=x"),
+        (["recover.iterations=5"], r"recover\.iterations=5 is now method\.recover\.iterations=5 \(every recover\.\*"),
+        (["+recover.init.mode=real"], r"recover\.init\.mode=real is now method\.recover\.init\.mode=real"),
+    ],
+)
+def test_old_spellings_are_refused_with_what_replaces_them(argv, hint, capsys):
+    with pytest.raises(SystemExit):
+        refuse_old_spellings(argv)
+    assert re.search(hint, capsys.readouterr().err)
+
+
+def test_current_spellings_pass_the_migration_check():
+    refuse_old_spellings(
+        ["-m", "set=x", "method.recover.iterations=5", "dataset.recover.lr=0.1", "distilled=synthetic"]
+    )
 
 
 @pytest.mark.parametrize(

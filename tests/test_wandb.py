@@ -24,7 +24,7 @@ def test_each_stage_is_a_run_of_the_set_s_group_with_its_dashboard_items(
 ):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    distill(make_cfg("distill", *SET, "recover.iterations=25"))  # recover logs every 25 steps
+    distill(make_cfg("distill", *SET, "method.recover.iterations=25"))  # recover logs every 25 steps
     relabel(make_cfg("relabel", *LABELS))
     evaluate(make_cfg("evaluate", *LABELS, "validate.eval_every=1"))
     runs = {run.job_type: run for run in offline_runs(workdir / "run")}

@@ -1,7 +1,7 @@
 """A distilled set: ``<artifacts>/<dataset>/distilled/<set>/``, whichever method made it::
 
 units/<ipc>_<block>.pt          committee voting: one finished unit (written atomically as it completes; dropped
-                                after assembly with ``recover.keep_units=false``)
+                                after assembly with ``method.recover.keep_units=false``)
 images.pt                       all images (normalised, full precision), labels, IPC indices; assembled in place,
                                 one unit at a time
 <class idx>_<class name>/<ipc idx>.png   the same images as PNG (ImageFolder layout)

@@ -29,8 +29,6 @@ def set_name(cfg: DictConfig) -> str:
     the set and, in distill, sizes it).
 
     A name is one folder name (letters, digits, ``._-``), so a set never lands outside ``distilled/``."""
-    if cfg.get("name") is not None:
-        raise ConfigError(f"name={cfg.name} is now set={cfg.name}: the distilled set is named with set=<name>")
     if int(cfg.ipc) < 1:
         raise ConfigError(f"ipc={cfg.ipc} must be at least 1 (images per class)")
     name = cfg.get("set") or cfg.method.set_name

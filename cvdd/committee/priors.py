@@ -133,11 +133,11 @@ def measurement_of(cfg: DictConfig) -> Measurement:
     shared = select_overrides(task, SHARED_KEYS, exclude=OWN_KEYS)
     overrides = {}
     for stage in STAGES:
-        base = [*shared, *(select_overrides(task, ("recover",)) if stage == "distill" else [])]
+        base = [*shared, *(select_overrides(task, ("method.recover",)) if stage == "distill" else [])]
         config = compose_stage(stage, base)
         extra = [o for o in options.get("overrides") or [] if override_key(o).split(".")[0] in config]
         if stage == "distill" and options.get("iterations") is not None:
-            extra.append(f"recover.iterations={int(options.iterations)}")
+            extra.append(f"method.recover.iterations={int(options.iterations)}")
         if stage != "distill" and options.get("epochs") is not None:
             extra.append(f"relabel.epochs={int(options.epochs)}")
         overrides[stage] = [*base, *extra]
@@ -154,7 +154,9 @@ def measurement_recipe(measurement: Measurement) -> dict[str, Any]:
     three stages as composed (not the overrides' spelling)."""
     member = measurement.members[0]
     distill, relabel, evaluate = (compose_stage(s, measurement.stage_overrides(s, member)) for s in STAGES)
-    recover = {k: v for k, v in OmegaConf.to_container(distill.recover, resolve=True).items() if k not in MEMORY_KEYS}
+    recover = {
+        k: v for k, v in OmegaConf.to_container(distill.method.recover, resolve=True).items() if k not in MEMORY_KEYS
+    }
     labels = OmegaConf.to_container(relabel.relabel, resolve=True)
     labels.pop("teachers")  # the member itself
     return {

@@ -127,13 +127,6 @@ def student_set(cfg: DictConfig, root: Path) -> StudentSet:
     """The set named by ``set=`` (or the method's default name) in ``cfg.distilled.format``: ``png`` (uint8
     pixels, what a shipped set holds) or ``float`` (``images.pt`` as the method left it). Reads the manifest and
     checks every file's size; no image is read here."""
-    replaced = cfg.distilled.get("replaced_by")
-    if replaced:
-        raise ConfigError(
-            f"distilled=random_real is replaced by {replaced}: random real images are now a distilled set like any "
-            f"other. Make it once with `python distill.py {replaced} ipc={cfg.ipc} seed={cfg.seed}`, then relabel "
-            f"and evaluate with {replaced} (its labels are made again: the images now come from the set's files)"
-        )
     image_format = cfg.distilled.format
     if image_format not in IMAGE_FORMATS:
         raise ConfigError(f"distilled.format={image_format!r}; choose from {', '.join(IMAGE_FORMATS)}")

@@ -39,7 +39,7 @@ REAL_ORDER_SALT = 0x4EA1
 
 def real_image_order(targets: torch.Tensor, class_index: int, seed: int) -> torch.Tensor:
     """The class's training-image indices in one seeded order, shared by ``method=random_real`` (its first
-    ``ipc``) and ``recover.init.mode=real`` (IPC index ``i`` starts from the ``i``-th): a recovered set with real
+    ``ipc``) and ``method.recover.init.mode=real`` (IPC index ``i`` starts from the ``i``-th): a recovered set with real
     initialisation starts from exactly the random-real set of the same seed, so the two compare pairwise."""
     idx = torch.nonzero(targets == class_index).flatten()
     if len(idx) == 0:
@@ -49,7 +49,7 @@ def real_image_order(targets: torch.Tensor, class_index: int, seed: int) -> torc
 
 @dataclass(frozen=True)
 class PatchSettings:
-    """RDED-style patch initialisation of a set with ``ipc`` images per class (``recover.init.*``).
+    """RDED-style patch initialisation of a set with ``ipc`` images per class (``method.recover.init.*``).
 
     Each image takes ``factor²`` candidate crops, so a class needs ``ipc × factor²`` distinct candidates:
     the band of that many in score order (lowest CE for ``easy``, the middle for ``medium``, highest for
@@ -64,14 +64,16 @@ class PatchSettings:
 
     def __post_init__(self) -> None:
         if self.difficulty not in DIFFICULTIES:
-            raise ConfigError(f"recover.init.difficulty={self.difficulty!r}; choose from {', '.join(DIFFICULTIES)}")
+            raise ConfigError(
+                f"method.recover.init.difficulty={self.difficulty!r}; choose from {', '.join(DIFFICULTIES)}"
+            )
         if self.factor < 1:
-            raise ConfigError(f"recover.init.factor={self.factor} must be >= 1 (f x f crops per image)")
+            raise ConfigError(f"method.recover.init.factor={self.factor} must be >= 1 (f x f crops per image)")
         if self.candidates < self.needed:
             raise ConfigError(
-                f"recover.init.candidates={self.candidates} is too few for ipc={self.ipc} with "
-                f"recover.init.factor={self.factor}: every image needs {self.factor}² distinct crops, "
-                f"so raise recover.init.candidates to at least {self.needed}"
+                f"method.recover.init.candidates={self.candidates} is too few for ipc={self.ipc} with "
+                f"method.recover.init.factor={self.factor}: every image needs {self.factor}² distinct crops, "
+                f"so raise method.recover.init.candidates to at least {self.needed}"
             )
 
     @property
@@ -107,11 +109,13 @@ class Initializer:
         cache: PatchCache | None = None,
     ):
         if mode not in INIT_MODES:
-            raise ValueError(f"recover.init.mode={mode!r}; choose from {INIT_MODES}")
+            raise ValueError(f"method.recover.init.mode={mode!r}; choose from {INIT_MODES}")
         if mode != "gaussian" and real is None:
-            raise ValueError(f"recover.init.mode={mode} needs the real training images")
+            raise ValueError(f"method.recover.init.mode={mode} needs the real training images")
         if mode == "patches" and patches is None:
-            raise ValueError("recover.init.mode=patches needs PatchSettings (difficulty, factor, candidates, ipc)")
+            raise ValueError(
+                "method.recover.init.mode=patches needs PatchSettings (difficulty, factor, candidates, ipc)"
+            )
         self.mode, self.seed, self.shape = mode, seed, image_shape
         self.real = real
         self.patches = patches

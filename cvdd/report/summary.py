@@ -10,7 +10,7 @@ from cvdd.runtime import log
 from cvdd.runtime.trainer import task_overrides
 
 # The overrides that name the same set (data, method, committee, IPC, seed, set, paths, machine, preset).
-SET_KEYS = ("dataset", "method", "committee", "ipc", "seed", "set", "paths", "hardware", "experiment", "recover.init")
+SET_KEYS = ("dataset", "method", "committee", "ipc", "seed", "set", "paths", "hardware", "experiment")
 LABEL_KEYS = (*SET_KEYS, "relabel", "soft_labels", "distilled")
 TEACHER_KEYS = ("dataset", "paths", "hardware", "seed", "experiment")
 

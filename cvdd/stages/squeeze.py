@@ -222,7 +222,7 @@ SINGLE_DEVICE = {"ddp": "gpu", "ddp_cpu": "cpu"}  # members are squeezed one at 
 
 def squeeze_overrides(overrides: list[str]) -> list[str]:
     """The user's overrides of this run that ``train.py`` understands: dataset, paths, hardware (on one
-    device), seed, the preset, precision. Recover's own keys (ipc, recover.*, committee.*) are left out."""
+    device), seed, the preset, precision. Recover's own keys (ipc, method.*, committee.*) are left out."""
     kept = []
     for text in select_overrides(overrides, SQUEEZE_KEYS):
         key, _, value = text.partition("=")

@@ -10,6 +10,7 @@ into ``images.pt`` (:func:`cvdd.artifacts.distilled.write_set`).
 from __future__ import annotations
 
 import shutil
+from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -24,11 +25,11 @@ from cvdd.committee.committee import select_members, voting_weights, warn_if_nea
 from cvdd.committee.passes import plan_passes
 from cvdd.committee.priors import configured_priors
 from cvdd.methods.base import DistillContext, ImageSet, Method, finished_piece, require_real_images
+from cvdd.methods.committee_voting.options import RecoverOptions
 from cvdd.methods.committee_voting.recover import Layout, RecoverModule, RecoverSettings, Unit, class_blocks
-from cvdd.methods.init_images import INIT_MODES, Initializer, PatchSettings
+from cvdd.methods.init_images import Initializer
 from cvdd.runtime import log
 from cvdd.runtime.distributed import HydraDDPStrategy
-from cvdd.runtime.errors import ConfigError
 from cvdd.runtime.hardware import check_same_threads, cpu_threads
 from cvdd.runtime.seeding import derive_seed
 
@@ -37,8 +38,16 @@ class CommitteeVoting(Method):
     """``member=None``: CV-DD, the ``committee`` votes (``committee.k`` members per unit, weighted by their
     priors). ``member=<model id>``: SRe2L++, that one model recovers every unit alone."""
 
-    def __init__(self, name: str, set_name: str, labels_by: str, member: str | None = None):
+    def __init__(
+        self,
+        name: str,
+        set_name: str,
+        labels_by: str,
+        recover: Mapping[str, Any] | RecoverOptions,
+        member: str | None = None,
+    ):
         super().__init__(name, set_name, labels_by)
+        self.recover = recover if isinstance(recover, RecoverOptions) else RecoverOptions.parse(recover)
         self.member = member
         self._priors: dict[str, float] | None = None
         self._priors_resolved = False  # resolved once per run (a measurement runs three jobs per member)
@@ -51,32 +60,10 @@ class CommitteeVoting(Method):
         return OmegaConf.merge(cfg.committee, {**single, "weighting": "equal", "priors": None})
 
     def check(self, ctx: DistillContext) -> None:
-        self.patch_settings(ctx.cfg)
-        if ctx.cfg.recover.init.mode == "real":
-            require_real_images(ctx, "recover.init.mode=real")
-
-    def patch_settings(self, cfg: DictConfig) -> PatchSettings | None:
-        """``recover.*`` checked; the patch settings when the initialisation is ``patches``."""
-        if int(cfg.recover.iterations) < 1:
-            raise ConfigError(f"recover.iterations={cfg.recover.iterations} must be at least 1")
-        group_images, wave_images = optional_int(cfg.recover.group_images), optional_int(cfg.recover.wave_images)
-        if group_images is not None and group_images < 1:
-            raise ConfigError(f"recover.group_images={group_images} must be at least 1 (or null: from free memory)")
-        if wave_images is not None and wave_images < (group_images or 1):
-            raise ConfigError(
-                f"recover.wave_images={wave_images} is below "
-                + (f"recover.group_images={group_images}" if group_images else "one image")
-                + ": a group is optimised at once; raise wave_images, or lower group_images (results change by "
-                "float rounding only)"
-            )
-        init = cfg.recover.init
-        if init.mode not in INIT_MODES:
-            raise ConfigError(f"recover.init.mode={init.mode!r}; choose from {', '.join(INIT_MODES)}")
-        if init.mode != "patches":
-            return None
-        return PatchSettings(
-            int(cfg.ipc), str(init.difficulty), int(init.factor), int(init.candidates), tuple(init.scale)
-        )
+        self.recover.check()
+        self.recover.patch_settings(ctx.ipc)
+        if self.recover.init_mode == "real":
+            require_real_images(ctx, "method.recover.init.mode=real")
 
     def summary(self, made: ImageSet) -> list[tuple[str, str]]:
         """Each member's final CE / BN term, averaged over the units it recovered, on one row."""
@@ -99,7 +86,7 @@ class CommitteeVoting(Method):
             cfg = OmegaConf.merge(ctx.cfg, {"committee": comm})
             self._priors = configured_priors(cfg, ctx.root, "measure", ctx.measure)
             self._priors_resolved = True
-        committee = ctx.committee(list(comm.members), self._priors, float(ctx.cfg.recover.first_bn_multiplier))
+        committee = ctx.committee(list(comm.members), self._priors, self.recover.first_bn_multiplier)
         if self._priors is None and comm.weighting == "prior" and int(comm.k) > 1:
             warn_if_nearly_equal(committee.priors, float(comm.temperature), "distill (committee.priors=null)")
         return committee
@@ -111,12 +98,9 @@ class CommitteeVoting(Method):
         comm = OmegaConf.to_container(self.committee_config(ctx.cfg), resolve=True)
         comm.pop("train_missing", None)
         comm.pop("train_overrides", None)
-        recover = OmegaConf.to_container(ctx.cfg.recover, resolve=True)
-        for key in ("group_images", "wave_images", "keep_units"):  # memory, speed and disk; results up to rounding
-            recover.pop(key, None)
         return {
             **ctx.base_recipe(),
-            "recover": recover,
+            "recover": self.recover.recipe(),
             "committee": comm,
             "priors": committee.priors,
             "teachers": ctx.teacher_fingerprints(list(comm["members"])),
@@ -128,20 +112,18 @@ class CommitteeVoting(Method):
         if isinstance(trainer.strategy, HydraDDPStrategy):
             trainer.strategy.wrap_model = False  # each rank owns its images: no broadcast, no gradient averaging
         workers, threads = plan_passes(cfg.hardware.get("member_threads"), cpu_threads(trainer))
-        units = plan_units(self.committee_config(cfg), cfg, ctx.spec.num_classes, committee.priors)
+        units = plan_units(self.committee_config(cfg), ctx, self.recover.class_block, committee.priors)
         done = set() if cfg.get("overwrite", False) else finished_units(artifact, units, recipe_hash, threads)
         if done:
             log.info("resuming %s: %d of %d units already finished", artifact.folder, len(done), len(units))
-        rec = cfg.recover
-        settings = RecoverSettings(
-            int(rec.iterations), float(rec.lr), float(rec.r_bn), int(rec.jitter), tuple(rec.crop_scale), ctx.spec.hflip
-        )
+        rec = self.recover
+        settings = RecoverSettings(rec.iterations, rec.lr, rec.r_bn, rec.jitter, rec.crop_scale, ctx.spec.hflip)
         initializer = Initializer(
-            rec.init.mode,
+            rec.init_mode,
             ctx.seed,
             ctx.image_shape,
             real=ctx.data.view("train"),
-            patches=self.patch_settings(cfg),
+            patches=rec.patch_settings(ctx.ipc),
             committee=committee,
             cache=ctx.patch_cache(committee),
         )
@@ -163,7 +145,7 @@ class CommitteeVoting(Method):
                 },
             )
 
-        layout = Layout(bool(rec.grouping), optional_int(rec.group_images), optional_int(rec.wave_images))
+        layout = Layout(rec.grouping, rec.group_images, rec.wave_images)
         module = RecoverModule(
             committee,
             units,
@@ -183,24 +165,21 @@ class CommitteeVoting(Method):
         return collect_units(artifact, units, committee.priors)
 
     def finish(self, ctx: DistillContext) -> None:
-        """``recover.keep_units=false``: the unit files go once ``images.pt`` holds them (a damaged set is then
-        redone from scratch instead of repaired from its units)."""
-        if not bool(ctx.cfg.recover.get("keep_units", True)):
+        """``method.recover.keep_units=false``: the unit files go once ``images.pt`` holds them (a damaged set is
+        then redone from scratch instead of repaired from its units)."""
+        if not self.recover.keep_units:
             shutil.rmtree(ctx.artifact.folder / "units", ignore_errors=True)
 
 
-def optional_int(value) -> int | None:
-    return None if value is None else int(value)
-
-
-def plan_units(comm: DictConfig, cfg: DictConfig, num_classes: int, priors: dict[str, float]) -> list[Unit]:
+def plan_units(comm: DictConfig, ctx: DistillContext, class_block: int, priors: dict[str, float]) -> list[Unit]:
     """Every unit of the set: its classes, members and voting weights, and its own seed."""
-    chosen = select_members(comm.members, comm.k, comm.schedule, cfg.ipc, cfg.seed, priors, comm.get("fixed"))
+    ipc, seed = ctx.ipc, ctx.seed
+    chosen = select_members(comm.members, comm.k, comm.schedule, ipc, seed, priors, comm.get("fixed"))
     units = []
-    for i in range(cfg.ipc):
-        for b, classes in enumerate(class_blocks(num_classes, cfg.recover.class_block)):
-            weights = voting_weights(chosen[i], priors, comm.weighting, comm.temperature, (cfg.seed, i, b))
-            units.append(Unit(i, b, classes, chosen[i], tuple(weights), derive_seed(cfg.seed, i, b)))
+    for i in range(ipc):
+        for b, classes in enumerate(class_blocks(ctx.spec.num_classes, class_block)):
+            weights = voting_weights(chosen[i], priors, comm.weighting, comm.temperature, (seed, i, b))
+            units.append(Unit(i, b, classes, chosen[i], tuple(weights), derive_seed(seed, i, b)))
     return units
 
 

@@ -1,5 +1,5 @@
-"""How many synthetic images recover optimises at once when ``recover.wave_images`` is unset, and how many it
-stacks into one group when ``recover.group_images`` is.
+"""How many synthetic images recover optimises at once when ``method.recover.wave_images`` is unset, and how many it
+stacks into one group when ``method.recover.group_images`` is.
 
 The tensors autograd saves for the members' passes over a wave's images are nearly all of a wave's
 memory. Each pass frees its graph once its gradient is taken (:mod:`cvdd.committee.passes`), so only the
@@ -93,10 +93,11 @@ GROUP_MEMORY_CAP = 23 * 2**30  # a 24 GB card's free memory: groups never need m
 
 
 def auto_group_images(bytes_per_image: float, free: int | None, unit_images: int) -> int:
-    """Images per group for ``recover.group_images=null``: the largest power of two of ``unit_images``-image units
-    whose images fit :data:`BUDGET_FRACTION` of ``free`` at ``HEADROOM`` × ``bytes_per_image``, counting ``free``
-    as at most :data:`GROUP_MEMORY_CAP` (unknown: the cap); at least one unit. Powers of two keep the choice the
-    same across machines with similar memory; a group's size changes results by float rounding only."""
+    """Images per group for ``method.recover.group_images=null``: the largest power of two of
+    ``unit_images``-image units whose images fit :data:`BUDGET_FRACTION` of ``free`` at ``HEADROOM`` ×
+    ``bytes_per_image``, counting ``free`` as at most :data:`GROUP_MEMORY_CAP` (unknown: the cap); at least one unit.
+    Powers of two keep the choice the same across machines with similar memory; a group's size changes results by
+    float rounding only."""
     budget = BUDGET_FRACTION * min(GROUP_MEMORY_CAP if free is None else free, GROUP_MEMORY_CAP)
     units = int(budget // (HEADROOM * bytes_per_image * unit_images))
     return unit_images * (1 << (units.bit_length() - 1) if units >= 1 else 1)

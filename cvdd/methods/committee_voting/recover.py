@@ -257,8 +257,8 @@ class RecoverModule(L.LightningModule):
             total = sum(len(u.classes) for u in self.units)
             self.group_images = min(total, self._agreed(auto_group_images(per_image, free, unit_images)))
             log.info(
-                "recover.group_images=null: %d images per group (%.1f MiB per image for the costliest unit, sized "
-                "for at most %.0f GiB)",
+                "method.recover.group_images=null: %d images per group (%.1f MiB per image for the costliest unit, "
+                "sized for at most %.0f GiB)",
                 self.group_images,
                 per_image / 2**20,
                 GROUP_MEMORY_CAP / 2**30,
@@ -302,7 +302,7 @@ class RecoverModule(L.LightningModule):
         if free is not None and need > BUDGET_FRACTION * free:
             log.warning(
                 "one group of %d images needs about %.1f GiB on %s, more than %.0f %% of the %.1f GiB free: it may "
-                "run out of memory. Lower recover.group_images (results change by float rounding only) or keep "
+                "run out of memory. Lower method.recover.group_images (results change by float rounding only) or keep "
                 "hardware.precision=auto (bf16 activations)",
                 largest_group,
                 need / 2**30,
@@ -311,7 +311,7 @@ class RecoverModule(L.LightningModule):
                 free / 2**30,
             )
         log.info(
-            "recover.wave_images=null: %d images per wave (about %.1f MiB per image for the costliest unit, "
+            "method.recover.wave_images=null: %d images per wave (about %.1f MiB per image for the costliest unit, "
             "%s free on %s)",
             chosen,
             per_image / 2**20,
