@@ -9,13 +9,13 @@ import cvdd.config.resolvers  # noqa: F401  (registers the config resolvers)
 from cvdd.config.migrations import refuse_old_spellings
 from cvdd.runtime.distributed import isolated_job
 from cvdd.runtime.errors import reported_errors
-from cvdd.stages.evaluate import evaluate
+from cvdd.stages.validate import validate
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> float | None:
     with isolated_job(), reported_errors():
-        result = evaluate(cfg)
+        result = validate(cfg)
     return result.get("test_top1")
 
 

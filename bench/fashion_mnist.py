@@ -53,9 +53,9 @@ from cvdd.labels.bssl import soft_label_logits  # noqa: E402
 from cvdd.labels.protocol import relabel_committee, teacher_weights  # noqa: E402
 from cvdd.report import Group, markdown_table, plot  # noqa: E402
 from cvdd.stages.distill import distill  # noqa: E402
-from cvdd.stages.evaluate import evaluate  # noqa: E402
 from cvdd.stages.relabel import relabel  # noqa: E402
 from cvdd.stages.squeeze import squeeze_teacher  # noqa: E402
+from cvdd.stages.validate import validate  # noqa: E402
 from cvdd.training.metrics import set_diversity  # noqa: E402
 
 DATASET = "fashion_mnist"
@@ -383,7 +383,7 @@ class Bench:
             f"labels={'offline' if cell.labels == 'soft' else 'hard'}",
             *(CHECKS[cell.check].student if cell.check else ()),
         ]
-        record = self.stage(f"evaluate/{cell.key}", "evaluate", evaluate, student)
+        record = self.stage(f"evaluate/{cell.key}", "evaluate", validate, student)
         self.state["cells"][cell.key] = {**asdict(cell), **record}
         self.save()
         print(f"[bench] {cell.key}: top-1 {record['test_top1']:.2f}% (best {record['test_top1_best']:.2f}%)")

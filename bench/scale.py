@@ -111,7 +111,7 @@ def assemble(pieces: Path, artifacts: Path, dataset: str, ipc: int, probe: Path)
     artifact = DistilledArtifact(artifacts, dataset, f"scale_ipc{ipc}")
     fields = {"dataset": dataset, "method": "random_real", "classes": classes, "class_names": classes, "ipc": ipc}
     fields["fingerprint"] = f"scale-{dataset}-{ipc}"
-    write_set(artifact, set_pieces, classes, spec.mean, spec.std, 0, fields)
+    write_set(artifact, set_pieces, class_names=classes, mean=spec.mean, std=spec.std, seed=0, fields=fields)
     record = {"rank": 0, "first_step_s": None, "peak_rss_bytes": peak_rss(), **io_counters()}
     record.update(hashed_bytes=HASHED["bytes"], wall_s=time.perf_counter() - started)
     probe.mkdir(parents=True, exist_ok=True)

@@ -153,7 +153,12 @@ def worker(args: argparse.Namespace) -> None:
         busy = mean_step(1)  # one step = one epoch of the plan: 100 images through every teacher
         result = {"rate": 100 / busy, "unit": "images/s"}
     else:
-        evaluate = importlib.import_module("cvdd.stages.evaluate" if stages_layout else "cvdd.jobs.evaluate").evaluate
+        if (Path(args.code) / "cvdd" / "stages" / "validate.py").is_file():  # one name per stage
+            evaluate = importlib.import_module("cvdd.stages.validate").validate
+        else:
+            evaluate = importlib.import_module(
+                "cvdd.stages.evaluate" if stages_layout else "cvdd.jobs.evaluate"
+            ).evaluate
 
         epochs = s["student_epochs"]
         out = evaluate(

@@ -186,7 +186,15 @@ def test_the_sets_are_pictured_side_by_side_as_their_students_read_them(state: P
     for shade, method in zip(shades, bench.ORDER, strict=True):
         artifact = DistilledArtifact(state / "work" / "artifacts", bench.DATASET, Cell(method, 10, 0, 0.5).set_name)
         images = torch.full((3 * ipc, 1, 28, 28), shade / 255)  # mean 0, std 1: the PNGs hold exactly `shade`
-        write_set(artifact, [SetPiece.of(images, labels, ipc_index)], names, [0.0], [1.0], 0, {"class_names": names})
+        write_set(
+            artifact,
+            [SetPiece.of(images, labels, ipc_index)],
+            class_names=names,
+            mean=[0.0],
+            std=[1.0],
+            seed=0,
+            fields={"class_names": names},
+        )
     b.pictures(0.5)
 
     picture = Image.open(state / "out" / bench.PICTURES).convert("L")

@@ -13,11 +13,11 @@ from cvdd.artifacts import ArtifactCorruptError
 from cvdd.data import load_dataset
 from cvdd.data.formats import IMAGENETTE_NAMES
 from cvdd.data.images import DatasetImageError
-from cvdd.stages import evaluate as evaluate_job
+from cvdd.stages import validate as validate_stage
 from cvdd.stages.distill import distill
-from cvdd.stages.evaluate import evaluate
 from cvdd.stages.relabel import relabel
 from cvdd.stages.squeeze import squeeze_teacher
+from cvdd.stages.validate import validate
 
 DISTILL = ("ipc=2", "method.recover.iterations=2", "method.recover.init.mode=real", "logger=none")
 PLAN = ("ipc=2", "method.recover.init.mode=real", "relabel.epochs=3", "relabel.batch_size=8", "logger=none")
@@ -70,9 +70,9 @@ def test_damaged_label_epoch_is_found_before_training_and_a_rerun_recomputes_onl
     def no_training(*_args, **_kwargs):
         raise AssertionError("training started before the labels were checked")
 
-    monkeypatch.setattr(evaluate_job, "stage_trainer", no_training)
+    monkeypatch.setattr(validate_stage, "stage_trainer", no_training)
     with pytest.raises(ArtifactCorruptError, match=r"epoch_0002\.pt is missing or damaged .*python relabel\.py"):
-        evaluate(make_cfg("evaluate", *PLAN))
+        validate(make_cfg("evaluate", *PLAN))
     monkeypatch.undo()
 
     relabel(make_cfg("relabel", *PLAN))
@@ -84,7 +84,7 @@ def test_damaged_label_epoch_is_found_before_training_and_a_rerun_recomputes_onl
     data[-30] ^= 0xFF
     (folder / "epoch_0001.pt").write_bytes(bytes(data))
     with pytest.raises(ArtifactCorruptError, match=r"epoch_0001\.pt differs from the file its manifest records"):
-        evaluate(make_cfg("evaluate", *PLAN))
+        validate(make_cfg("evaluate", *PLAN))
 
 
 def test_damaged_patch_cache_is_scored_again(make_cfg, workdir: Path):

@@ -120,7 +120,13 @@ def test_teacher_and_student_modules_train_their_network_in_the_given_numerics()
 
     plan = EpochPlan(0, 20, 1, 10, (16, 16), "cutmix", (0.5, 1.0), False)
     student = StudentModule(
-        small_net("convnet"), torch.randn(20, 1, 16, 16), torch.arange(20) % 10, plan, 10, None, numerics=BF16
+        small_net("convnet"),
+        images=torch.randn(20, 1, 16, 16),
+        targets=torch.arange(20) % 10,
+        plan=plan,
+        num_classes=10,
+        soft_labels=None,
+        numerics=BF16,
     )
     inside = seen_inside(student.net)
     student.training_step(torch.tensor(0), 0)

@@ -14,9 +14,9 @@ import torch
 from minidata import write_cifar
 
 from cvdd.stages.distill import distill
-from cvdd.stages.evaluate import evaluate
 from cvdd.stages.relabel import relabel
 from cvdd.stages.squeeze import squeeze_teacher
+from cvdd.stages.validate import validate
 
 DATASETS = ["cifar10", "cifar100", "tiny_imagenet", "imagenette", "imagenet1k"]
 IPCS = [1, 10, 50]
@@ -123,7 +123,7 @@ def test_cifar10_preset_runs_all_four_stages_on_a_miniature_cifar10(make_cfg, tm
     assert list(labels["teachers"].values()) == pytest.approx(expected)
     assert labels["halves"] and labels["batch_size"] == 16 and labels["images_format"] == "png"
 
-    result = evaluate(make_cfg("evaluate", preset("cifar10", 10), *tiny))
+    result = validate(make_cfg("evaluate", preset("cifar10", 10), *tiny))
     assert result["student"] == "resnet18" and result["epochs"] == 1 and result["test_samples"] == 20
     config = result["config"]["validate"]
     assert config["micro_batches"] == 2 and config["lr"] == 1e-3 and config["stretch"] == 1.0

@@ -18,9 +18,9 @@ from cvdd.artifacts import load_json
 from cvdd.committee.committee import warn_if_nearly_equal
 from cvdd.committee.priors import measured_priors
 from cvdd.stages.distill import distill
-from cvdd.stages.evaluate import evaluate
 from cvdd.stages.relabel import relabel
 from cvdd.stages.squeeze import squeeze_teacher
+from cvdd.stages.validate import validate
 
 MEASURE = [
     "logger=none",
@@ -81,7 +81,7 @@ def test_a_second_run_reuses_them_and_relabel_and_evaluate_weight_teachers_by_th
     labels = relabel(compose_config("relabel", labelled, root))
     alpha = torch.tensor([priors[m] for m in MEMBERS], dtype=torch.float64)
     assert list(labels["teachers"].values()) == pytest.approx(torch.softmax(alpha / 10.0, 0).tolist())
-    result = evaluate(compose_config("evaluate", [*labelled, "validate.epochs=2"], root))
+    result = validate(compose_config("evaluate", [*labelled, "validate.epochs=2"], root))
     assert 0 <= result["test_top1"] <= 100
     GlobalHydra.instance().clear()
 

@@ -38,7 +38,9 @@ def test_pieces_are_streamed_into_a_class_major_file_one_at_a_time(tmp_path: Pat
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"old")
     alive: list[weakref.ref] = []
-    manifest = write_set(artifact, unit_pieces(alive), NAMES, MEAN, STD, 0, {"method": "test"})
+    manifest = write_set(
+        artifact, unit_pieces(alive), class_names=NAMES, mean=MEAN, std=STD, seed=0, fields={"method": "test"}
+    )
 
     saved = load_tensors(artifact.tensors, "test")
     whole = torch.cat(
@@ -64,7 +66,11 @@ def test_same_pieces_give_the_same_bytes(tmp_path: Path):
     digests = []
     for name in ("a", "b"):
         artifact = DistilledArtifact(tmp_path, "digits", name)
-        digests.append(write_set(artifact, unit_pieces([]), NAMES, MEAN, STD, 0, {})["files"]["images.pt"])
+        digests.append(
+            write_set(artifact, unit_pieces([]), class_names=NAMES, mean=MEAN, std=STD, seed=0, fields={})["files"][
+                "images.pt"
+            ]
+        )
     assert digests[0] == digests[1]
 
 
@@ -72,7 +78,7 @@ def test_a_rank_exports_its_share_of_the_pngs_and_leaves_the_rest_to_rank_0(tmp_
     monkeypatch.setattr(distilled, "rank_and_world", lambda: (1, 2))
     monkeypatch.setattr(distilled, "gather_objects", lambda obj: [{}, obj])
     artifact = DistilledArtifact(tmp_path, "digits", "rank1")
-    assert write_set(artifact, unit_pieces([]), NAMES, MEAN, STD, 0, {}) == {}
+    assert write_set(artifact, unit_pieces([]), class_names=NAMES, mean=MEAN, std=STD, seed=0, fields={}) == {}
     written = sorted(p.relative_to(artifact.folder).as_posix() for p in artifact.folder.rglob("*.png"))
     assert written == ["0000_zero/0001.png", "0001_one/0001.png", "0002_two/0001.png"], "piece 1 of 3, and no more"
     assert not artifact.tensors.exists() and not artifact.manifest.exists()
@@ -91,7 +97,7 @@ def test_a_failed_fill_leaves_no_tensor_file(tmp_path: Path):
 
     pieces[2] = SetPiece(pieces[2].labels, pieces[2].ipc_index, fail_late)
     with pytest.raises(OSError, match="disk full"):
-        write_set(artifact, pieces, NAMES, MEAN, STD, 0, {})
+        write_set(artifact, pieces, class_names=NAMES, mean=MEAN, std=STD, seed=0, fields={})
     assert not artifact.tensors.exists() and not list(artifact.folder.glob(".images.pt.*"))
     assert not artifact.manifest.exists()
 

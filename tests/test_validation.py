@@ -15,8 +15,8 @@ from cvdd.artifacts import ArtifactConflictError
 from cvdd.config.migrations import refuse_old_spellings
 from cvdd.runtime.errors import ConfigError, UnknownNameError, UserError, reported_errors
 from cvdd.stages.distill import distill
-from cvdd.stages.evaluate import evaluate
 from cvdd.stages.relabel import relabel
+from cvdd.stages.validate import validate
 
 NO_SQUEEZE = ("committee.train_missing=false", "logger=none")
 
@@ -83,7 +83,7 @@ def test_unknown_teacher_and_student_ids_list_the_choices(make_cfg, workdir: Pat
     with pytest.raises(ValueError, match=r"relabel\.teachers .*='nope' is not a model id; choose from .*resnet18"):
         relabel(make_cfg("relabel", "relabel.teachers=nope", *real))
     with pytest.raises(ValueError, match=r"student='nope' is not a model id"):
-        evaluate(make_cfg("evaluate", "student=nope", "logger=none"))
+        validate(make_cfg("evaluate", "student=nope", "logger=none"))
     with pytest.raises(ValueError, match=r"ipc=-1 must be at least 1"):
         relabel(make_cfg("relabel", "ipc=-1", *real))
     with pytest.raises(ValueError, match=r"relabel\.stack_images=0 must be at least 1"):
@@ -129,17 +129,17 @@ def test_unwritable_outputs_fail_before_the_work(
     if stage in ("relabel", "evaluate"):
         random_real()  # the set they read
     from cvdd.artifacts import ArtifactNotWritableError
-    from cvdd.stages import evaluate as evaluate_job
     from cvdd.stages import squeeze as squeeze_job
+    from cvdd.stages import validate as validate_stage
     from cvdd.stages.squeeze import squeeze_teacher
 
     def no_training(*_args, **_kwargs):
         raise AssertionError("training started before the outputs were checked")
 
     monkeypatch.setattr(squeeze_job, "stage_trainer", no_training)
-    monkeypatch.setattr(evaluate_job, "stage_trainer", no_training)
+    monkeypatch.setattr(validate_stage, "stage_trainer", no_training)
     (tmp_path / "artifacts" / "digits").mkdir(parents=True, exist_ok=True)
     (tmp_path / "artifacts" / "digits" / blocked).write_text("not a folder")
-    job = {"train": squeeze_teacher, "distill": distill, "relabel": relabel, "evaluate": evaluate}[stage]
+    job = {"train": squeeze_teacher, "distill": distill, "relabel": relabel, "evaluate": validate}[stage]
     with pytest.raises(ArtifactNotWritableError, match=rf"cannot write to {tmp_path}/artifacts/digits/{blocked}"):
         job(make_cfg(stage, *overrides))

@@ -10,8 +10,8 @@ import pytest
 
 from cvdd.report import main as report_main
 from cvdd.stages.distill import distill
-from cvdd.stages.evaluate import evaluate
 from cvdd.stages.relabel import relabel
+from cvdd.stages.validate import validate
 from tests.wandb_offline import describe, offline_runs
 
 SET = ("committee=sre2l_small", "ipc=1", "logger=wandb")
@@ -26,7 +26,7 @@ def test_each_stage_is_a_run_of_the_set_s_group_with_its_dashboard_items(
     monkeypatch.setenv("WANDB_SILENT", "true")
     distill(make_cfg("distill", *SET, "method.recover.iterations=25"))  # recover logs every 25 steps
     relabel(make_cfg("relabel", *LABELS))
-    evaluate(make_cfg("evaluate", *LABELS, "validate.eval_every=1"))
+    validate(make_cfg("evaluate", *LABELS, "validate.eval_every=1"))
     runs = {run.job_type: run for run in offline_runs(workdir / "run")}
     assert set(runs) == {"distill", "relabel", "evaluate"}, describe(workdir / "run")
     assert {run.group for run in runs.values()} == {"sre2l_small_ipc1_patches_s0"}, "the stages of one set together"

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import io
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -216,9 +216,10 @@ def stream_tensors_file(
 def write_set(
     artifact: DistilledArtifact,
     pieces: list[SetPiece],
+    *,
     class_names: list[str],
-    mean,
-    std,
+    mean: Sequence[float],
+    std: Sequence[float],
     seed: int,
     fields: dict,
 ) -> dict:

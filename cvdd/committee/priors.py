@@ -8,7 +8,7 @@ far flatter score (Fashion-MNIST's pool: 91.0–92.6 %, near-equal votes).
 
 Here the procedure runs on any dataset: for every pool member, the three ordinary jobs — distill
 (``method=sre2l method.member=<member>``, set ``priors_<member>_ipc<n>_s<seed>``), relabel with that member,
-evaluate the configured student — in this process, under this run's hardware. The students' final top-1s are
+validate the configured student — in this process, under this run's hardware. The students' final top-1s are
 kept in ``priors/<committee>_ipc<n>_s<seed>.json`` (:class:`~cvdd.artifacts.priors.PriorsArtifact`) with the
 sets, labels and results they came from, the stages' overrides, the recipe's fingerprint and each member's
 teacher fingerprint. Who uses them:
@@ -17,7 +17,7 @@ teacher fingerprint. Who uses them:
   other settings is measured again;
 * relabel uses the record as it stands (it does not know distill's recover recipe), measures it when there is
   none, and measures again with the record's own overrides a member whose teacher has changed;
-* evaluate only reads the record (to check the labels' teacher weights).
+* validate only reads the record (to check the labels' teacher weights).
 
 A member whose teacher changed is measured again, the others are reused; each stage of a measurement resumes as
 the jobs do, and a member's prior is recorded as soon as its student finishes.
@@ -66,7 +66,7 @@ SHARED_KEYS = (
 OWN_KEYS = ("committee.priors", "committee.priors_measure")
 MEMORY_KEYS = ("group_images", "wave_images", "keep_units")  # recover keys that change no result
 Use = Literal["measure", "reuse", "read"]
-# Runs one member's measurement (distill, relabel, evaluate): cvdd.stages.priors.measure_member, handed down by the
+# Runs one member's measurement (distill, relabel, validate): cvdd.stages.priors.measure_member, handed down by the
 # jobs that may measure (distill, relabel), since this layer does not import jobs.
 MeasureMember = Callable[["Measurement", str, Path, Path], dict[str, Any]]
 

@@ -19,7 +19,7 @@ REPLACED_CHOICES = {  # an old group choice → what replaces it, and why
     "distilled=random_real": (
         "method=random_real",
         "random real images are a distilled set like any other: make it once with "
-        "`python distill.py method=random_real`, then relabel and evaluate with method=random_real",
+        "`python distill.py method=random_real`, then relabel.py and evaluate.py with method=random_real",
     ),
 }
 

@@ -5,7 +5,7 @@ sweeper builds the multirun folder, before any job's HydraConfig exists.
 ``${dataset_spec:<name>,<field>}`` reads a fact (num_classes, image_size, channels, mean, std)
 from the dataset registry, so the YAML never restates what the code already knows.
 ``${run_group:}`` is what a run belongs to, the W&B group: the distilled set's name for distill, relabel and
-evaluate (so the stages of one set sit together), ``teachers-<dataset>`` for squeeze.
+validate (so the stages of one set sit together), ``teachers-<dataset>`` for squeeze.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 from cvdd.data.datamodule import ImageDataModule
 from cvdd.data.formats import DatasetNotFoundError, RawData
-from cvdd.data.registry import DATASETS, DatasetSpec, ImageDataset, get_spec, load_dataset
+from cvdd.data.registry import DATASETS, ImageDataset, get_spec, load_dataset
+from cvdd.data.spec import DatasetSpec
 
 __all__ = [
     "DATASETS",

@@ -11,7 +11,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from cvdd.data.registry import DatasetSpec, ImageDataset, get_spec, load_dataset
+from cvdd.data.registry import ImageDataset, get_spec, load_dataset
+from cvdd.data.spec import DatasetSpec
 from cvdd.runtime.seeding import derive_seed
 
 

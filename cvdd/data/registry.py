@@ -13,32 +13,14 @@ from typing import Any
 
 from cvdd.data import formats
 from cvdd.data.formats import RawData
+from cvdd.data.images import FileImages
+from cvdd.data.spec import DatasetSpec
+from cvdd.data.transforms import eval_transform, train_transform
 from cvdd.runtime.errors import ConfigError, DataError, UnknownNameError
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """Static facts about a dataset; ``hflip`` says whether a mirror image keeps its class."""
-
-    name: str
-    num_classes: int
-    image_size: int
-    channels: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    hflip: bool
-    loader: Callable[[Mapping[str, Any]], RawData]
-
-    @property
-    def pixel_range(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """Per-channel (low, high) of a valid image in normalised space: recover clamps to this."""
-        low = tuple(-m / s for m, s in zip(self.mean, self.std, strict=True))
-        high = tuple((1 - m) / s for m, s in zip(self.mean, self.std, strict=True))
-        return low, high
 
 
 @dataclass
@@ -58,9 +40,6 @@ class ImageDataset:
 
     def view(self, split: str, augment: bool = False):
         """``train``/``test`` split with the squeeze augmentation or the plain normalised view."""
-        from cvdd.data.images import FileImages
-        from cvdd.data.transforms import eval_transform, train_transform
-
         raw = getattr(self.raw, split)
         make = train_transform if augment else eval_transform
         return raw.with_transform(make(self.spec, from_files=isinstance(raw, FileImages)))

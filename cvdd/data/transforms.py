@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torchvision.transforms import v2
 
-from cvdd.data.registry import DatasetSpec
+from cvdd.data.spec import DatasetSpec
 from cvdd.models.registry import SMALL_INPUT_MAX  # the models' small-input stems and these crops change together
 
 

@@ -1,4 +1,4 @@
-"""The soft-label protocol relabel writes and evaluate checks: the labelling teachers and their weights, the
+"""The soft-label protocol relabel writes and validate checks: the labelling teachers and their weights, the
 epoch plan, and the settings that define a label set."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from cvdd.runtime.hardware import numerics_for
 
 
 def labels_of(cfg: DictConfig, root: Path, chosen: StudentSet) -> LabelArtifact:
-    """Where the labels of ``chosen`` under this run's storage settings live (relabel writes, evaluate reads)."""
+    """Where the labels of ``chosen`` under this run's storage settings live (relabel writes, validate reads)."""
     return label_artifact(root, cfg.dataset.name, chosen.name, chosen.image_format, cfg.relabel.get("topk"))
 
 
@@ -80,7 +80,7 @@ def relabel_committee(cfg: DictConfig, root: Path, classes: list[str], weights: 
 
 
 def label_settings(cfg: DictConfig, weights: dict[str, float], plan: EpochPlan, chosen: StudentSet) -> dict[str, Any]:
-    """Everything that defines a label set: relabel records it in the manifest, evaluate refuses labels whose
+    """Everything that defines a label set: relabel records it in the manifest, validate refuses labels whose
     record differs from what it is asked for."""
     return {
         "teachers": weights,

@@ -1,6 +1,6 @@
 """The image set a student learns from: a distilled set found by name, described by its manifest.
 
-Relabel and evaluate both go through :func:`student_set`, so every method's set (CV-DD, SRe2L++, RDED, random
+Relabel and validate both go through :func:`student_set`, so every method's set (CV-DD, SRe2L++, RDED, random
 real images, herding) gets exactly the same soft-label treatment. The set's IPC, classes and method come from its
 manifest, not from this run's settings.
 

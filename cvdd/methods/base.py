@@ -26,7 +26,8 @@ from cvdd.artifacts.patches import PatchCache
 from cvdd.committee.committee import Committee, load_committee
 from cvdd.committee.priors import MeasureMember
 from cvdd.data import get_spec
-from cvdd.data.registry import DatasetSpec, ImageDataset
+from cvdd.data.registry import ImageDataset
+from cvdd.data.spec import DatasetSpec
 from cvdd.runtime import log
 from cvdd.runtime.errors import ConfigError
 from cvdd.runtime.hardware import numerics_for
@@ -125,7 +126,7 @@ class DistillContext:
             {
                 "dataset": dataset_identity(self.cfg.dataset),
                 "teachers": self.teacher_fingerprints(list(committee.members)),
-                "numerics": {name: n.tag for name, n in committee.numerics.items()},
+                "numerics": committee.numerics_tags,
             },
         )
 

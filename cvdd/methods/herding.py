@@ -50,7 +50,7 @@ class Herding(PerClassMethod):
             "method": self.name,
             "model": self.model,
             "teachers": ctx.teacher_fingerprints([self.model]),
-            "numerics": {name: n.tag for name, n in teacher.numerics.items()},
+            "numerics": teacher.numerics_tags,
         }
 
     def make_class(self, ctx: DistillContext, c: int) -> tuple[torch.Tensor, list[int]]:

@@ -53,7 +53,7 @@ class RDED(PerClassMethod):
             "method": self.name,
             "patches": vars(self.settings(ctx)),
             "teachers": ctx.teacher_fingerprints(list(ctx.cfg.committee.members)),
-            "numerics": {name: n.tag for name, n in committee.numerics.items()},
+            "numerics": committee.numerics_tags,
         }
 
     def prepare(self, ctx: DistillContext) -> None:

@@ -5,7 +5,7 @@
     python -m cvdd.report logs/evaluate/multiruns/<stamp> --out report # + report/summary.{md,png}
     python -m cvdd.report artifacts/fashion_mnist/results --wandb       # + a W&B run with the tables and plot
 
-Every ``*.json`` below the folder that is an evaluate result (it has ``test_top1``) counts. Runs are
+Every ``*.json`` below the folder that is a validate result (it has ``test_top1``) counts. Runs are
 grouped by (dataset, student, label mode, method, IPC); seeds of a group are averaged, with the
 sample standard deviation. ``final`` is the student's top-1 after its last epoch; ``best`` the highest
 of its periodic evaluations (``validate.eval_every``) and the final one, as the released CV-DD code
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cvdd.artifacts import atomic_write
+from cvdd.runtime import log
 from cvdd.runtime.errors import ConfigError, MissingInputError
 
 Reference = Mapping[str, Mapping[int, float]]  # published rows: name → {IPC: top-1}
@@ -53,8 +54,12 @@ class Group:
         return f"{self.mean:.2f} ± {self.std:.2f} (n={len(self.top1)})"
 
 
+REQUIRED = ("name", "method", "dataset", "ipc", "seed", "student", "labels", "test_top1")
+
+
 def load_results(folder: Path) -> list[dict]:
-    """Every evaluate result below ``folder`` (other JSON files are ignored)."""
+    """Every validate result below ``folder``. JSON that is not a result (no ``test_top1``) is ignored; a result
+    lacking a field a table groups by (written by an early version) is named in a warning and left out."""
     if not folder.is_dir():
         raise MissingInputError(f"results folder {folder} does not exist; point at artifacts/<dataset>/results")
     found = []
@@ -63,16 +68,14 @@ def load_results(folder: Path) -> list[dict]:
             record = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
             continue
-        if isinstance(record, dict) and "test_top1" in record:
-            found.append(record)
+        if not isinstance(record, dict) or "test_top1" not in record:
+            continue
+        missing = [key for key in REQUIRED if key not in record]
+        if missing:
+            log.warning("%s left out: no %s (run evaluate.py again to record it)", path, ", ".join(missing))
+            continue
+        found.append(record)
     return found
-
-
-def method_of(record: dict) -> str:
-    """Results written before ``method`` existed: random_real or the set's name without its seed."""
-    if record.get("method"):
-        return str(record["method"])
-    return "random_real" if record.get("distilled") == "random_real" else str(record["name"]).rsplit("_s", 1)[0]
 
 
 def labels_of(record: dict) -> str:
@@ -92,7 +95,7 @@ def summarise(records: Iterable[dict], metric: str = "final") -> list[Group]:
     for r in sorted(records, key=lambda r: r.get("created", "")):
         if field not in r:
             continue
-        key = (r["dataset"], r["student"], labels_of(r), method_of(r), int(r["ipc"]))
+        key = (r["dataset"], r["student"], labels_of(r), r["method"], int(r["ipc"]))
         by_key[key][int(r["seed"])] = r
     groups = [
         Group(
@@ -131,7 +134,7 @@ def markdown_table(
     ``reference`` rows (published numbers) are appended to every table at the IPCs it shows.
     """
     if not groups:
-        return "no evaluate results found\n"
+        return "no validate results found\n"
     blocks = []
     for (dataset, student, labels), members in settings(groups).items():
         ipcs = sorted({g.ipc for g in members})
@@ -229,7 +232,7 @@ def log_to_wandb(folder: Path, metric: str, title: str, save_dir: Path | None = 
     run = wandb.init(
         project=project, job_type="report", group="report", name=title or None, mode=wandb_mode(), dir=save_dir
     )
-    rows = [[method_of(r) if c == "method" else r.get(c) for c in RESULT_COLUMNS] for r in records]
+    rows = [[r.get(c) for c in RESULT_COLUMNS] for r in records]
     run.log(
         {
             "results": wandb.Table(columns=list(RESULT_COLUMNS), data=rows),
@@ -251,7 +254,7 @@ def log_to_wandb(folder: Path, metric: str, title: str, save_dir: Path | None = 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m cvdd.report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("folder", type=Path, help="folder holding evaluate results (*.json), searched recursively")
+    parser.add_argument("folder", type=Path, help="folder holding validate results (*.json), searched recursively")
     parser.add_argument("--out", type=Path, default=None, help="write summary.md and summary.png here")
     parser.add_argument("--title", default="", help="title of the markdown file and the plot")
     parser.add_argument(

@@ -1,6 +1,6 @@
 """A Hydra callback that summarises an ``evaluate.py -m`` sweep: mean ± std over its jobs.
 
-Every evaluate job also writes its result as ``result.json`` into its own run folder, so at the end
+Every validate job also writes its result as ``result.json`` into its own run folder, so at the end
 of a multirun the sweep folder holds exactly this sweep's results; :mod:`cvdd.report` turns them into
 ``summary.md`` and ``summary.png`` there and the table is printed.
 """

@@ -1,4 +1,4 @@
-"""A job made of jobs: one member's prior measured by distill, relabel and evaluate (``committee.priors=measured``).
+"""A stage made of stages: one member's prior measured by distill, relabel and validate (``committee.priors=measured``).
 
 The one module under ``cvdd/stages`` that runs the others (imported inside the function: distill and relabel hand
 :func:`measure_member` down to :mod:`cvdd.committee.priors`, which decides what to measure and keeps the record).
@@ -23,13 +23,13 @@ def measure_member(measurement: Measurement, member: str, root: Path, output_dir
     """Distill with ``member`` alone, relabel with it, train the student; the entry of the record (``{}`` on ranks
     other than 0)."""
     from cvdd.stages.distill import distill  # the jobs import this module
-    from cvdd.stages.evaluate import evaluate
     from cvdd.stages.relabel import relabel
+    from cvdd.stages.validate import validate
 
     started = time.time()
     made = run_stage("distill", distill, measurement, member, output_dir)
     labels = run_stage("relabel", relabel, measurement, member, output_dir)
-    result = run_stage("evaluate", evaluate, measurement, member, output_dir)
+    result = run_stage("evaluate", validate, measurement, member, output_dir)
     if not result:
         return {}
     dataset_root = Path(root) / measurement.dataset

@@ -17,7 +17,6 @@ from torch.utils.data import DataLoader
 
 from cvdd.artifacts import (
     ArtifactConflictError,
-    damaged_files,
     ensure_writable,
     file_digest,
     fingerprint,
@@ -25,9 +24,10 @@ from cvdd.artifacts import (
     save_json,
     save_tensors,
 )
-from cvdd.artifacts.label_store import PLAN_KEY, check_storage, pack_logits, payload_bytes
+from cvdd.artifacts.labels import PLAN_KEY, LabelArtifact, check_storage, pack_logits, payload_bytes
 from cvdd.committee.passes import plan_passes
 from cvdd.labels.module import RelabelModule
+from cvdd.labels.plan import EpochPlan
 from cvdd.labels.protocol import (
     build_plan,
     label_settings,
@@ -36,13 +36,13 @@ from cvdd.labels.protocol import (
     relabel_numerics,
     teacher_weights,
 )
-from cvdd.labels.student_set import student_set
+from cvdd.labels.student_set import StudentSet, student_set
 from cvdd.report.summary import LABEL_KEYS, next_command, size_on_disk, stage_summary
-from cvdd.runtime import log
 from cvdd.runtime.distributed import HydraDDPStrategy
 from cvdd.runtime.errors import ConfigError
 from cvdd.runtime.hardware import check_same_threads, cpu_threads
 from cvdd.runtime.trainer import log_final, stage_trainer
+from cvdd.stages.outline import finished_artifact, stamped
 from cvdd.stages.priors import measure_member
 
 
@@ -50,18 +50,11 @@ def relabel(cfg: DictConfig) -> dict[str, Any]:
     """Write the soft labels of ``cfg``'s distilled set; returns the manifest on rank 0."""
     root = Path(cfg.paths.artifacts)
     chosen = student_set(cfg, root)
-    name, classes = chosen.name, chosen.classes
-    topk = cfg.relabel.get("topk")
-    check_storage(cfg.relabel.dtype, topk)
-    if int(cfg.relabel.stack_images) < 1:
-        raise ConfigError(
-            f"relabel.stack_images={cfg.relabel.stack_images} must be at least 1 (images per forward pass)"
-        )
+    check_relabel_settings(cfg)
     artifact = labels_of(cfg, root, chosen)
     ensure_writable(artifact.folder)
     weights = teacher_weights(cfg, root, "reuse", measure_member)  # records only: weights load when there is work
     plan = build_plan(cfg, len(chosen))
-    settings = label_settings(cfg, weights, plan, chosen)
     recipe = {
         "distilled": chosen.fingerprint,
         "plan": plan.identity(),
@@ -71,110 +64,141 @@ def relabel(cfg: DictConfig) -> dict[str, Any]:
         "numerics": relabel_numerics(cfg, root, list(weights)),
     }
     recipe_hash = fingerprint(recipe)
-    if artifact.manifest.is_file() and not cfg.overwrite:
-        manifest = load_json(artifact.manifest)
-        if manifest["fingerprint"] != recipe_hash:
-            raise ArtifactConflictError(f"{artifact.folder} holds labels of another recipe; add overwrite=true")
-        # sizes only: a finished run is recognised without reading its labels (30 GB at ImageNet-1K IPC 50);
-        # evaluate checks each epoch's digest when it reads the epoch
-        damaged = damaged_files(artifact.folder, manifest.get("files", {}), hashes=False)
-        if not damaged:
-            log.info("labels %s exist with the same recipe; nothing to do", artifact.folder)
-            return manifest
-        log.warning(
-            "labels %s: %d damaged file(s), %s first; recomputing them", artifact.folder, len(damaged), damaged[0]
-        )
-        for damaged_name in damaged:  # every rank, before any starts work: the others only find them gone
-            (artifact.folder / damaged_name).unlink(missing_ok=True)
-        artifact.manifest.unlink(missing_ok=True)
+    # sizes only: a finished run is recognised without reading its labels (30 GB at ImageNet-1K IPC 50); validate
+    # checks each epoch's digest when it reads the epoch
+    overwrite = bool(cfg.overwrite)
+    manifest = finished_artifact(artifact.manifest, recipe_hash, overwrite=overwrite, what="labels", hashes=False)
+    if manifest is not None:
+        return manifest
     stamp = artifact.stamp
-    if stamp.is_file() and load_json(stamp)["fingerprint"] != recipe_hash and not cfg.overwrite:
+    if stamp.is_file() and load_json(stamp)["fingerprint"] != recipe_hash and not overwrite:
         raise ArtifactConflictError(f"{artifact.folder} holds partial labels of another recipe; add overwrite=true")
-
-    def done(epoch: int) -> bool:
-        return artifact.epoch_path(epoch).is_file() and stamp.is_file() and not cfg.overwrite
-
-    def save_epoch(epoch: int, logits: torch.Tensor, plan_digest: bytes) -> None:
-        payload = pack_logits(logits, cfg.relabel.dtype, topk)
-        payload[PLAN_KEY] = torch.frombuffer(bytearray(plan_digest), dtype=torch.uint8)
-        save_tensors(artifact.epoch_path(epoch), payload)
-
     started = time.time()
     with stage_trainer(cfg) as (trainer, loggers):
-        if isinstance(trainer.strategy, HydraDDPStrategy):
-            trainer.strategy.wrap_model = False
-        workers, threads = plan_passes(cfg.hardware.get("member_threads"), cpu_threads(trainer))
-        todo = [e for e in range(plan.epochs) if not done(e)]
-        if len(todo) < plan.epochs:
-            check_same_threads(
-                load_json(stamp).get("cpu_threads"), threads, f"labels {artifact.folder} (their teacher passes)"
-            )
-        if trainer.global_rank == 0:
-            save_json(stamp, {"fingerprint": recipe_hash, "cpu_threads": threads})
-        mine = todo[trainer.global_rank :: trainer.world_size]
-        if todo:
-            committee = relabel_committee(cfg, root, classes, weights)
-            module = RelabelModule(
-                committee.members,
-                weights,
-                chosen.read,
-                plan,
-                save_epoch,
-                bssl=bool(cfg.relabel.bssl),
-                halves=bool(cfg.relabel.halves),
-                numerics=committee.numerics,
-                stack_images=int(cfg.relabel.stack_images),
-                member_workers=workers,
-            )
-            trainer.predict(module, DataLoader(mine, batch_size=None), return_predictions=False)
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()
+        threads = write_epochs(cfg, trainer, artifact, chosen, weights, plan, recipe_hash)
         if trainer.global_rank != 0:
             return {}
-        files = {artifact.epoch_path(e).name: file_digest(artifact.epoch_path(e)) for e in range(plan.epochs)}
-        bytes_per_epoch = artifact.epoch_path(0).stat().st_size
-        payload = payload_bytes(torch.load(artifact.epoch_path(0), weights_only=True))
-        manifest = {
-            "name": name,
-            "method": chosen.method,
-            "ipc": chosen.ipc,
-            "dataset": cfg.dataset.name,
-            "classes": classes,
-            **settings,
+        fields = {
+            **label_settings(cfg, weights, plan, chosen),
             "epochs": plan.epochs,
             "batch_size": plan.batch_size,
             "mix": plan.mix,
             "fingerprint": recipe_hash,
             "cpu_threads": threads,
             "numerics": recipe["numerics"],
-            "files": files,
-            "bytes_per_image_per_epoch": bytes_per_epoch / len(chosen),
-            "payload_bytes_per_image_per_epoch": payload / len(chosen),
-            "config": OmegaConf.to_container(cfg, resolve=True),
         }
+        manifest = stamped(
+            {**set_fields(cfg, chosen), **fields, **storage_fields(artifact, plan, chosen)}, cfg, started
+        )
         save_json(artifact.manifest, manifest)
-        log_final(
-            loggers,
-            {
-                "labels/epochs": plan.epochs,
-                "labels/bytes_on_disk": sum(d["bytes"] for d in files.values()),
-                "labels/bytes_per_image_per_epoch": manifest["bytes_per_image_per_epoch"],
-                "labels/payload_bytes_per_image_per_epoch": manifest["payload_bytes_per_image_per_epoch"],
-            },
-        )
-        stage_summary(
-            "relabel",
-            [
-                ("labels", f"{artifact.folder} ({size_on_disk(artifact.folder)})"),
-                ("epochs", f"{plan.epochs} of {len(chosen)} images ({chosen.method}, IPC {chosen.ipc})"),
-                ("teachers", ", ".join(f"{t} {w:.2f}" for t, w in weights.items())),
-                (
-                    "storage",
-                    f"{manifest['bytes_per_image_per_epoch']:.1f} bytes per image per epoch on disk, "
-                    f"{manifest['payload_bytes_per_image_per_epoch']:.1f} of them labels",
-                ),
-            ],
-            time.time() - started,
-            next_command("evaluate.py", LABEL_KEYS),
-        )
+        report_labels(loggers, artifact, manifest, chosen, weights)
         return manifest
+
+
+def check_relabel_settings(cfg: DictConfig) -> None:
+    check_storage(cfg.relabel.dtype, cfg.relabel.get("topk"))
+    if int(cfg.relabel.stack_images) < 1:
+        raise ConfigError(
+            f"relabel.stack_images={cfg.relabel.stack_images} must be at least 1 (images per forward pass)"
+        )
+
+
+def write_epochs(
+    cfg: DictConfig,
+    trainer,
+    artifact: LabelArtifact,
+    chosen: StudentSet,
+    weights: dict[str, float],
+    plan: EpochPlan,
+    recipe_hash: str,
+) -> int | None:
+    """Every planned epoch not yet on disk, sharded across ranks (rank r takes epochs r, r + W, …), each written
+    atomically as it finishes; returns the teacher passes' CPU thread count (a resume at another is refused)."""
+    root, stamp, overwrite = Path(cfg.paths.artifacts), artifact.stamp, bool(cfg.overwrite)
+    if isinstance(trainer.strategy, HydraDDPStrategy):
+        trainer.strategy.wrap_model = False
+    workers, threads = plan_passes(cfg.hardware.get("member_threads"), cpu_threads(trainer))
+    todo = [e for e in range(plan.epochs) if overwrite or not (artifact.epoch_path(e).is_file() and stamp.is_file())]
+    if len(todo) < plan.epochs:
+        check_same_threads(
+            load_json(stamp).get("cpu_threads"), threads, f"labels {artifact.folder} (their teacher passes)"
+        )
+    if trainer.global_rank == 0:
+        save_json(stamp, {"fingerprint": recipe_hash, "cpu_threads": threads})
+    topk = cfg.relabel.get("topk")
+
+    def save_epoch(epoch: int, logits: torch.Tensor, plan_digest: bytes) -> None:
+        payload = pack_logits(logits, cfg.relabel.dtype, topk)
+        payload[PLAN_KEY] = torch.frombuffer(bytearray(plan_digest), dtype=torch.uint8)
+        save_tensors(artifact.epoch_path(epoch), payload)
+
+    if todo:
+        committee = relabel_committee(cfg, root, chosen.classes, weights)
+        module = RelabelModule(
+            committee.members,
+            weights,
+            images=chosen.read,
+            plan=plan,
+            on_epoch_done=save_epoch,
+            bssl=bool(cfg.relabel.bssl),
+            halves=bool(cfg.relabel.halves),
+            numerics=committee.numerics,
+            stack_images=int(cfg.relabel.stack_images),
+            member_workers=workers,
+        )
+        mine = todo[trainer.global_rank :: trainer.world_size]
+        trainer.predict(module, DataLoader(mine, batch_size=None), return_predictions=False)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    return threads
+
+
+def set_fields(cfg: DictConfig, chosen: StudentSet) -> dict[str, Any]:
+    return {
+        "name": chosen.name,
+        "method": chosen.method,
+        "ipc": chosen.ipc,
+        "dataset": cfg.dataset.name,
+        "classes": chosen.classes,
+    }
+
+
+def storage_fields(artifact: LabelArtifact, plan: EpochPlan, chosen: StudentSet) -> dict[str, Any]:
+    """Every epoch file's digest, and what an image's labels cost per epoch on disk and as label payload."""
+    files = {artifact.epoch_path(e).name: file_digest(artifact.epoch_path(e)) for e in range(plan.epochs)}
+    payload = payload_bytes(torch.load(artifact.epoch_path(0), weights_only=True))
+    return {
+        "files": files,
+        "bytes_per_image_per_epoch": artifact.epoch_path(0).stat().st_size / len(chosen),
+        "payload_bytes_per_image_per_epoch": payload / len(chosen),
+    }
+
+
+def report_labels(
+    loggers: list, artifact: LabelArtifact, manifest: dict[str, Any], chosen: StudentSet, weights: dict[str, float]
+) -> None:
+    """The labels' size to the loggers and the stage summary."""
+    log_final(
+        loggers,
+        {
+            "labels/epochs": manifest["epochs"],
+            "labels/bytes_on_disk": sum(d["bytes"] for d in manifest["files"].values()),
+            "labels/bytes_per_image_per_epoch": manifest["bytes_per_image_per_epoch"],
+            "labels/payload_bytes_per_image_per_epoch": manifest["payload_bytes_per_image_per_epoch"],
+        },
+    )
+    stage_summary(
+        "relabel",
+        [
+            ("labels", f"{artifact.folder} ({size_on_disk(artifact.folder)})"),
+            ("epochs", f"{manifest['epochs']} of {len(chosen)} images ({chosen.method}, IPC {chosen.ipc})"),
+            ("teachers", ", ".join(f"{t} {w:.2f}" for t, w in weights.items())),
+            (
+                "storage",
+                f"{manifest['bytes_per_image_per_epoch']:.1f} bytes per image per epoch on disk, "
+                f"{manifest['payload_bytes_per_image_per_epoch']:.1f} of them labels",
+            ),
+        ],
+        manifest["wall_seconds"],
+        next_command("evaluate.py", LABEL_KEYS),
+    )

@@ -9,7 +9,6 @@ recipe's fingerprint, so a changed recipe never resumes a stale run.
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -18,18 +17,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from cvdd.artifacts import (
-    ArtifactConflictError,
-    ArtifactCorruptError,
-    TeacherArtifact,
-    damaged_files,
-    ensure_writable,
-    file_digest,
-    fingerprint,
-    load_json,
-    save_json,
-    save_tensors,
-)
+from cvdd.artifacts import TeacherArtifact, ensure_writable, file_digest, fingerprint, save_json, save_tensors
 from cvdd.artifacts.identity import dataset_identity
 from cvdd.config.compose import compose_stage, select_overrides
 from cvdd.models.pretrained import load_imagenet_weights
@@ -40,6 +28,7 @@ from cvdd.runtime.hardware import numerics_for
 from cvdd.runtime.precision import Numerics
 from cvdd.runtime.quiet import quiet_libraries
 from cvdd.runtime.trainer import stage_trainer, task_overrides
+from cvdd.stages.outline import finished_artifact, stamped
 from cvdd.training.metrics import evaluate_classifier
 
 
@@ -79,28 +68,6 @@ def same_recipe(record: dict, recipe_hash: str) -> bool:
     return "recipe" in record and fingerprint(without_code_paths(record["recipe"])) == recipe_hash
 
 
-def _existing_record(artifact: TeacherArtifact, recipe_hash: str, overwrite: bool) -> dict | None:
-    """The finished teacher of this recipe, or ``None`` to train (none yet, ``overwrite``, or damaged files)."""
-    if overwrite or not artifact.exists():
-        return None
-    try:
-        record = load_json(artifact.record)
-    except ArtifactCorruptError:
-        log.warning("teacher record %s is damaged; training %s again", artifact.record, artifact.model)
-        return None
-    if same_recipe(record, recipe_hash):
-        if damaged_files(artifact.folder, record.get("files", {})):
-            log.warning("teacher weights %s are damaged; training %s again", artifact.weights, artifact.model)
-            return None
-        return record
-    raise ArtifactConflictError(
-        f"{artifact.weights} exists but was trained with a different recipe "
-        f"(fingerprint {record.get('fingerprint')} vs {recipe_hash} now).\n"
-        f"  Keep it: run with the recipe recorded in {artifact.record}\n"
-        f"  Replace it: add overwrite=true"
-    )
-
-
 def squeeze_teacher(cfg: DictConfig, title: str | None = None) -> dict[str, Any]:
     """Train ``cfg.model`` on ``cfg.dataset`` and write the teacher artifact (rank 0 returns its record); ``title``
     names the run on the progress bar (default: the model id)."""
@@ -108,16 +75,12 @@ def squeeze_teacher(cfg: DictConfig, title: str | None = None) -> dict[str, Any]
     numerics = numerics_for(cfg, cfg.model.net.name, "squeeze")
     recipe = squeeze_recipe(cfg, numerics)
     recipe_hash = fingerprint(without_code_paths(recipe))
-    existing = _existing_record(artifact, recipe_hash, bool(cfg.get("overwrite", False)))
+    overwrite = bool(cfg.get("overwrite", False))
+    existing = finished_artifact(
+        artifact.record, recipe_hash, overwrite=overwrite, what=f"teacher {artifact.model}", matches=same_recipe
+    )
     if existing is not None:
-        log.info(
-            "teacher %s exists with the same recipe (test top-1 %.2f%%); nothing to do. "
-            "Pass overwrite=true to retrain.",
-            artifact.weights,
-            existing["test_top1"],
-        )
         return existing
-
     epochs = int(cfg.squeeze.epochs)
     if epochs < 0 or (epochs == 0 and not recipe["pretrained"]):
         raise ConfigError(
@@ -128,24 +91,13 @@ def squeeze_teacher(cfg: DictConfig, title: str | None = None) -> dict[str, Any]
     quiet_libraries(bool(cfg.get("verbose", False)))  # before Lightning's first message (the seed)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
-    spec = datamodule.spec
-    net = instantiate(cfg.model.net, num_classes=spec.num_classes, image_size=spec.image_size, in_chans=spec.channels)
-    pretrained = None
-    if recipe["pretrained"]:
-        pretrained = load_imagenet_weights(
-            net, cfg.model.net.name, spec.image_size, spec.channels, cfg.model.net.get("width")
-        )
-        log.info("%s starts from %s (%s)", cfg.model.id, pretrained["weights"], pretrained["file"])
-    # a partial, so the numerics reach the module as they are rather than as a config node
-    module = instantiate(cfg.module, _partial_=True)(net=net, numerics=numerics)
-    module.title = title or cfg.model.id
+    module, pretrained = teacher_module(cfg, datamodule.spec, numerics, title)
     work_dir = artifact.work_dir(recipe_hash)
     # monitor=None, save_top_k=1: one rolling checkpoint of the latest epoch, named last.ckpt
     checkpoint = ModelCheckpoint(dirpath=work_dir, filename="last", save_top_k=1, enable_version_counter=False)
     last = work_dir / "last.ckpt"
     if last.is_file():
         log.info("resuming %s from %s", cfg.model.id, last)
-
     started = time.time()
     with stage_trainer(cfg, extra_callbacks=[checkpoint]) as (trainer, _):
         if epochs > 0:
@@ -156,44 +108,75 @@ def squeeze_teacher(cfg: DictConfig, title: str | None = None) -> dict[str, Any]
             return {}
         datamodule.setup("test")
         test = evaluate_classifier(
-            module.net, datamodule.test_dataloader(), spec.num_classes, device=trainer.strategy.root_device
+            module.net, datamodule.test_dataloader(), datamodule.spec.num_classes, device=trainer.strategy.root_device
         )
-        record = {
-            "model": cfg.model.id,
-            "net": recipe["model"],
-            "dataset": cfg.dataset.name,
-            "classes": datamodule.classes,
-            "class_names": datamodule.data.class_names,
-            "num_classes": spec.num_classes,
-            "image_size": spec.image_size,
-            "in_chans": spec.channels,
-            "test_top1": test["top1"],
-            "test_top5": test["top5"],
-            "test_samples": test["samples"],
+        fields = {
+            **teacher_fields(cfg, datamodule, recipe, test),
             "epochs": int(trainer.current_epoch),
             "pretrained": pretrained,
-            "seed": int(cfg.seed),
-            "wall_seconds": round(time.time() - started, 2),
             "fingerprint": recipe_hash,
-            "recipe": recipe,
-            "weights": artifact.weights.name,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "config": OmegaConf.to_container(cfg, resolve=True),
         }
-        state = {k: v.detach().cpu() for k, v in module.net.state_dict().items()}
-        save_tensors(artifact.weights, state)
-        record["files"] = {artifact.weights.name: file_digest(artifact.weights)}
-        save_json(artifact.record, record)
+        record = publish_teacher(artifact, module, stamped(fields, cfg, started))
         artifact.remove_work_dir(recipe_hash)
-        rows = [
-            ("teacher", f"{artifact.weights} ({size_on_disk(artifact.weights)})"),
-            ("test", f"top-1 {test['top1']:.2f} %, top-5 {test['top5']:.2f} % after {record['epochs']} epochs"),
-        ]
-        if title:  # a member squeezed for another stage: one line, that stage ends with the summary
-            log.info("%s: %s, %.1f s -> %s", title, rows[1][1], record["wall_seconds"], artifact.weights)
-        else:
-            stage_summary("squeeze", rows, record["wall_seconds"], next_command("distill.py", TEACHER_KEYS))
+        summarise_teacher(artifact, record, title)
         return record
+
+
+def teacher_module(cfg: DictConfig, spec, numerics: Numerics, title: str | None) -> tuple[Any, dict | None]:
+    """The LightningModule that trains ``cfg.model`` (from torchvision's ImageNet weights with
+    ``model.pretrained=true``, their provenance returned with it)."""
+    net = instantiate(cfg.model.net, num_classes=spec.num_classes, image_size=spec.image_size, in_chans=spec.channels)
+    pretrained = None
+    if cfg.model.get("pretrained", False):
+        pretrained = load_imagenet_weights(
+            net, cfg.model.net.name, spec.image_size, spec.channels, cfg.model.net.get("width")
+        )
+        log.info("%s starts from %s (%s)", cfg.model.id, pretrained["weights"], pretrained["file"])
+    # a partial, so the numerics reach the module as they are rather than as a config node
+    module = instantiate(cfg.module, _partial_=True)(net=net, numerics=numerics)
+    module.title = title or cfg.model.id
+    return module, pretrained
+
+
+def teacher_fields(cfg: DictConfig, datamodule, recipe: dict[str, Any], test: dict[str, Any]) -> dict[str, Any]:
+    """What a teacher's record says of it: the model, the data it knows, its test accuracy and its recipe."""
+    spec = datamodule.spec
+    return {
+        "model": cfg.model.id,
+        "net": recipe["model"],
+        "dataset": cfg.dataset.name,
+        "classes": datamodule.classes,
+        "class_names": datamodule.data.class_names,
+        "num_classes": spec.num_classes,
+        "image_size": spec.image_size,
+        "in_chans": spec.channels,
+        "test_top1": test["top1"],
+        "test_top5": test["top5"],
+        "test_samples": test["samples"],
+        "seed": int(cfg.seed),
+        "recipe": recipe,
+    }
+
+
+def publish_teacher(artifact: TeacherArtifact, module, record: dict[str, Any]) -> dict[str, Any]:
+    """Write the weights, then the record that lists their digest (last: a teacher without one is unfinished)."""
+    save_tensors(artifact.weights, {k: v.detach().cpu() for k, v in module.net.state_dict().items()})
+    record = {
+        **record,
+        "weights": artifact.weights.name,
+        "files": {artifact.weights.name: file_digest(artifact.weights)},
+    }
+    save_json(artifact.record, record)
+    return record
+
+
+def summarise_teacher(artifact: TeacherArtifact, record: dict[str, Any], title: str | None) -> None:
+    test = f"top-1 {record['test_top1']:.2f} %, top-5 {record['test_top5']:.2f} % after {record['epochs']} epochs"
+    if title:  # a member squeezed for another stage: one line, that stage ends with the summary
+        log.info("%s: %s, %.1f s -> %s", title, test, record["wall_seconds"], artifact.weights)
+        return
+    rows = [("teacher", f"{artifact.weights} ({size_on_disk(artifact.weights)})"), ("test", test)]
+    stage_summary("squeeze", rows, record["wall_seconds"], next_command("distill.py", TEACHER_KEYS))
 
 
 def train_command(dataset: str, members: list[str]) -> str:

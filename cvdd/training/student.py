@@ -93,12 +93,12 @@ class StudentModule(L.LightningModule):
     def __init__(
         self,
         net: nn.Module,
+        *,
         images: torch.Tensor | SetImages | Callable[[int, int], SetImages],
         targets: torch.Tensor,
         plan: EpochPlan,
         num_classes: int,
         soft_labels: SoftLabels | None,
-        *,
         temperature: float = 20.0,
         lr: float = 1e-3,
         weight_decay: float = 0.01,

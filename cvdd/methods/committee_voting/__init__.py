@@ -104,7 +104,7 @@ class CommitteeVoting(Method):
             "committee": comm,
             "priors": committee.priors,
             "teachers": ctx.teacher_fingerprints(list(comm["members"])),
-            "numerics": {name: n.tag for name, n in committee.numerics.items()},
+            "numerics": committee.numerics_tags,
         }
 
     def make(self, ctx: DistillContext, recipe_hash: str) -> ImageSet | None:

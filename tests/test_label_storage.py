@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cvdd.artifacts.label_store import index_dtype, pack_logits, payload_bytes, unpack_logits
+from cvdd.artifacts.labels import index_dtype, pack_logits, payload_bytes, unpack_logits
 
 
 def test_dense_storage_round_trips_at_its_precision():

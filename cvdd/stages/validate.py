@@ -1,9 +1,9 @@
-"""The validate job: distilled set (or random real images) + labels + plan → a student's test accuracy."""
+"""The validate stage (``python evaluate.py``): a distilled set + its soft labels + the label plan → a student trained
+from scratch on them, and its accuracy on the real test set."""
 
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from cvdd.artifacts import check_files, ensure_writable, fingerprint, load_json, save_json
 from cvdd.artifacts.results import result_path, results_folder
 from cvdd.config.compose import model_config
-from cvdd.data import get_spec, load_dataset
+from cvdd.data import load_dataset
 from cvdd.labels.bssl import soft_label_logits
 from cvdd.labels.plan import EpochPlan
 from cvdd.labels.protocol import build_plan, label_settings, labels_of, relabel_committee, teacher_weights
@@ -25,6 +25,7 @@ from cvdd.runtime.errors import ConfigError, MissingInputError
 from cvdd.runtime.hardware import numerics_for
 from cvdd.runtime.precision import Numerics
 from cvdd.runtime.trainer import log_final, stage_trainer
+from cvdd.stages.outline import stamped
 from cvdd.training.metrics import evaluate_classifier
 from cvdd.training.student import StudentModule
 
@@ -44,7 +45,7 @@ EVALUATE_ONLY = ("validate", "student", "labels", "method_label", "trainer")
 
 
 def relabel_command(overwrite: bool) -> str:
-    """``python relabel.py`` with this run's overrides that relabel understands (evaluate's own left out)."""
+    """``python relabel.py`` with this run's overrides that relabel understands (validate's own left out)."""
     command = command_with("relabel.py", lambda key: not key.startswith(EVALUATE_ONLY))
     return f"{command} overwrite=true" if overwrite else command
 
@@ -61,7 +62,7 @@ def check_label_settings(manifest: dict, expected: dict, folder: Path) -> None:
     raise ConfigError(
         f"the soft labels in {folder} were made with other settings than this run asks for:\n"
         + "\n".join(lines)
-        + f"\nMake matching labels: {relabel_command(overwrite=True)}\nor evaluate with the settings the labels record."
+        + f"\nMake matching labels: {relabel_command(overwrite=True)}\nor validate with the settings the labels record."
     )
 
 
@@ -137,40 +138,63 @@ def result_file(cfg: DictConfig, root: Path, chosen: StudentSet, topk: int | Non
     return result_path(root, cfg.dataset.name, chosen.name, cfg.student, labels_tag, method, fingerprint(recipe))
 
 
-def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    model_cfg = OmegaConf.load(model_config(str(cfg.student), "student"))
-    spec = get_spec(cfg.dataset.name)
-    data = load_dataset(cfg.dataset)
+def validate(cfg: DictConfig) -> dict[str, Any]:
+    """Train ``cfg.student`` on the set ``cfg`` names and record its test accuracy (rank 0 returns the result)."""
     root = Path(cfg.paths.artifacts)
+    data = load_dataset(cfg.dataset)
     chosen = student_set(cfg, root)  # the manifest; each process reads the pixels once training starts
-    name = chosen.name
     plan = build_plan(cfg, len(chosen))
     if cfg.validate.epochs > plan.epochs:
         raise ConfigError(
             f"validate.epochs={cfg.validate.epochs} exceeds the label plan's relabel.epochs={plan.epochs}"
         )
-    if cfg.labels == "offline":
-        expected = label_settings(cfg, teacher_weights(cfg, root), plan, chosen)
-        soft, label_info = offline_labels(cfg, root, chosen, expected, plan)
-    elif cfg.labels == "online":
-        soft, label_info = online_labels(cfg, root, data.classes)
-    elif cfg.labels == "hard":
-        soft, label_info = None, {}
-    else:
-        raise ConfigError(f"labels={cfg.labels!r}; choose offline, online or hard")
-
+    soft, label_info = soft_labels(cfg, root, chosen, plan, data.classes)
     results = results_folder(root, cfg.dataset.name)
     ensure_writable(results, cfg.paths.output_dir)
+    net, module = student_module(cfg, data, chosen, plan, soft)
+    started = time.time()
+    with stage_trainer(cfg) as (trainer, loggers):
+        trainer.fit(module)  # its steps: StudentModule.train_dataloader (every rank walks the same step count)
+        # the recorded pass: each rank its shard of the test set, counts summed (exact, nothing padded)
+        test = evaluate_classifier(
+            net, module.test_loader(), data.spec.num_classes, trainer.strategy.root_device, distributed=True
+        )
+        if not trainer.is_global_zero:
+            return {}
+        result = stamped(result_fields(cfg, chosen, module, test, label_info), cfg, started)
+        out = result_file(cfg, root, chosen, label_info.get("topk"), module.numerics)
+        save_json(out, result)
+        save_json(Path(cfg.paths.output_dir) / "result.json", result)  # this run's (and sweep's) record
+        report_result(cfg, loggers, chosen, result, out)
+        return {**result, "path": str(out)}
+
+
+def soft_labels(cfg: DictConfig, root: Path, chosen: StudentSet, plan: EpochPlan, classes: list[str]):
+    """The student's targets per batch (``labels=offline|online|hard``) and what the labels' record says."""
+    if cfg.labels == "offline":
+        expected = label_settings(cfg, teacher_weights(cfg, root), plan, chosen)
+        return offline_labels(cfg, root, chosen, expected, plan)
+    if cfg.labels == "online":
+        return online_labels(cfg, root, classes)
+    if cfg.labels == "hard":
+        return None, {}
+    raise ConfigError(f"labels={cfg.labels!r}; choose offline, online or hard")
+
+
+def student_module(cfg: DictConfig, data, chosen: StudentSet, plan: EpochPlan, soft) -> tuple[Any, StudentModule]:
+    """A fresh ``cfg.student`` (seeded) and the LightningModule that trains it with ``cfg.validate``'s settings."""
+    model_cfg = OmegaConf.load(model_config(str(cfg.student), "student"))
+    spec = data.spec
     torch.manual_seed(cfg.seed)
     net = instantiate(model_cfg.net, num_classes=spec.num_classes, image_size=spec.image_size, in_chans=spec.channels)
     v = cfg.validate
     module = StudentModule(
         net,
-        chosen.read,
-        chosen.labels,
-        plan,
-        spec.num_classes,
-        soft,
+        images=chosen.read,
+        targets=chosen.labels,
+        plan=plan,
+        num_classes=spec.num_classes,
+        soft_labels=soft,
         temperature=v.temperature,
         lr=v.lr,
         weight_decay=v.weight_decay,
@@ -186,63 +210,66 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         },
         ddp_split=str(v.get("ddp_split", "slices")),
     )
-    started = time.time()
-    with stage_trainer(cfg) as (trainer, loggers):
-        trainer.fit(module)  # its steps: StudentModule.train_dataloader (every rank walks the same step count)
-        # the recorded pass: each rank its shard of the test set, counts summed (exact, nothing padded)
-        test = evaluate_classifier(
-            net, module.test_loader(), spec.num_classes, trainer.strategy.root_device, distributed=True
-        )
-        if not trainer.is_global_zero:
-            return {}
-        curve = [*module.evaluations, (int(v.epochs), test["top1"])]
-        best_epoch, best = max(curve, key=lambda point: point[1])
-        result = {
-            "name": name,
-            "method": method_label(cfg, chosen),
-            "dataset": cfg.dataset.name,
-            "images_format": chosen.image_format,
-            "ipc": chosen.ipc,
-            "student": cfg.student,
-            "labels": cfg.labels,
-            "seed": int(cfg.seed),
-            "student_numerics": module.numerics.tag,
-            "test_top1": test["top1"],
-            "test_top1_best": best,
-            "test_top1_best_epoch": best_epoch,
-            "eval_every": int(v.eval_every),
-            "test_top1_curve": [[epoch, top1] for epoch, top1 in module.evaluations],
-            "test_top5": test["top5"],
-            "test_samples": test["samples"],
-            "epochs": int(v.epochs),
-            "label_bytes": label_info.get("bytes_per_image_per_epoch"),
-            "label_payload_bytes": label_info.get("payload_bytes_per_image_per_epoch"),
-            "label_topk": label_info.get("topk"),
-            "wall_seconds": round(time.time() - started, 2),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "config": OmegaConf.to_container(cfg, resolve=True),
-        }
-        out = result_file(cfg, root, chosen, label_info.get("topk"), module.numerics)
-        save_json(out, result)
-        save_json(Path(cfg.paths.output_dir) / "result.json", result)  # this run's (and sweep's) record
-        columns = ["set", "method", "ipc", "seed", "student", "labels", "epochs", "test_top1", "test_top1_best"]
-        log_final(
-            loggers,
-            {"test/top1": test["top1"], "test/top1_best": best, "test/top5": test["top5"]},
-            ("results", columns, [[result[c] if c != "set" else name for c in columns]]),
-        )
-        stage_summary(
-            "evaluate",
-            [
-                ("result", str(out)),
-                (
-                    "student",
-                    f"{cfg.student} on {name} ({chosen.method}, IPC {chosen.ipc}, {cfg.labels} labels, "
-                    f"{chosen.image_format} images), {int(v.epochs)} epochs",
-                ),
-                ("test top-1", f"{test['top1']:.2f} % final, {best:.2f} % best (after {best_epoch} epochs)"),
-            ],
-            result["wall_seconds"],
-            f"python -m cvdd.report {results}",
-        )
-        return {**result, "path": str(out)}
+    return net, module
+
+
+def result_fields(
+    cfg: DictConfig, chosen: StudentSet, module: StudentModule, test: dict[str, Any], label_info: dict[str, Any]
+) -> dict[str, Any]:
+    """What a result records: the set, the protocol, the final and best test top-1 and the curve between."""
+    epochs = int(cfg.validate.epochs)
+    best_epoch, best = max([*module.evaluations, (epochs, test["top1"])], key=lambda point: point[1])
+    return {
+        "name": chosen.name,
+        "method": method_label(cfg, chosen),
+        "dataset": cfg.dataset.name,
+        "images_format": chosen.image_format,
+        "ipc": chosen.ipc,
+        "student": cfg.student,
+        "labels": cfg.labels,
+        "seed": int(cfg.seed),
+        "student_numerics": module.numerics.tag,
+        "test_top1": test["top1"],
+        "test_top1_best": best,
+        "test_top1_best_epoch": best_epoch,
+        "eval_every": int(cfg.validate.eval_every),
+        "test_top1_curve": [[epoch, top1] for epoch, top1 in module.evaluations],
+        "test_top5": test["top5"],
+        "test_samples": test["samples"],
+        "epochs": epochs,
+        "label_bytes": label_info.get("bytes_per_image_per_epoch"),
+        "label_payload_bytes": label_info.get("payload_bytes_per_image_per_epoch"),
+        "label_topk": label_info.get("topk"),
+    }
+
+
+def report_result(cfg: DictConfig, loggers: list, chosen: StudentSet, result: dict[str, Any], out: Path) -> None:
+    """The result to the loggers (metrics and a one-row table) and the stage summary."""
+    columns = ["set", "method", "ipc", "seed", "student", "labels", "epochs", "test_top1", "test_top1_best"]
+    log_final(
+        loggers,
+        {
+            "test/top1": result["test_top1"],
+            "test/top1_best": result["test_top1_best"],
+            "test/top5": result["test_top5"],
+        },
+        ("results", columns, [[result[c] if c != "set" else chosen.name for c in columns]]),
+    )
+    stage_summary(
+        "validate",
+        [
+            ("result", str(out)),
+            (
+                "student",
+                f"{cfg.student} on {chosen.name} ({chosen.method}, IPC {chosen.ipc}, {cfg.labels} labels, "
+                f"{chosen.image_format} images), {result['epochs']} epochs",
+            ),
+            (
+                "test top-1",
+                f"{result['test_top1']:.2f} % final, {result['test_top1_best']:.2f} % best "
+                f"(after {result['test_top1_best_epoch']} epochs)",
+            ),
+        ],
+        result["wall_seconds"],
+        f"python -m cvdd.report {out.parent}",
+    )

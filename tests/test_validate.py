@@ -14,8 +14,8 @@ from cvdd.labels.plan import apply_batch
 from cvdd.labels.protocol import build_plan, label_settings, teacher_weights
 from cvdd.labels.student_set import student_set
 from cvdd.stages.distill import distill
-from cvdd.stages.evaluate import evaluate, offline_labels, online_labels
 from cvdd.stages.relabel import relabel
+from cvdd.stages.validate import offline_labels, online_labels, validate
 from cvdd.training.student import kd_loss
 
 DISTILL = ("ipc=2", "method.recover.iterations=2", "method.recover.init.mode=real", "logger=none")
@@ -56,7 +56,7 @@ def test_offline_labels_equal_online_labels(make_cfg, labelled: Path):
 
 
 def test_chain_on_digits_writes_results_and_checks_the_plan(make_cfg, labelled: Path):
-    result = evaluate(make_cfg("evaluate", *PLAN, "validate.eval_every=1", "logger=none"))
+    result = validate(make_cfg("evaluate", *PLAN, "validate.eval_every=1", "logger=none"))
     (out,) = (labelled / "artifacts/digits/results").glob("small_ipc2_real_s0__convnet__offline__cvdd__*.json")
     on_disk = json.loads(out.read_text())
     assert on_disk["test_samples"] == 360 and on_disk["epochs"] == 3 and on_disk["labels"] == "offline"
@@ -67,15 +67,15 @@ def test_chain_on_digits_writes_results_and_checks_the_plan(make_cfg, labelled: 
     assert curve[result["test_top1_best_epoch"] - 1][1] == result["test_top1_best"]
     assert result["images_format"] == "png"
     with pytest.raises(ValueError, match="the epoch plan"):
-        evaluate(make_cfg("evaluate", *PLAN, "seed=1", "set=small_ipc2_real_s0", "logger=none"))
+        validate(make_cfg("evaluate", *PLAN, "seed=1", "set=small_ipc2_real_s0", "logger=none"))
     (labelled / "artifacts/digits/labels/small_ipc2_real_s0/manifest.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"make them with:\n  python relabel\.py paths\.root=\S+ ipc=2"):
-        evaluate(make_cfg("evaluate", *PLAN, "logger=none"))
+        validate(make_cfg("evaluate", *PLAN, "logger=none"))
 
 
 def test_random_real_with_hard_labels_baseline_runs(make_cfg, workdir: Path, random_real):
     random_real("ipc=5")
-    result = evaluate(
+    result = validate(
         make_cfg(
             "evaluate",
             "method=random_real",
@@ -102,10 +102,10 @@ def test_topk_labels_are_stored_beside_dense_ones_and_train_the_student(make_cfg
     full = torch.load(labelled / "artifacts/digits/labels/small_ipc2_real_s0/epoch_0000.pt", weights_only=True)
     assert torch.equal(stored["indices"].long().sort(1).values, full["logits"].float().topk(3).indices.sort(1).values)
 
-    result = evaluate(make_cfg("evaluate", *PLAN, "relabel.topk=3", "logger=none"))
+    result = validate(make_cfg("evaluate", *PLAN, "relabel.topk=3", "logger=none"))
     assert result["label_topk"] == 3 and result["label_payload_bytes"] == 11
     (topk_file,) = (labelled / "artifacts/digits/results").glob("small_ipc2_real_s0__convnet__offline_top3__*.json")
-    longer = evaluate(make_cfg("evaluate", *PLAN, "relabel.topk=3", "validate.epochs=2", "logger=none"))
+    longer = validate(make_cfg("evaluate", *PLAN, "relabel.topk=3", "validate.epochs=2", "logger=none"))
     assert longer["epochs"] == 2 and topk_file.is_file(), "another recipe gets its own result file"
     assert len(list((labelled / "artifacts/digits/results").glob("*offline_top3*.json"))) == 2
 
@@ -115,9 +115,9 @@ def test_random_real_gets_the_same_offline_soft_labels(make_cfg, workdir: Path, 
     manifest = relabel(make_cfg("relabel", *PLAN, "method=random_real"))
     assert manifest["name"] == "random_real_ipc2_s0" and len(manifest["teachers"]) == 5
     assert manifest["method"] == "random_real" and manifest["ipc"] == 2
-    result = evaluate(make_cfg("evaluate", *PLAN, "method=random_real", "logger=none"))
+    result = validate(make_cfg("evaluate", *PLAN, "method=random_real", "logger=none"))
     assert result["method"] == "random_real" and result["labels"] == "offline" and result["label_bytes"] > 20
-    again = evaluate(make_cfg("evaluate", *PLAN, "method=random_real", "logger=none"))
+    again = validate(make_cfg("evaluate", *PLAN, "method=random_real", "logger=none"))
     assert again["test_top1"] == result["test_top1"], "same seed, same student"
 
 
@@ -133,13 +133,13 @@ def test_png_images_are_the_exported_pixels_and_labels_follow_the_format(make_cf
     assert (
         floats["images_format"] == "float" and (labelled / "artifacts/digits/labels/small_ipc2_real_s0_float").is_dir()
     )
-    result = evaluate(make_cfg("evaluate", *PLAN, "distilled.format=float", "logger=none"))
+    result = validate(make_cfg("evaluate", *PLAN, "distilled.format=float", "logger=none"))
     assert result["images_format"] == "float" and result["config"]["distilled"]["format"] == "float"
 
     # the set changes under its labels (distilled again with other settings): the labels are refused
     distill(make_cfg("distill", *DISTILL, "method.recover.iterations=3", "overwrite=true"))
     with pytest.raises(ValueError, match=r"the images \(the set was distilled again"):
-        evaluate(make_cfg("evaluate", *PLAN, "logger=none"))
+        validate(make_cfg("evaluate", *PLAN, "logger=none"))
 
 
 @pytest.mark.parametrize(
@@ -154,7 +154,7 @@ def test_png_images_are_the_exported_pixels_and_labels_follow_the_format(make_cf
 )
 def test_labels_made_with_other_settings_are_refused(make_cfg, labelled: Path, setting: str, named: str):
     with pytest.raises(ValueError) as err:
-        evaluate(make_cfg("evaluate", *PLAN, setting, "validate.epochs=2", "logger=none"))
+        validate(make_cfg("evaluate", *PLAN, setting, "validate.epochs=2", "logger=none"))
     message = str(err.value)
     assert named in message
     command = message.split("Make matching labels: ")[1].splitlines()[0]
@@ -167,10 +167,10 @@ def test_png_sets_never_open_images_pt(make_cfg, labelled: Path):
     """``images.pt`` overwritten with noise of its recorded size: the PNG path trains as before; ``float`` refuses."""
     from cvdd.artifacts import ArtifactCorruptError
 
-    first = evaluate(make_cfg("evaluate", *PLAN, "validate.epochs=1", "logger=none"))
+    first = validate(make_cfg("evaluate", *PLAN, "validate.epochs=1", "logger=none"))
     tensors = labelled / "artifacts/digits/distilled/small_ipc2_real_s0/images.pt"
     tensors.write_bytes(bytes(reversed(tensors.read_bytes())))
-    again = evaluate(make_cfg("evaluate", *PLAN, "validate.epochs=1", "logger=none"))
+    again = validate(make_cfg("evaluate", *PLAN, "validate.epochs=1", "logger=none"))
     assert again["test_top1"] == first["test_top1"]
     with pytest.raises(ArtifactCorruptError, match=r"images\.pt differs from the file its manifest records"):
         chosen = student_set(make_cfg("evaluate", *PLAN, "distilled.format=float"), labelled / "artifacts")
