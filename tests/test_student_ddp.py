@@ -88,7 +88,15 @@ def test_an_unknown_ddp_split_is_refused():
 
     module, _, plan = make_student(micro_batches=2)
     with pytest.raises(ValueError, match=r"validate\.ddp_split='rows'; choose from slices, batches"):
-        type(module)(module.net, module.images, module.targets, plan, 10, None, ddp_split="rows")
+        type(module)(
+            module.net,
+            images=module.images,
+            targets=module.targets,
+            plan=plan,
+            num_classes=10,
+            soft_labels=None,
+            ddp_split="rows",
+        )
 
 
 def free_port() -> int:

@@ -112,12 +112,13 @@ def test_topk_labels_are_stored_beside_dense_ones_and_train_the_student(make_cfg
 
 def test_random_real_gets_the_same_offline_soft_labels(make_cfg, workdir: Path, random_real):
     random_real("ipc=2")
-    manifest = relabel(make_cfg("relabel", *PLAN, "method=random_real"))
+    plan = [o for o in PLAN if not o.startswith("method.recover")]  # CV-DD's own settings
+    manifest = relabel(make_cfg("relabel", *plan, "method=random_real"))
     assert manifest["name"] == "random_real_ipc2_s0" and len(manifest["teachers"]) == 5
     assert manifest["method"] == "random_real" and manifest["ipc"] == 2
-    result = validate(make_cfg("evaluate", *PLAN, "method=random_real", "logger=none"))
+    result = validate(make_cfg("evaluate", *plan, "method=random_real", "logger=none"))
     assert result["method"] == "random_real" and result["labels"] == "offline" and result["label_bytes"] > 20
-    again = validate(make_cfg("evaluate", *PLAN, "method=random_real", "logger=none"))
+    again = validate(make_cfg("evaluate", *plan, "method=random_real", "logger=none"))
     assert again["test_top1"] == result["test_top1"], "same seed, same student"
 
 

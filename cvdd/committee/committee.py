@@ -210,12 +210,12 @@ class Committee(nn.Module):
                 scale = first_bn_multiplier if i == 0 else 1.0
                 bn.register_forward_hook(self._bn_hook(capture, scale))
 
-    @staticmethod
     @property
     def numerics_tags(self) -> dict[str, str]:
         """Each member's numerics as a recipe records them (``bf16_cl``, ``fp32``)."""
         return {name: n.tag for name, n in self.numerics.items()}
 
+    @staticmethod
     def _bn_hook(capture: _BNCapture, scale: float):
         def hook(module: nn.modules.batchnorm._BatchNorm, inputs: tuple[torch.Tensor], output: torch.Tensor) -> None:
             if not capture.active:

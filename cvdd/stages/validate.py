@@ -140,6 +140,7 @@ def result_file(cfg: DictConfig, root: Path, chosen: StudentSet, topk: int | Non
 
 def validate(cfg: DictConfig) -> dict[str, Any]:
     """Train ``cfg.student`` on the set ``cfg`` names and record its test accuracy (rank 0 returns the result)."""
+    model_cfg = OmegaConf.load(model_config(str(cfg.student), "student"))  # an unknown student first: no work yet
     root = Path(cfg.paths.artifacts)
     data = load_dataset(cfg.dataset)
     chosen = student_set(cfg, root)  # the manifest; each process reads the pixels once training starts
@@ -151,7 +152,7 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
     soft, label_info = soft_labels(cfg, root, chosen, plan, data.classes)
     results = results_folder(root, cfg.dataset.name)
     ensure_writable(results, cfg.paths.output_dir)
-    net, module = student_module(cfg, data, chosen, plan, soft)
+    net, module = student_module(cfg, model_cfg, data, chosen, plan, soft)
     started = time.time()
     with stage_trainer(cfg) as (trainer, loggers):
         trainer.fit(module)  # its steps: StudentModule.train_dataloader (every rank walks the same step count)
@@ -181,9 +182,11 @@ def soft_labels(cfg: DictConfig, root: Path, chosen: StudentSet, plan: EpochPlan
     raise ConfigError(f"labels={cfg.labels!r}; choose offline, online or hard")
 
 
-def student_module(cfg: DictConfig, data, chosen: StudentSet, plan: EpochPlan, soft) -> tuple[Any, StudentModule]:
-    """A fresh ``cfg.student`` (seeded) and the LightningModule that trains it with ``cfg.validate``'s settings."""
-    model_cfg = OmegaConf.load(model_config(str(cfg.student), "student"))
+def student_module(
+    cfg: DictConfig, model_cfg: DictConfig, data, chosen: StudentSet, plan: EpochPlan, soft
+) -> tuple[Any, StudentModule]:
+    """A fresh ``cfg.student`` (``model_cfg``, seeded) and the LightningModule that trains it with ``cfg.validate``'s
+    settings."""
     spec = data.spec
     torch.manual_seed(cfg.seed)
     net = instantiate(model_cfg.net, num_classes=spec.num_classes, image_size=spec.image_size, in_chans=spec.channels)
