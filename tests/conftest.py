@@ -72,17 +72,26 @@ def run_cli(script: str, *args: str, cwd: Path, timeout: int = 600) -> subproces
 MEMBERS = ["resnet18_small", "resnet50_small", "shufflenetv2_small", "mobilenetv2_small", "densenet_small"]
 
 
-@pytest.fixture(scope="session")
-def teachers(tmp_path_factory) -> Path:
-    """The small committee squeezed for one epoch on digits (shared, copied into each test)."""
-    root = tmp_path_factory.mktemp("teachers")
-    for member in MEMBERS:
-        squeeze_teacher(compose_config("train", [f"model={member}", "squeeze.epochs=1", "logger=none"], root))
+def squeeze_members(root: Path, members: list[str], epochs: int) -> Path:
+    """``members`` squeezed for ``epochs`` on digits under ``root``; their teachers folder."""
+    for member in members:
+        squeeze_teacher(compose_config("train", [f"model={member}", f"squeeze.epochs={epochs}", "logger=none"], root))
     GlobalHydra.instance().clear()
     return root / "artifacts" / "digits" / "teachers"
 
 
-@pytest.fixture
-def workdir(tmp_path: Path, teachers: Path) -> Path:
+def with_teachers(tmp_path: Path, teachers: Path) -> Path:
+    """A test's work folder holding a copy of ``teachers``."""
     shutil.copytree(teachers, tmp_path / "artifacts" / "digits" / "teachers")
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def teachers(tmp_path_factory) -> Path:
+    """The small committee squeezed for one epoch on digits (shared, copied into each test)."""
+    return squeeze_members(tmp_path_factory.mktemp("teachers"), MEMBERS, epochs=1)
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, teachers: Path) -> Path:
+    return with_teachers(tmp_path, teachers)

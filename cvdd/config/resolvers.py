@@ -4,6 +4,7 @@
 sweeper builds the multirun folder, before any job's HydraConfig exists.
 ``${dataset_spec:<name>,<field>}`` reads a fact (num_classes, image_size, channels, mean, std)
 from the dataset registry, so the YAML never restates what the code already knows.
+``${path_stem:<path>}`` names an imported set after its source (``method=external``).
 ``${run_group:}`` is what a run belongs to, the W&B group: the distilled set's name for distill, relabel and
 validate (so the stages of one set sit together), ``teachers-<dataset>`` for squeeze.
 """
@@ -11,10 +12,12 @@ validate (so the stages of one set sit together), ``teachers-<dataset>`` for squ
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from cvdd.artifacts.distilled import safe_name
 from cvdd.data.registry import get_spec
 from cvdd.runtime.errors import UnknownNameError
 
@@ -34,10 +37,18 @@ def _run_group(*, _root_: DictConfig) -> str:
     return set_name(_root_) if "method" in _root_ else f"teachers-{_root_.dataset.name}"
 
 
+def _path_stem(path: str | None) -> str:
+    """A folder-name-safe name for ``path``: its last part without suffix (``none`` when unset)."""
+    if path is None:
+        return "none"
+    return safe_name(Path(str(path).rstrip("/")).stem)
+
+
 def register_resolvers() -> None:
     OmegaConf.register_new_resolver("dataset_spec", _dataset_spec, replace=True)
     OmegaConf.register_new_resolver("run_group", _run_group, replace=True)
     OmegaConf.register_new_resolver("cwd", os.getcwd, replace=True)
+    OmegaConf.register_new_resolver("path_stem", _path_stem, replace=True)
 
 
 register_resolvers()
