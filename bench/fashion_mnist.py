@@ -52,6 +52,7 @@ from cvdd.data import get_spec, load_dataset  # noqa: E402
 from cvdd.labels.bssl import soft_label_logits  # noqa: E402
 from cvdd.labels.protocol import relabel_committee, teacher_weights  # noqa: E402
 from cvdd.report import Group, markdown_table, plot  # noqa: E402
+from cvdd.report.ranking import rankings  # noqa: E402
 from cvdd.stages.distill import distill  # noqa: E402
 from cvdd.stages.relabel import relabel  # noqa: E402
 from cvdd.stages.squeeze import squeeze_teacher  # noqa: E402
@@ -593,26 +594,41 @@ def fmt(stat: tuple[float, float, int] | None) -> str:
     return "–" if stat is None else f"{stat[0]:.2f} ± {stat[1]:.2f} (n={stat[2]})"
 
 
+def result_record(cell: dict) -> dict:
+    """A grid cell as the validate result it came from, as far as the report's DD-Ranking metrics read it."""
+    return {
+        "dataset": DATASET,
+        "student": STUDENT,
+        "labels": "offline" if cell["labels"] == "soft" else "hard",
+        "method": cell["method"],
+        "ipc": cell["ipc"],
+        "seed": cell["seed"],
+        "test_top1": cell["test_top1"],
+        "config": {"relabel": {"teachers": cell.get("teachers") or METHODS[cell["method"]][1]}},
+    }
+
+
 def ranking_rows(state: dict) -> list[list[str]]:
-    """DD-Ranking (Li et al., 2025): HLR = Acc(full data, hard) − Acc(set, hard); IOR = Acc(set, its soft
-    labels) − Acc(random real, the same soft labels)."""
+    """DD-Ranking's HLR and IOR of the grid's sets, computed by the report (:mod:`cvdd.report.ranking`): each set
+    against random real images labelled by its own labelling teachers (SRe2L++'s: its one model)."""
     full = state["stages"].get("full_data", {}).get("test_top1")
-    soft, hard = grid_cells(state, labels="soft"), grid_cells(state, labels="hard")
-    # the teachers whose soft labels random real images get as each method's reference (None: the method's own)
-    same_labels = {"cvdd": None, "rded": None, "sre2l": METHODS["sre2l"][1]}
-    references = {teachers: grid_cells(state, teachers=teachers, labels="soft") for teachers in same_labels.values()}
+    hard = grid_cells(state, labels="hard")
+    cells = [*grid_cells(state, labels="soft"), *hard, *grid_cells(state, teachers=METHODS["sre2l"][1], labels="soft")]
+    own = {
+        (r.method, r.ipc): r
+        for r in rankings([result_record(c) for c in cells], {(DATASET, STUDENT): full})
+        if r.labels == "offline" and r.teachers == METHODS[r.method][1]
+    }
     rows = []
     for method in ORDER:
         for ipc in IPCS:
-            h = mean_of(hard, method, ipc)
-            hlr = f"{full - h[0]:.2f}" if full is not None and h else "–"
-            ior = "0 (the reference)" if method == "random_real" else "–"
-            if method in same_labels:
-                own = mean_of(soft, method, ipc)
-                other = mean_of(references[same_labels[method]], "random_real", ipc)
-                if own and other:
-                    ior = f"{own[0] - other[0]:+.2f}"
-            if h or mean_of(soft, method, ipc):
+            h, r = mean_of(hard, method, ipc), own.get((method, ipc))
+            hlr = "–" if r is None or r.hard_label_recovery is None else f"{r.hard_label_recovery:.2f}"
+            if method == "random_real":
+                ior = "0 (the reference)"
+            else:
+                ior = "–" if r is None or r.improvement_over_random is None else f"{r.improvement_over_random:+.2f}"
+            if h or r:
                 rows.append([method, str(ipc), fmt(h), hlr, ior])
     return rows
 
@@ -975,7 +991,8 @@ def v3_lines(work: Path, state: dict) -> list[str]:
 
 
 def cell_of(record: dict) -> Cell:
-    return Cell(**{f.name: record[f.name] for f in fields(Cell)})
+    """The cell a state record belongs to; records written before a field existed take its default."""
+    return Cell(**{f.name: record.get(f.name, f.default) for f in fields(Cell)})
 
 
 def diversity_lines(state: dict) -> list[str]:

@@ -15,6 +15,7 @@ from PIL import Image
 from cvdd.artifacts import load_json, load_tensors
 from cvdd.artifacts.distilled import png_files
 from cvdd.runtime.errors import ConfigError, DataError
+from cvdd.runtime.provenance import package_version
 from cvdd.stages.distill import distill
 from cvdd.stages.relabel import relabel
 from cvdd.stages.validate import validate
@@ -68,6 +69,8 @@ def test_the_authors_layout_imports_and_gives_the_top1_of_the_set_it_came_from(m
     relabel(make_cfg("relabel", *imported, *PLAN))
     result = validate(make_cfg("evaluate", *imported, *PLAN))
     assert result["test_top1"] == original["test_top1"], "same pixels, same labels, same student"
+    for record in (manifest, result, load_json(workdir / "artifacts/digits/teachers/resnet18_small.json")):
+        assert record["provenance"]["versions"]["torch"] == package_version("torch"), "every stage says what made it"
     assert distill(make_cfg("distill", *imported, *SMALL)) == manifest, "imported once"
 
     jpeg = released_layout(workdir, workdir / "cvdd_digits_ipc2_jpeg", suffix=".jpg")  # as the authors ship them

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -101,3 +102,72 @@ def test_best_metric_reports_the_best_evaluation_and_says_so(tmp_path: Path):
     assert "| cvdd | 81.50 ± 0.71 (n=2) |" in markdown_table(best)
     with pytest.raises(ValueError, match="metric='top5'"):
         summarise(rows, "top5")
+
+
+def versions(torch_version: str, commit: str = "abc1234567890", dirty: bool = False) -> dict:
+    return {
+        "provenance": {
+            "versions": {"python": "3.11.7", "torch": torch_version, "cvdd": "0.1.0"},
+            "git": {"commit": commit, "dirty": dirty},
+            "device": "cpu",
+        }
+    }
+
+
+def test_a_table_flags_the_cells_made_with_other_versions():
+    rows = [
+        result("cvdd", 10, 0, 80.0, **versions("2.15.0")),
+        result("cvdd", 10, 1, 81.0, **versions("2.15.0")),
+        result("sre2l", 10, 0, 70.0, **versions("2.15.0")),
+        result("rded", 10, 0, 75.0, **versions("2.14.1")),
+    ]
+    table = markdown_table(summarise(rows))
+    assert "| rded | 75.00 ± 0.00 (n=1)† |" in table and "| cvdd | 80.50 ± 0.71 (n=2) |" in table
+    assert "† made (in part) with other versions than the rest (python 3.11.7, torch 2.15.0" in table
+    assert table.rstrip().endswith("torch 2.14.1, cvdd 0.1.0, commit abc1234567")
+    same = markdown_table(summarise(rows[:3]))
+    assert "†" not in same
+
+
+def test_provenance_names_versions_commit_and_device():
+    from cvdd.runtime.provenance import provenance, version_signature
+
+    made = provenance()
+    assert made["versions"]["torch"] and made["versions"]["cvdd"] and made["device"]
+    assert version_signature({"provenance": made}).startswith("python ")
+    assert version_signature({}) == "unrecorded"
+    assert version_signature(versions("2.15.0", dirty=True)).endswith("commit abc1234567 (dirty)")
+
+
+def test_dd_ranking_metrics_follow_the_tables_when_their_references_exist(tmp_path: Path):
+    from cvdd.report.ranking import label_robust_score
+
+    artifacts = tmp_path / "artifacts"
+    (artifacts / "fashion_mnist/teachers").mkdir(parents=True)
+    (artifacts / "fashion_mnist/teachers/convnet.json").write_text(json.dumps({"test_top1": 90.0}))
+    config = {"paths": {"artifacts": str(artifacts)}, "relabel": {"teachers": "committee"}}
+    rows = [
+        result("cvdd", 10, 0, 80.0, config=config),
+        result("cvdd", 10, 1, 82.0, config=config),
+        result("random_real", 10, 0, 76.0, config=config),
+        result("cvdd", 10, 0, 60.0, labels="hard", config=config),
+        result("rded", 10, 0, 79.0, config={**config, "relabel": {"teachers": "resnet18_small"}}),
+    ]
+    folder = tmp_path / "results"
+    folder.mkdir()
+    for i, row in enumerate(rows):
+        (folder / f"{i}.json").write_text(json.dumps(row))
+    table = write_report(folder, tmp_path / "out")
+    hlr, ior = 90.0 - 60.0, 81.0 - 76.0
+    lrs = 100 * (math.exp(0.5 * ior / 100 - 0.5 * hlr / 100) - math.exp(-1)) / (math.e - math.exp(-1))
+    assert label_robust_score(hlr, ior) == pytest.approx(lrs) and lrs == pytest.approx(21.89, abs=0.01)
+    assert f"| cvdd | 10 | committee | 81.00 | 30.00 | +5.00 | {lrs:.2f} |" in table
+    assert "| random_real | 10 | committee | 76.00 | – | +0.00 | – |" in table, "its own reference"
+    assert "| rded | 10 | resnet18_small" not in table, "no reference at all: no ranking row"
+    assert "full data: 90.00 %" in table
+    csv = (tmp_path / "out/ranking.csv").read_text().splitlines()
+    assert csv[0].split(",")[-3:] == ["hard_label_recovery", "improvement_over_random", "label_robust_score"]
+    cvdd = next(line for line in csv if ",offline,cvdd," in line).split(",")
+    assert [float(v) for v in cvdd[-3:]] == pytest.approx([30.0, 5.0, lrs], abs=1e-4)
+    rded = next(line for line in csv if ",rded," in line).split(",")
+    assert rded[-3:] == ["", "", ""], "random real images labelled by other teachers are no reference"

@@ -47,6 +47,7 @@ from cvdd.committee.committee import voting_weights
 from cvdd.config.compose import compose_stage, select_overrides
 from cvdd.runtime import log
 from cvdd.runtime.errors import ConfigError, MissingInputError
+from cvdd.runtime.provenance import provenance
 from cvdd.runtime.trainer import task_overrides
 
 MEASURED = "measured"
@@ -257,6 +258,7 @@ def write_record(
             "seconds": round(sum(entry["seconds"] for entry in members.values()), 2),
             "measurement": asdict(measurement),
             "recipe": recipe,
+            "provenance": provenance(),
         },
     )
 

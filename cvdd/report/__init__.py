@@ -10,6 +10,10 @@ grouped by (dataset, student, label mode, method, IPC); seeds of a group are ave
 sample standard deviation. ``final`` is the student's top-1 after its last epoch; ``best`` the highest
 of its periodic evaluations (``validate.eval_every``) and the final one, as the released CV-DD code
 reports. Every table says which. The same tool serves the CPU benchmark, paper-scale runs and sweeps.
+
+Where their references are present (the student squeezed on the full data, hard-label results, random real images
+under the same labels), DD-Ranking's HLR, IOR and LRS follow the tables (:mod:`cvdd.report.ranking`;
+``ranking.csv`` with ``--out``).
 """
 
 from __future__ import annotations
@@ -17,14 +21,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from cvdd.artifacts import atomic_write
+from cvdd.report.ranking import ranking_csv, ranking_table, rankings
 from cvdd.runtime import log
 from cvdd.runtime.errors import ConfigError, MissingInputError
+from cvdd.runtime.provenance import version_signature
 
 Reference = Mapping[str, Mapping[int, float]]  # published rows: name → {IPC: top-1}
 METRICS = {"final": "test_top1", "best": "test_top1_best"}  # what a table reports → the result's field
@@ -41,6 +47,7 @@ class Group:
     seeds: tuple[int, ...]
     metric: str = "final"
     eval_every: tuple[int, ...] = ()  # evaluation intervals behind a ``best`` value
+    versions: tuple[str, ...] = ()  # the library versions and commits its results came from (version_signature)
 
     @property
     def mean(self) -> float:
@@ -104,6 +111,7 @@ def summarise(records: Iterable[dict], metric: str = "final") -> list[Group]:
             seeds=tuple(sorted(seeds)),
             metric=metric,
             eval_every=tuple(sorted({int(r["eval_every"]) for r in seeds.values() if "eval_every" in r})),
+            versions=tuple(sorted({version_signature(r) for r in seeds.values()})),
         )
         for key, seeds in by_key.items()
     ]
@@ -140,7 +148,8 @@ def markdown_table(
         ipcs = sorted({g.ipc for g in members})
         methods = [m for m in method_order if any(g.method == m for g in members)]
         methods += sorted({g.method for g in members} - set(methods))
-        cells = {(g.method, g.ipc): g.cell() for g in members}
+        odd, note = mixed_versions(members)
+        cells = {(g.method, g.ipc): g.cell() + ("†" if g in odd else "") for g in members}
         lines = [
             f"**{dataset}**, student `{student}`, `{labels}` labels — {metric_phrase(members)}, mean ± std over seeds",
             "",
@@ -150,8 +159,20 @@ def markdown_table(
         lines += [f"| {m} | " + " | ".join(cells.get((m, i), "–") for i in ipcs) + " |" for m in methods]
         for name, row in (reference or {}).items():
             lines.append(f"| {name} | " + " | ".join(f"{row[i]:.1f}" if i in row else "–" for i in ipcs) + " |")
-        blocks.append("\n".join(lines))
+        blocks.append("\n".join([*lines, *(["", note] if note else [])]))
     return "\n\n".join(blocks) + "\n"
+
+
+def mixed_versions(members: Sequence[Group]) -> tuple[set[Group], str]:
+    """The cells of one table made with other library versions or code than most of its results (``†``), and the
+    note that says which: numbers from different versions may differ by float rounding alone."""
+    counts = Counter(v for g in members for v in g.versions for _ in g.seeds)
+    if len(counts) < 2:
+        return set(), ""
+    usual = counts.most_common(1)[0][0]
+    odd = {g for g in members if set(g.versions) != {usual}}
+    others = sorted({v for g in odd for v in g.versions if v != usual})
+    return odd, f"† made (in part) with other versions than the rest ({usual}): " + "; ".join(others)
 
 
 def plot(groups: Sequence[Group], path: Path, title: str = "", reference: Reference | None = None) -> Path:
@@ -202,13 +223,20 @@ def plot(groups: Sequence[Group], path: Path, title: str = "", reference: Refere
 def write_report(
     folder: Path, out: Path | None = None, title: str = "", method_order: Sequence[str] = (), metric: str = "final"
 ) -> str:
-    """Summarise ``folder``; with ``out``, also write ``summary.md`` and ``summary.png`` there."""
-    groups = summarise(load_results(folder), metric)
+    """Summarise ``folder`` (with DD-Ranking's metrics where their references are present, :mod:`.ranking`); with
+    ``out``, also write ``summary.md``, ``ranking.csv`` and ``summary.png`` there."""
+    records = load_results(folder)
+    groups = summarise(records, metric)
+    ranks = rankings(records)
     table = markdown_table(groups, method_order)
+    ranking = ranking_table(ranks)
+    if ranking:
+        table += "\n" + ranking
     if out is not None and groups:
         out.mkdir(parents=True, exist_ok=True)
         text = (f"# {title}\n\n" if title else "") + table
         atomic_write(out / "summary.md", lambda fh: fh.write(text.encode()))
+        atomic_write(out / "ranking.csv", lambda fh: fh.write(ranking_csv(ranks).encode()))
         plot(groups, out / "summary.png", title)
     return table
 
@@ -255,7 +283,7 @@ def log_to_wandb(folder: Path, metric: str, title: str, save_dir: Path | None = 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m cvdd.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", type=Path, help="folder holding validate results (*.json), searched recursively")
-    parser.add_argument("--out", type=Path, default=None, help="write summary.md and summary.png here")
+    parser.add_argument("--out", type=Path, default=None, help="write summary.md, ranking.csv and summary.png here")
     parser.add_argument("--title", default="", help="title of the markdown file and the plot")
     parser.add_argument(
         "--metric", choices=sorted(METRICS), default="final", help="final top-1 (default) or the best evaluation"

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cvdd.artifacts import ArtifactConflictError, damaged_files, load_json_if_intact
 from cvdd.runtime import log
+from cvdd.runtime.provenance import provenance
 
 
 def same_fingerprint(record: dict, recipe_hash: str) -> bool:
@@ -68,10 +69,11 @@ def finished_artifact(
 
 def stamped(record: dict[str, Any], cfg: DictConfig, started: float) -> dict[str, Any]:
     """``record`` with what every stage's record ends with: the stage's wall time since ``started``, when it ended,
-    and the whole config it ran with."""
+    what made it (versions, commit, device) and the whole config it ran with."""
     return {
         **record,
         "wall_seconds": round(time.time() - started, 2),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "provenance": provenance(),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
