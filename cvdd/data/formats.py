@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import gzip
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +31,19 @@ IMAGENETTE_NAMES = {
     "n03425413": "gas pump",
     "n03445777": "golf ball",
     "n03888605": "parachute",
+}
+# ImageWoof (fastai's imagenette repository): ten dog breeds of ImageNet-1K, hard to tell apart
+IMAGEWOOF_NAMES = {
+    "n02086240": "Shih-Tzu",
+    "n02087394": "Rhodesian ridgeback",
+    "n02088364": "beagle",
+    "n02089973": "English foxhound",
+    "n02093754": "Border terrier",
+    "n02096294": "Australian terrier",
+    "n02099601": "golden retriever",
+    "n02105641": "Old English sheepdog",
+    "n02111889": "Samoyed",
+    "n02115641": "dingo",
 }
 
 
@@ -254,7 +267,7 @@ def _image_files(folder: Path) -> list[Path]:
 
 def _read_class_names(root: Path, classes: list[str]) -> list[str]:
     """Human-readable names from ``words.txt`` / ``LOC_synset_mapping.txt`` when shipped, else the ids."""
-    names: dict[str, str] = dict(IMAGENETTE_NAMES)
+    names: dict[str, str] = {**IMAGENETTE_NAMES, **IMAGEWOOF_NAMES}
     for fname in ("words.txt", "LOC_synset_mapping.txt"):
         path = root / fname
         if path.is_file():
@@ -273,13 +286,21 @@ def _scan_class_folders(
     how: str,
     classes: list[str] | None = None,
     images_subdir: str = "",
+    subset: bool = False,
 ) -> tuple[list, list[str]]:
+    """Every image of ``classes`` (default: every class folder) under ``split_dir``; the folders must be exactly
+    ``classes``, or with ``subset`` include them."""
     if not split_dir.is_dir():
         raise DatasetNotFoundError(dataset, root, f"missing folder {split_dir.name}/", layout, how)
     found = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
     if classes is None:
         classes = found
-    elif sorted(found) != sorted(classes):
+    elif subset and not set(classes) <= set(found):
+        missing = sorted(set(classes) - set(found))
+        raise DatasetNotFoundError(
+            dataset, root, f"{split_dir.name}/ lacks {len(missing)} class folder(s): {missing[:5]}", layout, how
+        )
+    elif not subset and sorted(found) != sorted(classes):
         extra, missing = set(found) - set(classes), set(classes) - set(found)
         raise DatasetNotFoundError(
             dataset,
@@ -305,20 +326,31 @@ IMAGEFOLDER_LAYOUT = "    <folder>/train/<class>/*.JPEG\n    <folder>/val/<class
 
 
 def load_image_folder(
-    root: str | Path, dataset: str, channels: int, how_to_get: str, train_dir: str = "train", test_dir: str = "val"
+    root: str | Path,
+    dataset: str,
+    channels: int,
+    how_to_get: str,
+    train_dir: str = "train",
+    test_dir: str = "val",
+    subset: Sequence[str] | None = None,
 ) -> RawData:
-    """Plain ImageFolder ``train/<class>/`` and ``val/<class>/``; classes are the sorted folder names."""
+    """Plain ImageFolder ``train/<class>/`` and ``val/<class>/``; classes are the sorted folder names, or the sorted
+    ``subset`` of them (an ImageNet subset read from an ImageNet-1K folder, the way the field builds them)."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetNotFoundError(dataset, root, "folder does not exist", IMAGEFOLDER_LAYOUT, how_to_get)
     train_folder = root / train_dir
     if not train_folder.is_dir():
         raise DatasetNotFoundError(dataset, root, f"missing folder {train_dir}/", IMAGEFOLDER_LAYOUT, how_to_get)
-    classes = sorted(d.name for d in train_folder.iterdir() if d.is_dir())  # folder names only: no file is listed
-    test, _ = _scan_class_folders(root / test_dir, dataset, root, IMAGEFOLDER_LAYOUT, how_to_get, classes)
+    only = subset is not None
+    # folder names only: no file is listed
+    classes = sorted(subset) if only else sorted(d.name for d in train_folder.iterdir() if d.is_dir())
+    test, _ = _scan_class_folders(root / test_dir, dataset, root, IMAGEFOLDER_LAYOUT, how_to_get, classes, subset=only)
 
     def train() -> FileImages:  # listed when a stage first reads the training split
-        samples, _ = _scan_class_folders(train_folder, dataset, root, IMAGEFOLDER_LAYOUT, how_to_get, classes)
+        samples, _ = _scan_class_folders(
+            train_folder, dataset, root, IMAGEFOLDER_LAYOUT, how_to_get, classes, subset=only
+        )
         return FileImages(samples, channels)
 
     return RawData(train, FileImages(test, channels), classes, _read_class_names(root, classes))

@@ -58,6 +58,9 @@ def _fashion_mnist(cfg: Mapping[str, Any]) -> RawData:
     return formats.load_fashion_mnist(Path(root).expanduser(), bool(cfg.get("download", False)))
 
 
+IMAGEWOOF_HOW = "set dataset.root to an ImageNet-1K folder (train/<wnid>/, val/<wnid>/) or to fastai's imagewoof2"
+
+
 def _imagefolder(name: str) -> Callable[[Mapping[str, Any]], RawData]:
     how = f"arrange {name} as ImageFolder train/ and val/ folders and set dataset.root to their parent"
     return lambda cfg: formats.load_image_folder(_root(cfg), name, 3, how)
@@ -119,6 +122,19 @@ DATASETS: dict[str, DatasetSpec] = {
             lambda c: formats.load_imagenette(_root(c), bool(c.get("download", False))),
         ),
         DatasetSpec("imagenet1k", 1000, 224, 3, IMAGENET_MEAN, IMAGENET_STD, True, _imagefolder("imagenet1k")),
+        # ImageWoof: its ten classes read from an ImageNet-1K folder (or fastai's imagewoof2, the same WNIDs)
+        DatasetSpec(
+            "imagewoof",
+            10,
+            224,
+            3,
+            IMAGENET_MEAN,
+            IMAGENET_STD,
+            True,
+            lambda c: formats.load_image_folder(
+                _root(c), "imagewoof", 3, IMAGEWOOF_HOW, subset=list(formats.IMAGEWOOF_NAMES)
+            ),
+        ),
     ]
 }
 
