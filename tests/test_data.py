@@ -158,8 +158,8 @@ def test_training_files_are_listed_only_when_the_training_split_is_read(tmp_path
 
     write_image_folder(tmp_path, wnids(1000), per_class=1, ext=".png")
     listed: list[str] = []
-    original = formats._image_files
-    monkeypatch.setattr(formats, "_image_files", lambda folder: listed.append(folder.parent.name) or original(folder))
+    original = formats.image_files
+    monkeypatch.setattr(formats, "image_files", lambda folder: listed.append(folder.parent.name) or original(folder))
     data = load_dataset({"name": "imagenet1k", "root": str(tmp_path)})
     assert len(data.view("test")) == 1000 and set(listed) == {"val"}
     listed.clear()

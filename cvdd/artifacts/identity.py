@@ -8,10 +8,12 @@ Relabel and evaluate then read everything else about the set (IPC, classes, meth
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from cvdd.data.folder import folder_classes, folder_spec, is_image_folder
 from cvdd.runtime.errors import ConfigError
 
 LOCATION_KEYS = ("root", "download", "download_root")
@@ -19,9 +21,17 @@ SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 def dataset_identity(dataset: DictConfig) -> dict[str, Any]:
-    """The dataset keys that change what is trained on (not where it lives, not stage recipes)."""
+    """The dataset keys that change what is trained on (not where it lives, not stage recipes); for
+    ``dataset=image_folder`` also what its folder gives (classes, channels, mean, std), so another folder under the
+    same name is not taken for it."""
     node = OmegaConf.to_container(dataset, resolve=True)
-    return {k: v for k, v in node.items() if k not in LOCATION_KEYS and not isinstance(v, dict | list)}
+    identity = {k: v for k, v in node.items() if k not in LOCATION_KEYS and not isinstance(v, dict | list)}
+    if is_image_folder(node):
+        spec = folder_spec(node)
+        root = Path(str(node["root"])).expanduser()
+        classes = folder_classes(root, node.get("classes"))
+        identity.update(classes=classes, channels=spec.channels, mean=list(spec.mean), std=list(spec.std))
+    return identity
 
 
 def set_name(cfg: DictConfig) -> str:

@@ -4,6 +4,7 @@
 sweeper builds the multirun folder, before any job's HydraConfig exists.
 ``${dataset_spec:<name>,<field>}`` reads a fact (num_classes, image_size, channels, mean, std)
 from the dataset registry, so the YAML never restates what the code already knows.
+``${folder_num_classes:<root>,<classes>}`` counts the classes of ``dataset=image_folder``.
 ``${path_stem:<path>}`` names an imported set after its source (``method=external``).
 ``${run_group:}`` is what a run belongs to, the W&B group: the distilled set's name for distill, relabel and
 validate (so the stages of one set sit together), ``teachers-<dataset>`` for squeeze.
@@ -18,6 +19,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from cvdd.artifacts.distilled import safe_name
+from cvdd.data.folder import num_classes_of
 from cvdd.data.registry import get_spec
 from cvdd.runtime.errors import UnknownNameError
 
@@ -49,6 +51,7 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("run_group", _run_group, replace=True)
     OmegaConf.register_new_resolver("cwd", os.getcwd, replace=True)
     OmegaConf.register_new_resolver("path_stem", _path_stem, replace=True)
+    OmegaConf.register_new_resolver("folder_num_classes", num_classes_of, replace=True)
 
 
 register_resolvers()

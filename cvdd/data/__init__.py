@@ -2,7 +2,7 @@
 
 from cvdd.data.datamodule import ImageDataModule
 from cvdd.data.formats import DatasetNotFoundError, RawData
-from cvdd.data.registry import DATASETS, ImageDataset, get_spec, load_dataset
+from cvdd.data.registry import DATASETS, ImageDataset, dataset_spec, get_spec, load_dataset
 from cvdd.data.spec import DatasetSpec
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "ImageDataModule",
     "ImageDataset",
     "RawData",
+    "dataset_spec",
     "get_spec",
     "load_dataset",
 ]

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from cvdd.data.registry import ImageDataset, get_spec, load_dataset
+from cvdd.data.registry import ImageDataset, dataset_spec, load_dataset
 from cvdd.data.spec import DatasetSpec
 from cvdd.runtime.seeding import derive_seed
 
@@ -79,7 +79,7 @@ class ImageDataModule(L.LightningDataModule):
     ):
         super().__init__()
         self.dataset_cfg = dict(dataset)
-        self.spec: DatasetSpec = get_spec(self.dataset_cfg["name"])
+        self.spec: DatasetSpec = dataset_spec(self.dataset_cfg)
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers

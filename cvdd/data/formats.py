@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from cvdd.data.images import FileImages, ImageSplit, TensorImages
-from cvdd.runtime.errors import DataError
+from cvdd.runtime.errors import DataError, MissingInputError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
 
@@ -47,7 +47,7 @@ IMAGEWOOF_NAMES = {
 }
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(MissingInputError):
     """A dataset folder is missing or not in the expected layout (message says how to fix it)."""
 
     def __init__(self, dataset: str, folder: Path | str, problem: str, layout: str, how_to_get: str):
@@ -261,7 +261,7 @@ def load_cifar(root: str | Path, download: bool, num_classes: int) -> RawData:
 
 
 # --------------------------------------------------------------------------- ImageFolder family
-def _image_files(folder: Path) -> list[Path]:
+def image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
@@ -315,7 +315,7 @@ def _scan_class_folders(
     samples = []
     for index, name in enumerate(classes):
         folder = split_dir / name / images_subdir if images_subdir else split_dir / name
-        files = _image_files(folder) if folder.is_dir() else []
+        files = image_files(folder) if folder.is_dir() else []
         if not files:
             raise DatasetNotFoundError(dataset, root, f"no images in {folder}", layout, how)
         samples += [(f, index) for f in files]
@@ -334,8 +334,8 @@ def load_image_folder(
     test_dir: str = "val",
     subset: Sequence[str] | None = None,
 ) -> RawData:
-    """Plain ImageFolder ``train/<class>/`` and ``val/<class>/``; classes are the sorted folder names, or the sorted
-    ``subset`` of them (an ImageNet subset read from an ImageNet-1K folder, the way the field builds them)."""
+    """Plain ImageFolder ``train/<class>/`` and ``val/<class>/``; classes are the sorted folder names, or ``subset``
+    of them in its order (an ImageNet subset read from an ImageNet-1K folder, the way the field builds them)."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetNotFoundError(dataset, root, "folder does not exist", IMAGEFOLDER_LAYOUT, how_to_get)
@@ -344,7 +344,7 @@ def load_image_folder(
         raise DatasetNotFoundError(dataset, root, f"missing folder {train_dir}/", IMAGEFOLDER_LAYOUT, how_to_get)
     only = subset is not None
     # folder names only: no file is listed
-    classes = sorted(subset) if only else sorted(d.name for d in train_folder.iterdir() if d.is_dir())
+    classes = list(subset) if only else sorted(d.name for d in train_folder.iterdir() if d.is_dir())
     test, _ = _scan_class_folders(root / test_dir, dataset, root, IMAGEFOLDER_LAYOUT, how_to_get, classes, subset=only)
 
     def train() -> FileImages:  # listed when a stage first reads the training split

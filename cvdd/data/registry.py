@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from cvdd.data import formats
+from cvdd.data.folder import folder_spec, is_image_folder
 from cvdd.data.formats import RawData
 from cvdd.data.images import FileImages
 from cvdd.data.spec import DatasetSpec
@@ -132,7 +133,7 @@ DATASETS: dict[str, DatasetSpec] = {
             IMAGENET_STD,
             True,
             lambda c: formats.load_image_folder(
-                _root(c), "imagewoof", 3, IMAGEWOOF_HOW, subset=list(formats.IMAGEWOOF_NAMES)
+                _root(c), "imagewoof", 3, IMAGEWOOF_HOW, subset=sorted(formats.IMAGEWOOF_NAMES)
             ),
         ),
     ]
@@ -146,9 +147,15 @@ def get_spec(name: str) -> DatasetSpec:
     return DATASETS[name]
 
 
+def dataset_spec(cfg: Mapping[str, Any]) -> DatasetSpec:
+    """The spec of a ``dataset`` config node: the registered one for its name, or for ``dataset=image_folder`` the
+    one its folder and settings give (:mod:`cvdd.data.folder`)."""
+    return folder_spec(cfg) if is_image_folder(cfg) else get_spec(cfg["name"])
+
+
 def load_dataset(cfg: Mapping[str, Any]) -> ImageDataset:
     """Load the dataset described by a ``dataset`` config node (name, root, download, ...)."""
-    spec = get_spec(cfg["name"])
+    spec = dataset_spec(cfg)
     raw = spec.loader(cfg)
     if len(raw.classes) != spec.num_classes:
         raise DataError(

@@ -13,7 +13,7 @@ from cvdd.artifacts.labels import LabelArtifact, label_artifact
 from cvdd.committee.committee import Committee, load_committee, voting_weights, warn_if_nearly_equal
 from cvdd.committee.priors import MeasureMember, Use, configured_priors
 from cvdd.config.compose import model_config
-from cvdd.data import get_spec
+from cvdd.data import dataset_spec
 from cvdd.labels.plan import EpochPlan
 from cvdd.labels.student_set import StudentSet
 from cvdd.runtime.errors import MissingInputError
@@ -97,7 +97,7 @@ def label_settings(cfg: DictConfig, weights: dict[str, float], plan: EpochPlan, 
 
 
 def build_plan(cfg: DictConfig, num_images: int) -> EpochPlan:
-    spec = get_spec(cfg.dataset.name)
+    spec = dataset_spec(cfg.dataset)
     rel = cfg.relabel
     return EpochPlan(
         int(cfg.seed),

@@ -30,7 +30,7 @@ from cvdd.artifacts.distilled import (
     set_method,
 )
 from cvdd.artifacts.identity import set_name
-from cvdd.data import get_spec
+from cvdd.data import dataset_spec
 from cvdd.runtime import log
 from cvdd.runtime.distributed import raise_together, rank_and_world
 from cvdd.runtime.errors import ConfigError
@@ -130,7 +130,7 @@ def student_set(cfg: DictConfig, root: Path) -> StudentSet:
     image_format = cfg.distilled.format
     if image_format not in IMAGE_FORMATS:
         raise ConfigError(f"distilled.format={image_format!r}; choose from {', '.join(IMAGE_FORMATS)}")
-    spec = get_spec(cfg.dataset.name)
+    spec = dataset_spec(cfg.dataset)
     name = set_name(cfg)
     artifact = DistilledArtifact(root, cfg.dataset.name, name)
     manifest = read_manifest(artifact)

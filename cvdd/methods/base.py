@@ -25,7 +25,7 @@ from cvdd.artifacts.identity import dataset_identity
 from cvdd.artifacts.patches import PatchCache
 from cvdd.committee.committee import Committee, load_committee
 from cvdd.committee.priors import MeasureMember
-from cvdd.data import get_spec
+from cvdd.data import dataset_spec
 from cvdd.data.registry import ImageDataset
 from cvdd.data.spec import DatasetSpec
 from cvdd.runtime import log
@@ -69,7 +69,7 @@ class DistillContext:
 
     @property
     def spec(self) -> DatasetSpec:
-        return get_spec(self.cfg.dataset.name)
+        return dataset_spec(self.cfg.dataset)
 
     @property
     def ipc(self) -> int:
