@@ -148,11 +148,11 @@ def test_recover_module_keeps_the_committee_out_of_checkpoints():
     committee = Committee({"m": two_bn_net()}, {"m": 1.0})
     module = RecoverModule(
         committee,
-        [],
-        Initializer("gaussian", 0, (1, 4, 4)),
-        RecoverSettings(1, 0.1, 0.01, 0),
-        ((0.0, 0.0), (1.0, 1.0)),
-        lambda *a: None,
+        units=[],
+        init_images=Initializer("gaussian", 0, (1, 4, 4)),
+        settings=RecoverSettings(1, 0.1, 0.01, 0),
+        pixel_range=((0.0, 0.0), (1.0, 1.0)),
+        on_unit_done=lambda *a: None,
     )
     assert not [k for k in module.state_dict() if k.startswith("committee.")]
     assert any(k.startswith("committee.") for k in nn.Module.state_dict(module))

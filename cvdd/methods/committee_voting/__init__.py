@@ -148,15 +148,15 @@ class CommitteeVoting(Method):
         layout = Layout(rec.grouping, rec.group_images, rec.wave_images)
         module = RecoverModule(
             committee,
-            units,
-            initializer,
-            settings,
-            ctx.spec.pixel_range,
-            save_unit,
-            layout,
-            frozenset(done),
-            ctx.image_shape,
-            workers,
+            units=units,
+            init_images=initializer,
+            settings=settings,
+            pixel_range=ctx.spec.pixel_range,
+            on_unit_done=save_unit,
+            layout=layout,
+            done=frozenset(done),
+            image_shape=ctx.image_shape,
+            member_workers=workers,
         )
         if len(done) < len(units):
             trainer.fit(module)

@@ -213,6 +213,7 @@ class RecoverModule(L.LightningModule):
     def __init__(
         self,
         committee: Committee,
+        *,
         units: Sequence[Unit],
         init_images: ImageInit,
         settings: RecoverSettings,
