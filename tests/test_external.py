@@ -144,3 +144,14 @@ def test_bad_sources_are_refused_naming_the_file_and_the_fix(make_cfg, workdir: 
         (source / "new000").rename(source / "cats")
     with pytest.raises((DataError, ConfigError), match=error):
         distill(make_cfg("distill", "method=external", f"method.source={source}", *SMALL))
+
+
+def test_classes_of_unequal_size_are_recorded_and_the_set_trains(make_cfg, workdir: Path):
+    distill(make_cfg("distill", "method=random_real", *SMALL))
+    source = released_layout(workdir, workdir / "uneven")
+    (source / "new004" / "class004_id001.png").unlink()
+    imported = ("method=external", f"method.source={source}")
+    manifest = distill(make_cfg("distill", *imported, *SMALL))
+    assert manifest["images"] == 19 and manifest["ipc"] == 2 and manifest["ipc_per_class"][4] == 1
+    relabel(make_cfg("relabel", *imported, *PLAN))
+    assert validate(make_cfg("evaluate", *imported, *PLAN))["test_samples"] == 360
