@@ -11,9 +11,10 @@ import torch
 from conftest import CONF
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from minidata import write_image_folder
 from omegaconf import OmegaConf
 
-from cvdd.data import ImageDataModule, get_spec
+from cvdd.data import ImageDataModule, dataset_spec
 from cvdd.runtime.distributed import HydraDDPStrategy
 from cvdd.runtime.trainer import instantiate_named
 from cvdd.training.teacher import TeacherModule
@@ -42,11 +43,16 @@ def test_every_group_has_options():
 
 
 @pytest.mark.parametrize(("primary", "group", "option"), CASES, ids=[f"{p}-{g}={o}" for p, g, o in CASES])
-def test_compose_and_instantiate(make_cfg, primary: str, group: str, option: str):
-    cfg = make_cfg(primary, f"{group}={option}")
+def test_compose_and_instantiate(make_cfg, tmp_path: Path, primary: str, group: str, option: str):
+    extra = []
+    if option == "image_folder":  # the user's folder: the spec comes from it
+        write_image_folder(tmp_path / "mine", ["cat", "dog", "owl"], per_class=1, ext=".png")
+        extra = [f"dataset.root={tmp_path / 'mine'}", "dataset.image_size=32"]
+    cfg = make_cfg(primary, f"{group}={option}", *extra)
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation of the job's config resolves
-    spec = get_spec(cfg.dataset.name)
-    assert cfg.dataset.num_classes == spec.num_classes and list(cfg.dataset.mean) == list(spec.mean)
+    spec = dataset_spec(cfg.dataset)
+    assert cfg.dataset.num_classes == spec.num_classes
+    assert list(cfg.dataset.mean or spec.mean) == list(spec.mean), "registered sets state it; a folder computes it"
 
     if primary == "train":
         datamodule = instantiate(cfg.data)
