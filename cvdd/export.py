@@ -24,9 +24,8 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
-from PIL import Image
 
-from cvdd.artifacts.distilled import from_pixels, safe_name
+from cvdd.artifacts.distilled import from_pixels, png_files, safe_name
 from cvdd.config.compose import compose_stage
 from cvdd.labels.bssl import soft_label_logits
 from cvdd.labels.protocol import relabel_committee, teacher_weights
@@ -51,7 +50,7 @@ def export(cfg: DictConfig, to: Path, soft_labels: bool = True) -> Path:
     images = from_pixels(pixels, spec_mean, spec_std)
     partial = to.parent / f".{to.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
-    write_image_folder(partial / "images", pixels, chosen)
+    write_image_folder(partial / "images", chosen)
     payload = {
         "images": images,
         "labels": chosen.labels.clone(),
@@ -70,18 +69,16 @@ def export(cfg: DictConfig, to: Path, soft_labels: bool = True) -> Path:
     return to
 
 
-def write_image_folder(folder: Path, pixels: torch.Tensor, chosen: StudentSet) -> None:
-    """One PNG per image in ``<class index>_<class>/<ipc index>.png`` (index-prefixed, so the folders sort in class
-    order)."""
+def write_image_folder(folder: Path, chosen: StudentSet) -> None:
+    """The set's own PNG files, copied as ``<class index>_<class>/<ipc index>.png`` (index-prefixed, so the folders
+    sort in class order): nothing is decoded or encoded again."""
     names = chosen.manifest.get("class_names") or chosen.classes
-    width = len(str(len(chosen.classes) - 1))
-    seen: dict[int, int] = {}
-    for image, label in zip(pixels, chosen.labels.tolist(), strict=True):
-        i = seen[label] = seen.get(label, -1) + 1
-        path = folder / f"{label:0{max(width, 3)}d}_{safe_name(str(names[label]))}" / f"{i:04d}.png"
+    width = max(len(str(len(chosen.classes) - 1)), 3)
+    files, labels, ipc_index = png_files(chosen.manifest["files"])
+    for name, label, i in zip(files, labels.tolist(), ipc_index.tolist(), strict=True):
+        path = folder / f"{label:0{width}d}_{safe_name(str(names[label]))}" / f"{i:04d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        array = image.permute(1, 2, 0).numpy()
-        Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(path)
+        shutil.copyfile(chosen.artifact.folder / name, path)
 
 
 def static_soft_labels(

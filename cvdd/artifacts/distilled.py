@@ -52,11 +52,16 @@ def to_pixels(images: torch.Tensor, mean, std) -> torch.Tensor:
     return ((images.float().cpu() * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-def from_pixels(pixels: torch.Tensor, mean, std) -> torch.Tensor:
-    """uint8 (N, C, H, W) → normalised float32, the inverse of :func:`to_pixels` up to rounding."""
+def normalise(pixels: torch.Tensor, mean, std) -> torch.Tensor:
+    """Float pixels in [0, 1], (N, C, H, W) → normalised with the dataset's ``mean`` and ``std`` (float32)."""
     mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
     std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-    return (pixels.float() / 255 - mean) / std
+    return (pixels - mean) / std
+
+
+def from_pixels(pixels: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 (N, C, H, W) → normalised float32, the inverse of :func:`to_pixels` up to rounding."""
+    return normalise(pixels.float() / 255, mean, std)
 
 
 def png_path(folder: Path, label: int, ipc_index: int, class_names: list[str]) -> Path:

@@ -50,32 +50,60 @@ def num_classes_of(root: str | None, classes: Sequence[str] | None) -> int | Non
 
 
 def folder_spec(cfg: Mapping[str, Any]) -> DatasetSpec:
-    """The spec of ``cfg`` (a ``dataset=image_folder`` node), from the folder and the given settings."""
+    """The spec of ``cfg`` (a ``dataset=image_folder`` node), from the folder and the given settings; worked out once
+    per process for the same settings (every stage asks for it several times)."""
     if not cfg.get("root"):
         raise ConfigError(f"dataset=image_folder needs dataset.root=<folder with train/ and val/>; {HOW}")
     if not cfg.get("image_size"):
         raise ConfigError("dataset=image_folder needs dataset.image_size=<pixels> (images are resized to it)")
-    root = Path(str(cfg["root"])).expanduser()
-    classes = tuple(folder_classes(root, cfg.get("classes")))
-    channels = int(cfg["channels"]) if cfg.get("channels") else first_image_channels(root, classes)
+
+    def given(key: str) -> tuple | None:
+        value = cfg.get(key)
+        return None if value is None else tuple(value)
+
+    return settled_spec(
+        str(cfg["name"]),
+        str(Path(str(cfg["root"])).expanduser()),
+        int(cfg["image_size"]),
+        int(cfg["channels"]) if cfg.get("channels") else None,
+        given("mean"),
+        given("std"),
+        given("classes"),
+        bool(cfg.get("hflip", True)),
+    )
+
+
+@lru_cache(maxsize=16)
+def settled_spec(
+    name: str,
+    root: str,
+    image_size: int,
+    channels: int | None,
+    mean: tuple | None,
+    std: tuple | None,
+    classes: tuple | None,
+    hflip: bool,
+) -> DatasetSpec:
+    folder = Path(root)
+    listed = tuple(folder_classes(folder, classes))
+    channels = channels or first_image_channels(folder, listed)
     if channels not in (1, 3):
         raise ConfigError(f"dataset.channels={channels}: 1 (grey) or 3 (colour)")
-    mean, std = cfg.get("mean"), cfg.get("std")
     if mean is None or std is None:
-        mean, std = cached_stats(str(root), classes, channels)
+        mean, std = cached_stats(root, listed, channels)
     mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
     if len(mean) != channels or len(std) != channels:
         raise ConfigError(f"dataset.mean / dataset.std need {channels} value(s) each, one per channel")
-    subset = list(classes) if cfg.get("classes") else None
+    subset = list(listed) if classes else None
     return DatasetSpec(
-        str(cfg["name"]),
-        len(classes),
-        int(cfg["image_size"]),
+        name,
+        len(listed),
+        image_size,
         channels,
         mean,
         std,
-        bool(cfg.get("hflip", True)),
-        lambda c: formats.load_image_folder(root, str(c["name"]), channels, HOW, subset=subset),
+        hflip,
+        lambda c: formats.load_image_folder(folder, str(c["name"]), channels, HOW, subset=subset),
     )
 
 

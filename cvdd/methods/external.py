@@ -38,7 +38,7 @@ from PIL import Image
 from scipy.optimize import linear_sum_assignment
 
 from cvdd.artifacts import file_digest, fingerprint, save_json
-from cvdd.artifacts.distilled import from_pixels
+from cvdd.artifacts.distilled import from_pixels, normalise
 from cvdd.artifacts.identity import dataset_identity
 from cvdd.committee.committee import Committee
 from cvdd.methods.base import DistillContext
@@ -334,12 +334,6 @@ def read_image(path: Path, channels: int, size: int, resize: bool) -> torch.Tens
             raise DataError(f"{path} is a colour image (channels differ by up to {spread}); the dataset is grey")
         return torch.from_numpy(rgb[:, :, :1].copy()).permute(2, 0, 1)
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
-
-
-def normalise(pixels: torch.Tensor, mean, std) -> torch.Tensor:
-    """Float pixels in [0, 1] → normalised (the dataset's ``mean`` and ``std``)."""
-    shape = (1, -1, 1, 1)
-    return (pixels - torch.tensor(mean).view(shape)) / torch.tensor(std).view(shape)
 
 
 def check_tensor_shape(images: torch.Tensor, channels: int, size: int, resize: bool, path: Path) -> torch.Tensor:
