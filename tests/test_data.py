@@ -17,7 +17,7 @@ from minidata import (
 )
 
 from cvdd.data import DatasetNotFoundError, ImageDataModule, get_spec, load_dataset
-from cvdd.data.formats import IMAGENETTE_NAMES, IMAGEWOOF_NAMES, read_idx
+from cvdd.data.formats import IMAGENET100_WNIDS, IMAGENETTE_NAMES, IMAGEWOOF_NAMES, read_idx
 
 
 def assert_labels_match_pixels(split, tol: int = 2) -> None:
@@ -133,16 +133,19 @@ def test_imagenette_image_folder_with_names(tmp_path: Path):
     assert_labels_match_pixels(data.raw.train)
 
 
-def test_imagewoof_is_read_from_an_imagenet_folder_by_its_class_list(tmp_path: Path):
-    woof = list(IMAGEWOOF_NAMES)
-    write_image_folder(tmp_path, [*woof, *wnids(5)], per_class=1, ext=".png")  # an ImageNet folder: more classes
-    data = load_dataset({"name": "imagewoof", "root": str(tmp_path)})
-    assert data.classes == sorted(woof) and data.class_names[data.classes.index("n02099601")] == "golden retriever"
-    assert len(data.raw.test) == 10 and {p.parent.name for p in data.raw.train.paths} == set(woof)
-    (tmp_path / "val" / "n02115641" / "n02115641_0.png").unlink()
-    (tmp_path / "val" / "n02115641").rmdir()
-    with pytest.raises(DatasetNotFoundError, match=r"val/ lacks 1 class folder\(s\): \['n02115641'\]"):
-        load_dataset({"name": "imagewoof", "root": str(tmp_path)})
+@pytest.mark.parametrize(("name", "wanted"), [("imagewoof", list(IMAGEWOOF_NAMES)), ("imagenet100", IMAGENET100_WNIDS)])
+def test_imagenet_subsets_are_read_from_an_imagenet_folder_by_their_class_list(tmp_path: Path, name, wanted):
+    write_image_folder(tmp_path, [*wanted, *wnids(5)], per_class=1, ext=".png")  # an ImageNet folder: more classes
+    data = load_dataset({"name": name, "root": str(tmp_path)})
+    assert data.classes == sorted(wanted) and len(data.classes) == get_spec(name).num_classes
+    assert len(data.raw.test) == len(wanted) and {p.parent.name for p in data.raw.train.paths} == set(wanted)
+    if name == "imagewoof":
+        assert data.class_names[data.classes.index("n02099601")] == "golden retriever"
+    gone = sorted(wanted)[-1]
+    (tmp_path / "val" / gone / f"{gone}_0.png").unlink()
+    (tmp_path / "val" / gone).rmdir()
+    with pytest.raises(DatasetNotFoundError, match=rf"val/ lacks 1 class folder\(s\): \['{gone}'\]"):
+        load_dataset({"name": name, "root": str(tmp_path)})
 
 
 def test_imagenet1k_image_folder(tmp_path: Path):

@@ -6,7 +6,7 @@ together with their class order so artifacts can record and later verify it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from cvdd.runtime.errors import ConfigError, DataError, UnknownNameError
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGEWOOF = tuple(formats.IMAGEWOOF_NAMES)
 
 
 @dataclass
@@ -59,7 +60,11 @@ def _fashion_mnist(cfg: Mapping[str, Any]) -> RawData:
     return formats.load_fashion_mnist(Path(root).expanduser(), bool(cfg.get("download", False)))
 
 
-IMAGEWOOF_HOW = "set dataset.root to an ImageNet-1K folder (train/<wnid>/, val/<wnid>/) or to fastai's imagewoof2"
+def _imagenet_subset(name: str, wnids: Sequence[str]) -> Callable[[Mapping[str, Any]], RawData]:
+    """Loader of an ImageNet subset read from an ImageNet-1K folder by its class list (sorted WNIDs), the way the
+    field builds them; a folder holding just those classes (fastai's imagewoof2) reads the same."""
+    how = f"set dataset.root to an ImageNet-1K folder (train/<wnid>/, val/<wnid>/) or to one holding {name}'s classes"
+    return lambda cfg: formats.load_image_folder(_root(cfg), name, 3, how, subset=sorted(wnids))
 
 
 def _imagefolder(name: str) -> Callable[[Mapping[str, Any]], RawData]:
@@ -123,18 +128,19 @@ DATASETS: dict[str, DatasetSpec] = {
             lambda c: formats.load_imagenette(_root(c), bool(c.get("download", False))),
         ),
         DatasetSpec("imagenet1k", 1000, 224, 3, IMAGENET_MEAN, IMAGENET_STD, True, _imagefolder("imagenet1k")),
-        # ImageWoof: its ten classes read from an ImageNet-1K folder (or fastai's imagewoof2, the same WNIDs)
+        # ImageWoof (fastai's ten dog breeds) and ImageNet-100 (CMC's list): read from an ImageNet-1K folder
         DatasetSpec(
-            "imagewoof",
-            10,
+            "imagewoof", 10, 224, 3, IMAGENET_MEAN, IMAGENET_STD, True, _imagenet_subset("imagewoof", IMAGEWOOF)
+        ),
+        DatasetSpec(
+            "imagenet100",
+            100,
             224,
             3,
             IMAGENET_MEAN,
             IMAGENET_STD,
             True,
-            lambda c: formats.load_image_folder(
-                _root(c), "imagewoof", 3, IMAGEWOOF_HOW, subset=sorted(formats.IMAGEWOOF_NAMES)
-            ),
+            _imagenet_subset("imagenet100", formats.IMAGENET100_WNIDS),
         ),
     ]
 }
