@@ -14,7 +14,10 @@ from PIL import Image
 
 from cvdd.artifacts import load_json, load_tensors
 from cvdd.artifacts.distilled import png_files
-from cvdd.runtime.errors import ConfigError, DataError
+from cvdd.export import export
+from cvdd.labels.plan import BatchPlan
+from cvdd.labels.static import mixed_targets
+from cvdd.runtime.errors import ConfigError, DataError, MissingInputError
 from cvdd.runtime.provenance import package_version
 from cvdd.stages.distill import distill
 from cvdd.stages.relabel import relabel
@@ -155,3 +158,67 @@ def test_classes_of_unequal_size_are_recorded_and_the_set_trains(make_cfg, workd
     assert manifest["images"] == 19 and manifest["ipc"] == 2 and manifest["ipc_per_class"][4] == 1
     relabel(make_cfg("relabel", *imported, *PLAN))
     assert validate(make_cfg("evaluate", *imported, *PLAN))["test_samples"] == 360
+
+
+def test_soft_labels_in_a_tensor_file_come_in_as_static_labels_for_the_student(make_cfg, workdir: Path, tmp_path):
+    distill(make_cfg("distill", "method=random_real", *SMALL))
+    exported = torch.load(export(make_cfg("relabel", "method=random_real", *SMALL), tmp_path / "out") / "set.pt")
+    images, labels, soft = exported["images"], exported["labels"], exported["soft_labels"]
+    # the same set with its classes renamed (class c stored as label σ(c), its soft-label column moved with it) and
+    # its rows reversed: the import must put every row and column back
+    sigma = torch.tensor([3, 0, 1, 2, 4, 5, 6, 7, 9, 8])
+    renamed = torch.empty_like(soft)
+    renamed[:, sigma] = soft
+    payload = {"images": images.flip(0), "labels": sigma[labels].flip(0), "soft_labels": renamed.flip(0)}
+    torch.save(payload, tmp_path / "renamed.pt")
+    (tmp_path / "map.json").write_text(json.dumps({str(int(sigma[c])): str(c) for c in range(10)}))
+    imported = (
+        "method=external",
+        f"method.source={tmp_path / 'renamed.pt'}",
+        "method.normalized=true",
+        f"method.class_map={tmp_path / 'map.json'}",
+    )
+    manifest = distill(make_cfg("distill", *imported, *SMALL))
+    folder = workdir / "artifacts/digits/distilled/external_renamed"
+    static = load_tensors(folder / manifest["static_soft_labels"]["file"], "")["soft_labels"]
+    kept = load_tensors(folder / "images.pt", "")
+    same = torch.cdist(kept["images"].flatten(1), images.flatten(1)).argmin(1)  # each kept image's exported row
+    assert torch.equal(images[same], kept["images"]) and torch.equal(labels[same], kept["labels"])
+    assert torch.equal(static, soft[same]), "every image keeps its own soft label, in the dataset's class order"
+
+    result = validate(make_cfg("evaluate", *imported, *PLAN, "labels=static"))
+    assert result["labels"] == "static" and "__static__" in Path(result["path"]).name
+    with pytest.raises(MissingInputError, match=r"has no static soft labels: only a set imported .*labels=offline"):
+        validate(make_cfg("evaluate", "method=random_real", *PLAN, "labels=static"))
+
+    probabilities = {"images": images, "labels": soft.softmax(1)}  # soft labels as the labels themselves
+    torch.save(probabilities, tmp_path / "probs.pt")
+    probs = distill(
+        make_cfg(
+            "distill", "method=external", f"method.source={tmp_path / 'probs.pt'}", *SMALL, "method.normalized=true"
+        )
+    )
+    assert probs["images"] == 20 and torch.equal(
+        load_tensors(workdir / "artifacts/digits/distilled/external_probs/images.pt", "")["labels"], labels
+    ), "each image's class is its soft label's argmax (the exported set: the teacher agrees with every class)"
+    static = load_tensors(
+        workdir / "artifacts/digits/distilled/external_probs" / probs["static_soft_labels"]["file"], ""
+    )
+    assert torch.allclose(static["soft_labels"].softmax(1), soft.softmax(1), atol=1e-6), "probabilities kept as logs"
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.3, 1.0])
+def test_a_mixed_batch_targets_the_same_mixture_of_its_images_static_labels(lam: float):
+    soft = torch.randn(6, 4) * 3
+    plan = BatchPlan(
+        torch.tensor([4, 1, 2]),
+        torch.zeros(3, 4),
+        torch.zeros(3, dtype=torch.bool),
+        torch.tensor([2, 0, 1]),
+        lam,
+        (0, 0, 0, 0),
+    )
+    tau = 4.0
+    mixed = mixed_targets(soft, plan, tau).div(tau).softmax(1)
+    own, partner = soft[plan.indices].div(tau).softmax(1), soft[plan.indices][plan.permutation].div(tau).softmax(1)
+    assert torch.allclose(mixed, lam * own + (1 - lam) * partner, atol=1e-6)

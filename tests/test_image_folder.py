@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cvdd.data import dataset_spec, load_dataset
+from cvdd.data import dataset_spec, formats, load_dataset
 from cvdd.runtime.errors import ConfigError
 from cvdd.stages.distill import distill
 from cvdd.stages.relabel import relabel
@@ -80,3 +80,32 @@ def test_every_stage_runs_on_an_image_folder(make_cfg, tmp_path: Path):
     relabel(make_cfg("relabel", *chain, "method=random_real", "relabel.epochs=2", "relabel.batch_size=8"))
     result = validate(make_cfg("evaluate", *chain, "method=random_real", "relabel.epochs=2", "relabel.batch_size=8"))
     assert result["dataset"] == "digits_png" and result["test_samples"] == 360 and result["test_top1"] > 10
+
+
+def test_a_folder_trains_as_the_dataset_it_holds_stored_in_its_order(make_cfg, tmp_path: Path, monkeypatch):
+    """The folder is the built-in digits class by class: with digits' flip rule and statistics it squeezes the very
+    teacher the built-in dataset squeezes when stored in that order (the order alone changes the batches)."""
+    root = write_digits_folder(tmp_path / "digits_png")
+    folder = squeeze_teacher(
+        make_cfg(
+            "train",
+            *("dataset=image_folder", f"dataset.root={root}", "dataset.image_size=16", "dataset.hflip=false"),
+            *("dataset.mean=[0.3054]", "dataset.std=[0.3186]", "model=resnet18_small", "squeeze.epochs=1"),
+            *("logger=none", "paths.root=" + str(tmp_path / "folder")),
+        )
+    )
+    original = formats.load_digits
+
+    def class_major(*args, **kwargs):
+        raw = original(*args, **kwargs)
+        for split in (raw.train, raw.test):
+            order = torch.sort(split.targets, stable=True).indices
+            split.images, split.targets = split.images[order], split.targets[order]
+        return raw
+
+    monkeypatch.setattr(formats, "load_digits", class_major)
+    builtin = squeeze_teacher(
+        make_cfg("train", "model=resnet18_small", "squeeze.epochs=1", "logger=none", f"paths.root={tmp_path / 'b'}")
+    )
+    digest = {record["files"][record["weights"]]["sha256"] for record in (folder, builtin)}
+    assert folder["test_top1"] == builtin["test_top1"] and len(digest) == 1, "bit for bit the same teacher"

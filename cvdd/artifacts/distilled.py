@@ -81,6 +81,11 @@ class DistilledArtifact(NamedArtifact):
     def grid(self) -> Path:
         return self.folder / "grid.png"
 
+    @property
+    def static_labels(self) -> Path:
+        """Soft labels that came with an imported set (one row of logits per image, the set's order), if any."""
+        return self.folder / "static_soft_labels.pt"
+
     def unit_path(self, key: str) -> Path:
         return self.folder / "units" / f"{key}.pt"
 

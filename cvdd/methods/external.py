@@ -10,7 +10,10 @@ Two sources (``method.source``):
   files are taken in name order.
 * a **tensor file** (``torch.save`` of ``{"images": (N, C, H, W), "labels": (N,)}``): uint8 pixels, or floats with
   ``method.normalized=true`` (normalised with the dataset's mean and std) or ``false`` (pixels in [0, 1]); labels
-  are class indices in the dataset's order (a class map may rename them: ``{"<index>": class}``).
+  are class indices in the dataset's order (a class map may rename them: ``{"<index>": class}``). Soft labels per
+  image (``soft_labels`` (N, K), or ``labels`` itself as (N, K): the class is the argmax), logits or probabilities,
+  are kept beside the set for ``evaluate.py labels=static`` (DD-Ranking's mode ``S``, as ``cvdd.export`` writes
+  them); relabel still makes this framework's own.
 
 Images must have the dataset's size (``method.resize=true`` resizes them, PIL bilinear with antialiasing) and
 channels (a grey image in a colour dataset is repeated; a colour image in a grey dataset is refused unless its
@@ -37,13 +40,14 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy.optimize import linear_sum_assignment
 
-from cvdd.artifacts import file_digest, fingerprint, save_json
+from cvdd.artifacts import file_digest, fingerprint, save_json, save_tensors
 from cvdd.artifacts.distilled import from_pixels, normalise
 from cvdd.artifacts.identity import dataset_identity
 from cvdd.committee.committee import Committee
 from cvdd.methods.base import DistillContext
 from cvdd.methods.per_class import PerClassMethod
 from cvdd.runtime import log
+from cvdd.runtime.distributed import rank_and_world
 from cvdd.runtime.errors import ConfigError, DataError, MissingInputError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -189,6 +193,7 @@ class ExternalSet(PerClassMethod):
         return {
             "ipc": max(counts),
             "ipc_per_class": counts,
+            **self.keep_soft_labels(ctx),
             "source": {
                 "path": str(source.path.resolve()),
                 "kind": source.kind,
@@ -200,6 +205,22 @@ class ExternalSet(PerClassMethod):
             },
             "import_check": {**check, "forced": self.force},
         }
+
+    def keep_soft_labels(self, ctx: DistillContext) -> dict[str, Any]:
+        """The source's soft labels, in the set's order and the dataset's class order, written beside the set (rank
+        0) for ``evaluate.py labels=static``; the manifest field that records them (none: no field, no file)."""
+        source, path = self.source(ctx), ctx.artifact.static_labels
+        soft = None if source.kind != "tensor" else soft_labels_of(source.path, self.tensors(), len(ctx.data.classes))
+        if rank_and_world()[0] != 0:
+            return {}
+        if soft is None:
+            path.unlink(missing_ok=True)  # an earlier import's, under overwrite=true
+            return {}
+        rows = [r for c in sorted(source.members) for r in source.members[c]]
+        columns = [int(source.names[c]) for c in range(len(ctx.data.classes))]  # dataset class c ← source label
+        save_tensors(path, {"soft_labels": soft[rows][:, columns].contiguous()})
+        log.info("%s: static soft labels of %d images kept for evaluate.py labels=static", source.path, len(rows))
+        return {"static_soft_labels": {"file": path.name, **file_digest(path)}}
 
 
 def folder_source(root: Path, classes: list[str], class_names: list[str], class_map: dict[str, str] | None) -> Source:
@@ -219,14 +240,7 @@ def folder_source(root: Path, classes: list[str], class_names: list[str], class_
 def tensor_source(
     path: Path, payload: dict, classes: list[str], class_names: list[str], class_map: dict[str, str] | None
 ) -> Source:
-    labels = payload["labels"]
-    if labels.dim() != 1 or labels.dtype.is_floating_point:
-        raise DataError(
-            f"{path}: 'labels' must be one class index per image (N,), not {tuple(labels.shape)} {labels.dtype}; "
-            "soft labels are not imported (relabel makes this framework's)"
-        )
-    if len(labels) != len(payload["images"]):
-        raise DataError(f"{path}: {len(payload['images'])} images but {len(labels)} labels")
+    labels = hard_labels(path, payload)
     present = sorted({int(v) for v in labels.tolist()})
     if class_map:
         index, matched_by = match_classes([str(v) for v in present], classes, class_names, class_map)
@@ -236,6 +250,43 @@ def tensor_source(
         index, matched_by = {str(v): v for v in present}, "labels are class indices in the dataset's order"
     members = {index[str(v)]: torch.nonzero(labels == v).flatten().tolist() for v in present}
     return Source("tensor", path, members, {index[str(v)]: str(v) for v in present}, matched_by)
+
+
+def hard_labels(path: Path, payload: dict) -> torch.Tensor:
+    """The class of every image: ``labels`` (N,) class indices, or the argmax of soft ``labels`` (N, K)."""
+    labels = payload["labels"]
+    if labels.dim() == 2 and labels.dtype.is_floating_point:
+        labels = labels.argmax(1)
+    elif labels.dim() != 1 or labels.dtype.is_floating_point:
+        raise DataError(
+            f"{path}: 'labels' must be one class index per image (N,) or soft labels (N, classes), not "
+            f"{tuple(labels.shape)} {labels.dtype}"
+        )
+    if len(labels) != len(payload["images"]):
+        raise DataError(f"{path}: {len(payload['images'])} images but {len(labels)} labels")
+    return labels
+
+
+def soft_labels_of(path: Path, payload: dict, num_classes: int) -> torch.Tensor | None:
+    """The static soft labels a tensor file carries (``soft_labels`` (N, K), or ``labels`` when 2-D), as logits:
+    rows that are probabilities (non-negative, summing to 1) are stored as their logarithm, so every temperature
+    treats both alike. ``None`` when the file has only class indices."""
+    soft = payload.get("soft_labels")
+    if soft is None and payload["labels"].dim() == 2:
+        soft = payload["labels"]
+    if soft is None:
+        return None
+    if soft.shape != (len(payload["images"]), num_classes) or not soft.dtype.is_floating_point:
+        raise DataError(
+            f"{path}: soft labels must be floats of shape ({len(payload['images'])}, {num_classes}) (one row of "
+            f"logits or probabilities per image, columns in the dataset's class order), not {tuple(soft.shape)}"
+        )
+    soft = soft.float()
+    if not torch.isfinite(soft).all():
+        raise DataError(f"{path}: the soft labels hold NaN or infinite values")
+    if (soft >= 0).all() and torch.allclose(soft.sum(1), torch.ones(len(soft)), atol=1e-3):
+        return soft.clamp_min(1e-12).log()
+    return soft
 
 
 def read_class_map(path: Path) -> dict[str, str]:

@@ -18,6 +18,7 @@ from cvdd.data import load_dataset
 from cvdd.labels.bssl import soft_label_logits
 from cvdd.labels.plan import EpochPlan
 from cvdd.labels.protocol import build_plan, label_settings, labels_of, relabel_committee, teacher_weights
+from cvdd.labels.static import read_static_labels, static_labels
 from cvdd.labels.student_set import StudentSet, student_set
 from cvdd.report.summary import command_with, stage_summary
 from cvdd.runtime import log
@@ -171,7 +172,7 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
 
 
 def soft_labels(cfg: DictConfig, root: Path, chosen: StudentSet, plan: EpochPlan, classes: list[str]):
-    """The student's targets per batch (``labels=offline|online|hard``) and what the labels' record says."""
+    """The student's targets per batch (``labels=offline|online|hard|static``) and what the labels' record says."""
     if cfg.labels == "offline":
         expected = label_settings(cfg, teacher_weights(cfg, root), plan, chosen)
         return offline_labels(cfg, root, chosen, expected, plan)
@@ -179,7 +180,12 @@ def soft_labels(cfg: DictConfig, root: Path, chosen: StudentSet, plan: EpochPlan
         return online_labels(cfg, root, classes)
     if cfg.labels == "hard":
         return None, {}
-    raise ConfigError(f"labels={cfg.labels!r}; choose offline, online or hard")
+    if cfg.labels == "static":
+        soft = read_static_labels(chosen)
+        return static_labels(soft, float(cfg.validate.temperature)), {
+            "static_soft_labels": chosen.manifest["static_soft_labels"]["sha256"]
+        }
+    raise ConfigError(f"labels={cfg.labels!r}; choose offline, online, hard or static")
 
 
 def student_module(
