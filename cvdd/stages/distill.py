@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from cvdd.artifacts import ensure_writable, fingerprint
 from cvdd.artifacts.distilled import DistilledArtifact, write_set
 from cvdd.artifacts.identity import set_name
+from cvdd.artifacts.ownership import exclusive
 from cvdd.data import load_dataset
 from cvdd.methods.base import DistillContext, Method
 from cvdd.report.summary import SET_KEYS, next_command, size_on_disk, stage_summary
@@ -31,7 +32,7 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     artifact = DistilledArtifact(Path(cfg.paths.artifacts), cfg.dataset.name, set_name(cfg))
     method: Method = instantiate(cfg.method)
     data = load_dataset(cfg.dataset)
-    with stage_trainer(cfg) as (trainer, loggers):
+    with stage_trainer(cfg) as (trainer, loggers), exclusive(artifact.folder, "distilled set"):
         ctx = DistillContext(cfg, artifact.root, data, artifact, trainer, ensure_teachers, measure_member)
         method.check(ctx)  # bad settings are refused before anything is written
         ensure_writable(artifact.folder)
@@ -43,6 +44,7 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
             overwrite=bool(cfg.get("overwrite", False)),
             what="distilled set",
             keep_hint=", or name another set with set=<name>",
+            folder=artifact.folder,
         )
         if manifest is not None:
             return manifest

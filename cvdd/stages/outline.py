@@ -15,6 +15,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from cvdd.artifacts import ArtifactConflictError, damaged_files, load_json_if_intact
+from cvdd.artifacts.ownership import set_aside
 from cvdd.runtime import log
 from cvdd.runtime.provenance import provenance
 
@@ -32,11 +33,14 @@ def finished_artifact(
     hashes: bool = True,
     matches: Callable[[dict, str], bool] = same_fingerprint,
     keep_hint: str = "",
+    folder: Path | None = None,
 ) -> dict | None:
     """The one reuse policy of every stage for the artifact whose record is ``manifest`` (its files are listed there,
     relative to its folder); ``what`` names it in messages.
 
-    * ``overwrite``, no record, or a damaged record (warned): ``None``, the stage makes it;
+    * ``overwrite``: the artifact's own ``folder`` (if it has one) set aside at once, ``None``: the stage makes it anew
+      and nothing of the old one (files of another recipe, more images) survives, even if this run is cut short;
+    * no record, or a damaged record (warned): ``None``, the stage makes it;
     * a record of another recipe: refused (:class:`ArtifactConflictError`, naming the record to keep it by and
       ``overwrite=true`` to replace it; ``keep_hint`` adds a stage's own way out);
     * this recipe with damaged files (digests checked, or sizes only with ``hashes=False``): warned, the damaged
@@ -45,6 +49,9 @@ def finished_artifact(
     * this recipe, intact: logged as nothing to do, the record returned.
     """
     if overwrite:
+        if folder is not None:
+            set_aside(folder)
+            folder.mkdir(parents=True, exist_ok=True)
         return None
     record = load_json_if_intact(manifest, f"making the {what} again")
     if record is None:

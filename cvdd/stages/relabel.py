@@ -25,6 +25,7 @@ from cvdd.artifacts import (
     save_tensors,
 )
 from cvdd.artifacts.labels import PLAN_KEY, LabelArtifact, check_storage, pack_logits, payload_bytes
+from cvdd.artifacts.ownership import exclusive
 from cvdd.committee.passes import plan_passes
 from cvdd.labels.module import RelabelModule
 from cvdd.labels.plan import EpochPlan
@@ -52,6 +53,13 @@ def relabel(cfg: DictConfig) -> dict[str, Any]:
     chosen = student_set(cfg, root)
     check_relabel_settings(cfg)
     artifact = labels_of(cfg, root, chosen)
+    with exclusive(artifact.folder, "labels"):
+        return write_labels(cfg, root, chosen, artifact)
+
+
+def write_labels(cfg: DictConfig, root: Path, chosen: StudentSet, artifact: LabelArtifact) -> dict[str, Any]:
+    """The labels of ``chosen`` into ``artifact`` (its lock held), unless finished labels of this recipe are
+    there."""
     ensure_writable(artifact.folder)
     weights = teacher_weights(cfg, root, "reuse", measure_member)  # records only: weights load when there is work
     plan = build_plan(cfg, len(chosen))
@@ -67,7 +75,9 @@ def relabel(cfg: DictConfig) -> dict[str, Any]:
     # sizes only: a finished run is recognised without reading its labels (30 GB at ImageNet-1K IPC 50); validate
     # checks each epoch's digest when it reads the epoch
     overwrite = bool(cfg.overwrite)
-    manifest = finished_artifact(artifact.manifest, recipe_hash, overwrite=overwrite, what="labels", hashes=False)
+    manifest = finished_artifact(
+        artifact.manifest, recipe_hash, overwrite=overwrite, what="labels", hashes=False, folder=artifact.folder
+    )
     if manifest is not None:
         return manifest
     stamp = artifact.stamp

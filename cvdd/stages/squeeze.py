@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cvdd.artifacts import TeacherArtifact, ensure_writable, file_digest, fingerprint, save_json, save_tensors
 from cvdd.artifacts.identity import dataset_identity
+from cvdd.artifacts.ownership import exclusive
 from cvdd.config.compose import compose_stage, select_overrides
 from cvdd.models.pretrained import load_imagenet_weights
 from cvdd.report.summary import TEACHER_KEYS, next_command, size_on_disk, stage_summary
@@ -72,6 +73,12 @@ def squeeze_teacher(cfg: DictConfig, title: str | None = None) -> dict[str, Any]
     """Train ``cfg.model`` on ``cfg.dataset`` and write the teacher artifact (rank 0 returns its record); ``title``
     names the run on the progress bar (default: the model id)."""
     artifact = TeacherArtifact(Path(cfg.paths.artifacts), cfg.dataset.name, cfg.model.id)
+    with exclusive(artifact.record, f"teacher {artifact.model}"):
+        return train_teacher(cfg, artifact, title)
+
+
+def train_teacher(cfg: DictConfig, artifact: TeacherArtifact, title: str | None) -> dict[str, Any]:
+    """``squeeze_teacher`` with the teacher's lock held."""
     numerics = numerics_for(cfg, cfg.model.net.name, "squeeze")
     recipe = squeeze_recipe(cfg, numerics)
     recipe_hash = fingerprint(without_code_paths(recipe))

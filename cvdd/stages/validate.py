@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from cvdd.artifacts import check_files, ensure_writable, fingerprint, load_json, save_json
+from cvdd.artifacts.ownership import exclusive
 from cvdd.artifacts.results import result_path, results_folder
 from cvdd.config.compose import model_config
 from cvdd.data import load_dataset
@@ -154,8 +155,9 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
     results = results_folder(root, cfg.dataset.name)
     ensure_writable(results, cfg.paths.output_dir)
     net, module = student_module(cfg, model_cfg, data, chosen, plan, soft)
+    out = result_file(cfg, root, chosen, label_info.get("topk"), module.numerics)
     started = time.time()
-    with stage_trainer(cfg) as (trainer, loggers):
+    with stage_trainer(cfg) as (trainer, loggers), exclusive(out, "result"):
         trainer.fit(module)  # its steps: StudentModule.train_dataloader (every rank walks the same step count)
         # the recorded pass: each rank its shard of the test set, counts summed (exact, nothing padded)
         test = evaluate_classifier(
@@ -164,7 +166,6 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
         if not trainer.is_global_zero:
             return {}
         result = stamped(result_fields(cfg, chosen, module, test, label_info), cfg, started)
-        out = result_file(cfg, root, chosen, label_info.get("topk"), module.numerics)
         save_json(out, result)
         save_json(Path(cfg.paths.output_dir) / "result.json", result)  # this run's (and sweep's) record
         report_result(cfg, loggers, chosen, result, out)
