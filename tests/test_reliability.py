@@ -10,9 +10,12 @@ import pytest
 import torch
 from conftest import ROOT
 
-from cvdd.artifacts import load_json
+from cvdd.artifacts import load_json, save_json
 from cvdd.artifacts.ownership import ArtifactBusyError, exclusive
+from cvdd.labels import module as label_module
 from cvdd.labels.module import RelabelModule
+from cvdd.runtime.errors import ConfigError
+from cvdd.runtime.finite import NonFiniteError
 from cvdd.stages.distill import distill
 from cvdd.stages.relabel import relabel
 from cvdd.stages.squeeze import squeeze_teacher
@@ -109,3 +112,63 @@ def test_an_overwrite_leaves_only_the_new_sets_files(make_cfg, workdir: Path):
     assert made["images"] == 20 and len(made["files"]) == 22, "20 PNGs, images.pt, grid.png"
     assert on_disk == sorted([*made["files"], "manifest.json"]), "nothing of the IPC 4 set is left"
     assert len(torch.load(folder / "images.pt", weights_only=True)["labels"]) == 20
+
+
+@pytest.mark.parametrize(
+    ("stage", "override", "refused"),
+    [
+        ("relabel", "relabel.temperature=0", r"relabel\.temperature=0: needs a positive temperature"),
+        ("distill", "committee.temperature=0", r"committee\.temperature=0: needs a positive temperature"),
+        ("evaluate", "validate.temperature=0", r"validate\.temperature=0: needs a positive temperature"),
+        ("evaluate", "validate.epochs=0", r"validate\.epochs=0: needs a whole number of epochs, at least 1"),
+        ("evaluate", "validate.epochs=-1", r"validate\.epochs=-1: needs a whole number"),
+        ("evaluate", "validate.eval_every=0", r"validate\.eval_every=0: needs a whole number of epochs between"),
+        ("relabel", "committee.members=[]", r"committee\.members=\[\]: a committee needs at least one member"),
+        ("distill", "method.recover.class_block=0", r"method\.recover\.class_block=0: needs a whole number"),
+        ("relabel", "relabel.batch_size=0", r"relabel\.batch_size=0: needs a whole number, at least 1"),
+        ("distill", "seed=-1", r"seed=-1: needs a whole number from 0 to 4294967295"),
+        ("train", f"seed={2**40}", r"seed=1099511627776: needs a whole number from 0 to 4294967295"),
+        ("distill", "seed=1099511627776", r"seed=1099511627776: needs a whole number from 0"),
+        ("distill", "ipc=ten", r"ipc='ten': needs a whole number of images per class"),
+    ],
+)
+def test_settings_no_run_can_use_are_refused_before_any_work_naming_the_key(
+    make_cfg, workdir: Path, stage: str, override: str, refused: str
+):
+    run = {"train": squeeze_teacher, "distill": distill, "relabel": relabel, "evaluate": validate}[stage]
+    extra = ("model=convnet",) if stage == "train" else ()
+    before = sorted(p for p in (workdir / DIGITS).rglob("*") if p.is_file())
+    with pytest.raises(ConfigError, match=refused):
+        run(make_cfg(stage, *(() if stage == "train" or "recover" in override else SET), *extra, override))
+    assert sorted(p for p in (workdir / DIGITS).rglob("*") if p.is_file()) == before, "nothing written"
+
+
+def test_a_loss_that_stops_being_a_number_stops_the_run_and_publishes_nothing(make_cfg, workdir: Path, monkeypatch):
+    distill(make_cfg("distill", *SET))
+    relabel(make_cfg("relabel", *LABELS, "relabel.epochs=2"))
+    results = workdir / DIGITS / "results"
+    with pytest.raises(
+        NonFiniteError, match=r"student's training loss is not finite at epoch \d+, step \d+.*validate\.lr"
+    ):
+        validate(make_cfg("evaluate", *LABELS, "relabel.epochs=2", "validate.lr=1e9"))
+    assert not list(results.glob("*.json")), "no result"
+
+    labels = workdir / DIGITS / "labels/random_real_ipc2_s0"
+    nan_teacher = monkeypatch.context()
+    with nan_teacher as patch, pytest.raises(NonFiniteError, match=r"soft labels of epoch 0 is not finite"):
+        patch.setattr(label_module, "soft_label_logits", lambda *a, **k: torch.full((8, 10), float("nan")))
+        relabel(make_cfg("relabel", *LABELS, "relabel.epochs=2", "relabel.mix=mixup", "overwrite=true"))
+    assert not (labels / "manifest.json").exists() and not list(labels.glob("epoch_*.pt")), "no NaN label written"
+
+    sets = workdir / DIGITS / "distilled"
+    cvdd = ("ipc=1", "committee=sre2l_small", "method.recover.iterations=3", "method.recover.init.mode=real")
+    with pytest.raises(NonFiniteError, match=r"recover loss or the images is not finite at wave 1, iteration 1"):
+        distill(make_cfg("distill", *cvdd, "method.recover.r_bn=1e39", "logger=none"))
+    assert not (sets / "sre2l_small_ipc1_real_s0" / "manifest.json").exists()
+    assert not list((sets / "sre2l_small_ipc1_real_s0").rglob("*.pt")), "no unit of NaN images kept"
+
+
+def test_a_record_never_states_a_number_that_is_not_one(tmp_path: Path):
+    with pytest.raises(NonFiniteError, match=r"would record a NaN or infinite number"):
+        save_json(tmp_path / "r.json", {"test_top1": float("nan")})
+    assert not (tmp_path / "r.json").exists()

@@ -27,6 +27,7 @@ from torch.serialization import set_default_mmap_options, skip_data
 
 from cvdd.runtime import log
 from cvdd.runtime.errors import UserError
+from cvdd.runtime.finite import NonFiniteError
 
 
 def _default_mode() -> int:
@@ -54,8 +55,13 @@ def atomic_write(path: Path | str, write: Callable[[IO[bytes]], None]) -> Path:
 
 
 def save_json(path: Path | str, obj: Any) -> Path:
-    data = (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode()
-    return atomic_write(path, lambda fh: fh.write(data))
+    """``obj`` as JSON at ``path``, atomically. A NaN or infinity anywhere in it is refused (a record never states a
+    number that is not one): the last guard behind each stage's own finiteness checks."""
+    try:
+        text = json.dumps(obj, indent=2, sort_keys=False, default=str, allow_nan=False)
+    except ValueError as err:
+        raise NonFiniteError(f"{path} would record a NaN or infinite number ({err}); nothing was written") from err
+    return atomic_write(path, lambda fh: fh.write((text + "\n").encode()))
 
 
 def load_json(path: Path | str) -> Any:

@@ -7,6 +7,7 @@ weights ``w = softmax(α / T)`` over the chosen members' prior scores ``α``.
 from __future__ import annotations
 
 import itertools
+import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -121,7 +122,7 @@ def warn_if_nearly_equal(scores: Mapping[str, float], temperature: float, key: s
     if len(scores) < 2:
         return
     weights = voting_weights(list(scores), dict(scores), "prior", temperature, ())
-    spread = max(weights) / min(weights)
+    spread = max(weights) / min(weights) if min(weights) > 0 else math.inf
     seen = (key, tuple(sorted(scores.items())), temperature)
     if spread >= NEARLY_EQUAL or seen in _warned:
         return

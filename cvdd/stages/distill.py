@@ -18,6 +18,7 @@ from cvdd.artifacts import ensure_writable, fingerprint
 from cvdd.artifacts.distilled import DistilledArtifact, write_set
 from cvdd.artifacts.identity import set_name
 from cvdd.artifacts.ownership import exclusive
+from cvdd.config.checks import check_settings
 from cvdd.data import load_dataset
 from cvdd.methods.base import DistillContext, Method
 from cvdd.report.summary import SET_KEYS, next_command, size_on_disk, stage_summary
@@ -29,6 +30,7 @@ from cvdd.stages.squeeze import ensure_teachers
 
 def distill(cfg: DictConfig) -> dict[str, Any]:
     """Make the set of ``cfg.method`` and return its manifest (empty on ranks other than 0)."""
+    check_settings(cfg)
     artifact = DistilledArtifact(Path(cfg.paths.artifacts), cfg.dataset.name, set_name(cfg))
     method: Method = instantiate(cfg.method)
     data = load_dataset(cfg.dataset)

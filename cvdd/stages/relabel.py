@@ -27,6 +27,7 @@ from cvdd.artifacts import (
 from cvdd.artifacts.labels import PLAN_KEY, LabelArtifact, check_storage, pack_logits, payload_bytes
 from cvdd.artifacts.ownership import exclusive
 from cvdd.committee.passes import plan_passes
+from cvdd.config.checks import check_settings
 from cvdd.labels.module import RelabelModule
 from cvdd.labels.plan import EpochPlan
 from cvdd.labels.protocol import (
@@ -40,7 +41,7 @@ from cvdd.labels.protocol import (
 from cvdd.labels.student_set import StudentSet, student_set
 from cvdd.report.summary import LABEL_KEYS, next_command, size_on_disk, stage_summary
 from cvdd.runtime.distributed import HydraDDPStrategy
-from cvdd.runtime.errors import ConfigError
+from cvdd.runtime.finite import require_finite
 from cvdd.runtime.hardware import check_same_threads, cpu_threads
 from cvdd.runtime.trainer import log_final, stage_trainer
 from cvdd.stages.outline import finished_artifact, stamped
@@ -49,6 +50,7 @@ from cvdd.stages.priors import measure_member
 
 def relabel(cfg: DictConfig) -> dict[str, Any]:
     """Write the soft labels of ``cfg``'s distilled set; returns the manifest on rank 0."""
+    check_settings(cfg)
     root = Path(cfg.paths.artifacts)
     chosen = student_set(cfg, root)
     check_relabel_settings(cfg)
@@ -107,10 +109,6 @@ def write_labels(cfg: DictConfig, root: Path, chosen: StudentSet, artifact: Labe
 
 def check_relabel_settings(cfg: DictConfig) -> None:
     check_storage(cfg.relabel.dtype, cfg.relabel.get("topk"))
-    if int(cfg.relabel.stack_images) < 1:
-        raise ConfigError(
-            f"relabel.stack_images={cfg.relabel.stack_images} must be at least 1 (images per forward pass)"
-        )
 
 
 def write_epochs(
@@ -138,6 +136,12 @@ def write_epochs(
     topk = cfg.relabel.get("topk")
 
     def save_epoch(epoch: int, logits: torch.Tensor, plan_digest: bytes) -> None:
+        require_finite(
+            logits,
+            f"the soft labels of epoch {epoch}",
+            str(artifact.folder),
+            "relabel.temperature (> 0), committee.priors and the teachers (their checkpoints' test top-1)",
+        )
         payload = pack_logits(logits, cfg.relabel.dtype, topk)
         payload[PLAN_KEY] = torch.frombuffer(bytearray(plan_digest), dtype=torch.uint8)
         save_tensors(artifact.epoch_path(epoch), payload)

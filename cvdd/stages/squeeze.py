@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from cvdd.artifacts import TeacherArtifact, ensure_writable, file_digest, fingerprint, save_json, save_tensors
 from cvdd.artifacts.identity import dataset_identity
 from cvdd.artifacts.ownership import exclusive
+from cvdd.config.checks import check_settings
 from cvdd.config.compose import compose_stage, select_overrides
 from cvdd.models.pretrained import load_imagenet_weights
 from cvdd.report.summary import TEACHER_KEYS, next_command, size_on_disk, stage_summary
@@ -72,6 +73,7 @@ def same_recipe(record: dict, recipe_hash: str) -> bool:
 def squeeze_teacher(cfg: DictConfig, title: str | None = None) -> dict[str, Any]:
     """Train ``cfg.model`` on ``cfg.dataset`` and write the teacher artifact (rank 0 returns its record); ``title``
     names the run on the progress bar (default: the model id)."""
+    check_settings(cfg)
     artifact = TeacherArtifact(Path(cfg.paths.artifacts), cfg.dataset.name, cfg.model.id)
     with exclusive(artifact.record, f"teacher {artifact.model}"):
         return train_teacher(cfg, artifact, title)

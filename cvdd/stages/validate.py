@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from cvdd.artifacts import check_files, ensure_writable, fingerprint, load_json, save_json
 from cvdd.artifacts.ownership import exclusive
 from cvdd.artifacts.results import result_path, results_folder
+from cvdd.config.checks import check_settings
 from cvdd.config.compose import model_config
 from cvdd.data import load_dataset
 from cvdd.labels.bssl import soft_label_logits
@@ -142,6 +143,7 @@ def result_file(cfg: DictConfig, root: Path, chosen: StudentSet, topk: int | Non
 
 def validate(cfg: DictConfig) -> dict[str, Any]:
     """Train ``cfg.student`` on the set ``cfg`` names and record its test accuracy (rank 0 returns the result)."""
+    check_settings(cfg)
     model_cfg = OmegaConf.load(model_config(str(cfg.student), "student"))  # an unknown student first: no work yet
     root = Path(cfg.paths.artifacts)
     data = load_dataset(cfg.dataset)

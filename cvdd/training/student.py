@@ -14,6 +14,7 @@ from cvdd.labels.plan import BatchPlan, EpochPlan, apply_batch
 from cvdd.labels.student_set import SetImages, as_set_images, read_on_every_rank
 from cvdd.runtime.distributed import ShardSampler, rank_and_world
 from cvdd.runtime.errors import ConfigError
+from cvdd.runtime.finite import require_finite
 from cvdd.runtime.precision import FP32, Numerics
 from cvdd.training.bn_merge import BatchNormMerge
 from cvdd.training.metrics import topk_accuracy
@@ -185,7 +186,7 @@ class StudentModule(L.LightningModule):
         self.forwards = len(slices)
         if not slices:  # nothing for this rank at this step: a zero that joins DDP's gradient average
             loss = sum(p.sum() for p in self.net.parameters()) * 0.0
-            self.log("train/loss", loss.detach(), prog_bar=True, sync_dist=True, reduce_fx=reduce)
+            self.report_loss(loss, reduce, int(step))
             return loss
         plan = self.plan.epoch(epoch)[b]
         first, last = slices[0][0], slices[-1][1]
@@ -215,8 +216,20 @@ class StudentModule(L.LightningModule):
             loss = loss + term / micro
         # slices: W ranks' losses add up to the planned batch's and DDP averages gradients, so each rank's counts W
         # times; batches: each rank's loss is a whole batch's, and DDP's average is the mean over the W batches
-        self.log("train/loss", loss.detach(), prog_bar=True, sync_dist=True, reduce_fx=reduce)
+        self.report_loss(loss, reduce, int(step))
         return loss * factor if factor > 1 else loss
+
+    def report_loss(self, loss: torch.Tensor, reduce: str, step: int) -> None:
+        """Log the step's loss over all ranks and stop every rank at once when it is not finite (no result is
+        written)."""
+        shown = self.trainer.strategy.reduce(loss.detach(), reduce_op=reduce)
+        self.log("train/loss", shown, prog_bar=True)
+        require_finite(
+            shown,
+            "the student's training loss",
+            f"epoch {self.current_epoch + 1}, step {step + 1}",
+            "validate.lr, validate.temperature (> 0) and the labels (relabel.temperature)",
+        )
 
     def test_loader(self) -> DataLoader:
         """The test set, this rank's shard (every sample once over all ranks), in batches of ``loader["batch_size"]``

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cvdd.runtime.finite import require_finite
 from cvdd.runtime.precision import FP32, Numerics
 from cvdd.runtime.seeding import derive_seed
 from cvdd.training.metrics import topk_accuracy
@@ -63,6 +64,8 @@ class TeacherModule(L.LightningModule):
         loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
         self.train_top1(logits, labels)
         self.log("train/loss", loss, prog_bar=True)
+        # every rank checks its own loss: a non-finite one is almost surely non-finite on all (the same settings)
+        require_finite(loss.detach(), "the teacher's training loss", f"epoch {self.current_epoch + 1}", "squeeze.lr")
         self.log("train/top1", self.train_top1, on_step=False, on_epoch=True)
         return loss
 

@@ -34,6 +34,7 @@ from cvdd.methods.committee_voting.memory import (
     wave_bytes_per_image,
 )
 from cvdd.runtime import log
+from cvdd.runtime.finite import require_finite
 from cvdd.runtime.hardware import peak_memory_mib
 from cvdd.runtime.packing import pack_consecutive
 from cvdd.training.optim import cosine_factor
@@ -245,6 +246,7 @@ class RecoverModule(L.LightningModule):
         self.n_waves = 0
         self.groups: list[GroupState] = []
         self._wave = -1
+        self._first_bad_step: torch.Tensor | None = None  # the wave's first non-finite iteration (device)
         self._step = 0
 
     def on_fit_start(self) -> None:
@@ -360,15 +362,27 @@ class RecoverModule(L.LightningModule):
         self._step = step
         if wave != self._wave:
             self._start_wave(wave)
-        if not self.groups:
-            return None
+        if self.groups:
+            self._optimise(step)
+        if step == iters - 1:
+            self._refuse_non_finite()  # every rank, groups or not: the ranks agree before any unit is written
+            if self.groups:
+                self._finish_wave()
+        return None
+
+    def _optimise(self, step: int) -> None:
+        """One iteration of every group of this rank's wave."""
         self.committee.assert_frozen()
-        lr = self.settings.lr * cosine_factor(step / iters)
+        lr = self.settings.lr * cosine_factor(step / self.settings.iterations)
         for group in self.groups:
             for param_group in group.optimizer.param_groups:
                 param_group["lr"] = lr
             group.optimizer.zero_grad(set_to_none=True)
         surrogate = step_surrogate(self.groups, self.committee, self.settings.r_bn, self.passes)
+        if self._first_bad_step is None:  # kept on the device: no synchronisation per iteration
+            self._first_bad_step = torch.full((), -1, device=surrogate.device)
+        late = (self._first_bad_step < 0) & ~torch.isfinite(surrogate.detach())
+        self._first_bad_step = torch.where(late, torch.tensor(step, device=surrogate.device), self._first_bad_step)
         self.manual_backward(surrogate)  # the groups' graphs are disjoint: each gets exactly its own gradient
         for group in self.groups:
             group.optimizer.step()
@@ -376,9 +390,6 @@ class RecoverModule(L.LightningModule):
                 group.images.copy_(torch.maximum(torch.minimum(group.images, self.high), self.low))
         self.log_dict(self._member_losses(), on_step=True)
         self.log("recover/lr", lr, on_step=True)
-        if step == iters - 1:
-            self._finish_wave()
-        return None
 
     def _member_losses(self) -> dict[str, torch.Tensor]:
         """Mean CE, BN term and voting weight of each member over the units of the wave that chose it."""
@@ -407,6 +418,22 @@ class RecoverModule(L.LightningModule):
                 per_member = {m: {"ce": float(losses[m][i, 0]), "bn": float(losses[m][i, 1])} for m in unit.members}
                 self.on_unit_done(unit, images[i], per_member)
         self.groups = []
+
+    def _refuse_non_finite(self) -> None:
+        """Stop every rank before this wave's units are written if any rank's loss or images became non-finite (one
+        agreement per wave; every rank calls it, with or without groups)."""
+        first_bad = -1 if self._first_bad_step is None else int(self._first_bad_step)
+        images_bad = any(not bool(torch.isfinite(g.images).all()) for g in self.groups)
+        flags = torch.tensor([first_bad, int(images_bad)], device=self.device)
+        worst = self.all_gather(flags).reshape(-1, 2).max(0).values.tolist()
+        self._first_bad_step = None
+        at = f"wave {self._wave + 1}" + (f", iteration {worst[0] + 1}" if worst[0] >= 0 else "")
+        require_finite(
+            worst[0] < 0 and worst[1] == 0,
+            "the recover loss or the images",
+            at,
+            "method.recover.lr, committee.temperature (> 0), method.recover.r_bn and the teachers",
+        )
 
 
 def plan_groups(units: Sequence[Unit], group_images: int, grouping: bool) -> list[list[Unit]]:
