@@ -34,59 +34,67 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     artifact = DistilledArtifact(Path(cfg.paths.artifacts), cfg.dataset.name, set_name(cfg))
     method: Method = instantiate(cfg.method)
     data = load_dataset(cfg.dataset)
-    with stage_trainer(cfg) as (trainer, loggers), exclusive(artifact.folder, "distilled set"):
+    with stage_trainer(cfg) as (trainer, loggers):
         ctx = DistillContext(cfg, artifact.root, data, artifact, trainer, ensure_teachers, measure_member)
         method.check(ctx)  # bad settings are refused before anything is written
-        ensure_writable(artifact.folder)
-        recipe = method.recipe(ctx)
-        recipe_hash = fingerprint(recipe)
-        manifest = finished_artifact(
-            artifact.manifest,
-            recipe_hash,
-            overwrite=bool(cfg.get("overwrite", False)),
-            what="distilled set",
-            keep_hint=", or name another set with set=<name>",
-            folder=artifact.folder,
-        )
-        if manifest is not None:
-            return manifest
-        started = time.time()
-        made = method.make(ctx, recipe_hash)
-        spec = ctx.spec
-        fields = {
-            "dataset": cfg.dataset.name,
-            "method": method.name,
-            "classes": data.classes,
-            "class_names": data.class_names,
-            "ipc": ctx.ipc,
-            "seed": ctx.seed,
-            "fingerprint": recipe_hash,
-            **made.metadata,
-            "recipe": recipe,
-        }
-        manifest = write_set(
-            artifact,
-            made.pieces,
-            class_names=data.class_names,
-            mean=spec.mean,
-            std=spec.std,
-            seed=ctx.seed,
-            fields=stamped(fields, cfg, started),
-        )
-        if not manifest:  # ranks other than 0 wrote their share of the PNGs
-            return {}
-        method.finish(ctx)
-        stage_summary(
-            f"distill ({method.name})",
-            [
-                ("set", f"{artifact.folder} ({len(made)} images, {size_on_disk(artifact.folder)})"),
-                ("grid", str(artifact.grid)),
-                *method.summary(made),
-            ],
-            time.time() - started,
-            next_command("relabel.py", SET_KEYS),
-        )
-        for logger in loggers:
-            if hasattr(logger, "log_image"):
-                logger.log_image(key="distilled/grid", images=[str(artifact.grid)])
+        with exclusive(artifact.folder, "distilled set"):
+            return make_set(cfg, method, ctx, loggers)
+
+
+def make_set(cfg: DictConfig, method: Method, ctx: DistillContext, loggers: list) -> dict[str, Any]:
+    """The set of ``method`` written into ``ctx.artifact`` (its lock held), unless a finished set of this recipe is
+    there."""
+    artifact, data = ctx.artifact, ctx.data
+    ensure_writable(artifact.folder)
+    recipe = method.recipe(ctx)
+    recipe_hash = fingerprint(recipe)
+    manifest = finished_artifact(
+        artifact.manifest,
+        recipe_hash,
+        overwrite=bool(cfg.get("overwrite", False)),
+        what="distilled set",
+        keep_hint=", or name another set with set=<name>",
+        folder=artifact.folder,
+    )
+    if manifest is not None:
         return manifest
+    started = time.time()
+    made = method.make(ctx, recipe_hash)
+    spec = ctx.spec
+    fields = {
+        "dataset": cfg.dataset.name,
+        "method": method.name,
+        "classes": data.classes,
+        "class_names": data.class_names,
+        "ipc": ctx.ipc,
+        "seed": ctx.seed,
+        "fingerprint": recipe_hash,
+        **made.metadata,
+        "recipe": recipe,
+    }
+    manifest = write_set(
+        artifact,
+        made.pieces,
+        class_names=data.class_names,
+        mean=spec.mean,
+        std=spec.std,
+        seed=ctx.seed,
+        fields=stamped(fields, cfg, started),
+    )
+    if not manifest:  # ranks other than 0 wrote their share of the PNGs
+        return {}
+    method.finish(ctx)
+    stage_summary(
+        f"distill ({method.name})",
+        [
+            ("set", f"{artifact.folder} ({len(made)} images, {size_on_disk(artifact.folder)})"),
+            ("grid", str(artifact.grid)),
+            *method.summary(made),
+        ],
+        time.time() - started,
+        next_command("relabel.py", SET_KEYS),
+    )
+    for logger in loggers:
+        if hasattr(logger, "log_image"):
+            logger.log_image(key="distilled/grid", images=[str(artifact.grid)])
+    return manifest
