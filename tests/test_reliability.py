@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -172,3 +174,35 @@ def test_a_record_never_states_a_number_that_is_not_one(tmp_path: Path):
     with pytest.raises(NonFiniteError, match=r"would record a NaN or infinite number"):
         save_json(tmp_path / "r.json", {"test_top1": float("nan")})
     assert not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "busy"),
+    [
+        ("train.py", ("model=convnet", "squeeze.epochs=200"), "epoch"),
+        ("evaluate.py", (*LABELS, "relabel.epochs=100"), "student epoch"),
+    ],
+)
+def test_sigterm_ends_a_run_with_exit_143_and_the_way_to_resume(make_cfg, workdir: Path, script, args, busy):
+    """Lightning ends a run on SIGTERM with exit status 0: a scheduler marked it COMPLETED and ``a && b`` went on."""
+    if script == "evaluate.py":
+        distill(make_cfg("distill", *SET))
+        relabel(make_cfg("relabel", *LABELS, "relabel.epochs=100"))
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / script), *args, f"paths.root={workdir}", "logger=none"],
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    seen = ""
+    while busy not in seen:  # wait until the run is training (its progress bar says so)
+        chunk = proc.stdout.read(64)
+        assert chunk, f"{script} ended before training:\n{seen[-3000:]}"
+        seen += chunk
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=120) == 143, rest[-3000:]
+    assert "stopped by SIGTERM" in rest and "run the same command to resume" in rest

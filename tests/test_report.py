@@ -171,3 +171,34 @@ def test_dd_ranking_metrics_follow_the_tables_when_their_references_exist(tmp_pa
     assert [float(v) for v in cvdd[-3:]] == pytest.approx([30.0, 5.0, lrs], abs=1e-4)
     rded = next(line for line in csv if ",rded," in line).split(",")
     assert rded[-3:] == ["", "", ""], "random real images labelled by other teachers are no reference"
+
+
+def test_a_rerun_with_other_settings_is_a_row_of_its_own_and_replaces_no_cell(tmp_path: Path, caplog):
+    """Reliability 3: one more ``evaluate.py validate.epochs=1 validate.lr=0.5`` used to become the CV-DD cell."""
+    usual = {"validate": {"epochs": 300, "lr": 0.001}, "relabel": {"teachers": "committee", "epochs": 300}}
+    other = {**usual, "validate": {"epochs": 1, "lr": 0.5}}
+    rows = [
+        result("cvdd", 10, 0, 33.0, config=usual),
+        result("cvdd", 10, 1, 34.22, config=usual),
+        result("cvdd", 10, 0, 10.0, config=other, created="2026-12-01T00:00:00+00:00"),
+        result("cvdd", 1, 0, 20.0, config=usual),
+        result("random_real", 10, 0, 30.0, config=usual),
+        result("random_real", 10, 0, 9.0, config=other),
+    ]
+    folder = tmp_path / "results"
+    folder.mkdir()
+    for i, row in enumerate(rows):
+        (folder / f"{i}.json").write_text(json.dumps(row))
+    (folder / "foreign.json").write_text(json.dumps({**result("x", 1, 0, 1.0), "ipc": "ten"}))
+    (folder / "list.json").write_text("[1, 2]")
+    table = write_report(folder)
+    assert "| cvdd [validate.epochs=300, validate.lr=0.001] | 20.00 ± 0.00 (n=1) | 33.61 ± 0.86 (n=2) |" in table
+    assert "| cvdd [validate.epochs=1, validate.lr=0.5] | – | 10.00 ± 0.00 (n=1) |" in table
+    assert "rows differ in evaluation settings: validate.epochs, validate.lr" in table
+    assert "foreign.json left out: not a result of evaluate.py (ipc of the wrong kind)" in caplog.text
+
+    from cvdd.report.ranking import rankings
+
+    ior = {(r.variant, r.method, r.ipc): r.improvement_over_random for r in rankings(load_results(folder))}
+    assert ior[("validate.epochs=300, validate.lr=0.001", "cvdd", 10)] == pytest.approx(33.61 - 30.0)
+    assert ior[("validate.epochs=1, validate.lr=0.5", "cvdd", 10)] == pytest.approx(10.0 - 9.0), "its own protocol's"

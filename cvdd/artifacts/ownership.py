@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
+from cvdd.artifacts.io import ensure_writable
 from cvdd.runtime.errors import UserError
 
 
@@ -52,7 +53,7 @@ def exclusive(target: Path, what: str) -> Iterator[None]:
         yield
         return
     path = lock_path(Path(target))
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_writable(path.parent)  # an unwritable output is named here, before any work
     with open(path, "a+") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -23,10 +23,11 @@ import json
 import statistics
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from cvdd.artifacts import atomic_write
+from cvdd.report.protocol import SET_MAKING, differing, protocol_key, settings_of, variants
 from cvdd.report.ranking import ranking_csv, ranking_table, rankings
 from cvdd.runtime import log
 from cvdd.runtime.errors import ConfigError, MissingInputError
@@ -48,6 +49,14 @@ class Group:
     metric: str = "final"
     eval_every: tuple[int, ...] = ()  # evaluation intervals behind a ``best`` value
     versions: tuple[str, ...] = ()  # the library versions and commits its results came from (version_signature)
+    protocol: str = ""  # fingerprint of the settings its number depends on (:mod:`.protocol`)
+    variant: str = ""  # how its protocol differs from others of its method in the same table ("" when alone)
+    settings: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def row(self) -> str:
+        """The method, and the settings that tell this row from another of the same method."""
+        return f"{self.method} [{self.variant}]" if self.variant else self.method
 
     @property
     def mean(self) -> float:
@@ -62,6 +71,22 @@ class Group:
 
 
 REQUIRED = ("name", "method", "dataset", "ipc", "seed", "student", "labels", "test_top1")
+
+
+def _whole(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+FIELD_TYPES = {
+    "ipc": _whole,
+    "seed": _whole,
+    "test_top1": _number,
+    **{key: lambda v: isinstance(v, str) for key in ("name", "method", "dataset", "student", "labels")},
+}
 
 
 def load_results(folder: Path) -> list[dict]:
@@ -81,6 +106,10 @@ def load_results(folder: Path) -> list[dict]:
         if missing:
             log.warning("%s left out: no %s (run evaluate.py again to record it)", path, ", ".join(missing))
             continue
+        wrong = [key for key, ok in FIELD_TYPES.items() if not ok(record[key])]
+        if wrong:
+            log.warning("%s left out: not a result of evaluate.py (%s of the wrong kind)", path, ", ".join(wrong))
+            continue
         found.append(record)
     return found
 
@@ -91,31 +120,49 @@ def labels_of(record: dict) -> str:
 
 
 def summarise(records: Iterable[dict], metric: str = "final") -> list[Group]:
-    """Groups sorted by setting, method, IPC; a seed evaluated twice counts once (the newest result).
+    """Groups sorted by setting, method, IPC; a seed evaluated twice with the same settings counts once (the newest).
+    Results of one method and IPC made with other settings (epochs, learning rate, temperatures, label settings,
+    image format, the method's recipe: :mod:`.protocol`) form groups of their own, told apart by ``variant``.
 
     ``metric``: ``final`` or ``best`` top-1; results that predate the ``best`` record are left out of it.
     """
     if metric not in METRICS:
         raise ConfigError(f"metric={metric!r}; choose from {', '.join(METRICS)}")
-    field = METRICS[metric]
+    column = METRICS[metric]
     by_key: dict[tuple, dict[int, dict]] = defaultdict(dict)
     for r in sorted(records, key=lambda r: r.get("created", "")):
-        if field not in r:
+        if column not in r:
             continue
-        key = (r["dataset"], r["student"], labels_of(r), r["method"], int(r["ipc"]))
+        key = (r["dataset"], r["student"], labels_of(r), r["method"], int(r["ipc"]), protocol_key(settings_of(r)))
         by_key[key][int(r["seed"])] = r
     groups = [
         Group(
-            *key,
-            top1=tuple(seeds[s][field] for s in sorted(seeds)),
+            *key[:5],
+            top1=tuple(seeds[s][column] for s in sorted(seeds)),
             seeds=tuple(sorted(seeds)),
             metric=metric,
             eval_every=tuple(sorted({int(r["eval_every"]) for r in seeds.values() if "eval_every" in r})),
             versions=tuple(sorted({version_signature(r) for r in seeds.values()})),
+            protocol=key[-1],
+            settings=settings_of(next(iter(seeds.values()))),
         )
         for key, seeds in by_key.items()
     ]
-    return sorted(groups, key=lambda g: (g.dataset, g.student, g.labels, g.method, g.ipc))
+    rows: dict[tuple, list[Group]] = defaultdict(list)
+    for g in groups:
+        rows[(g.dataset, g.student, g.labels, g.method)].append(g)
+    named = {}
+    for members in rows.values():
+        named.update(variants(members, lambda g: g.ipc, lambda g: g.settings))
+    groups = [replace(g, variant=named.get(id(g), "")) for g in groups]
+    return sorted(groups, key=lambda g: (g.dataset, g.student, g.labels, g.method, g.variant, g.ipc))
+
+
+def evaluation_note(members: Sequence[Group]) -> str:
+    """The evaluation settings (not how the sets were made) on which the rows of one table differ, if any: a reader
+    compares such rows knowing it."""
+    keys = [k for k in differing([g.settings for g in members]) if not k.startswith(SET_MAKING)]
+    return f"rows differ in evaluation settings: {', '.join(keys)}" if keys else ""
 
 
 def metric_phrase(groups: Sequence[Group]) -> str:
@@ -146,10 +193,11 @@ def markdown_table(
     blocks = []
     for (dataset, student, labels), members in settings(groups).items():
         ipcs = sorted({g.ipc for g in members})
-        methods = [m for m in method_order if any(g.method == m for g in members)]
-        methods += sorted({g.method for g in members} - set(methods))
+        order = {m: i for i, m in enumerate(method_order)}
+        methods = sorted({g.row: g for g in members}.values(), key=lambda g: (order.get(g.method, len(order)), g.row))
+        methods = list(dict.fromkeys(g.row for g in methods))
         odd, note = mixed_versions(members)
-        cells = {(g.method, g.ipc): g.cell() + ("†" if g in odd else "") for g in members}
+        cells = {(g.row, g.ipc): g.cell() + ("†" if g in odd else "") for g in members}
         lines = [
             f"**{dataset}**, student `{student}`, `{labels}` labels — {metric_phrase(members)}, mean ± std over seeds",
             "",
@@ -159,7 +207,8 @@ def markdown_table(
         lines += [f"| {m} | " + " | ".join(cells.get((m, i), "–") for i in ipcs) + " |" for m in methods]
         for name, row in (reference or {}).items():
             lines.append(f"| {name} | " + " | ".join(f"{row[i]:.1f}" if i in row else "–" for i in ipcs) + " |")
-        blocks.append("\n".join([*lines, *(["", note] if note else [])]))
+        notes = [n for n in (note, evaluation_note(members)) if n]
+        blocks.append("\n".join([*lines, *(["", *notes] if notes else [])]))
     return "\n\n".join(blocks) + "\n"
 
 
@@ -189,7 +238,7 @@ def plot(groups: Sequence[Group], path: Path, title: str = "", reference: Refere
     many = len(settings(groups)) > 1
     lines: dict[tuple, list[Group]] = defaultdict(list)
     for g in groups:
-        lines[(g.dataset, g.student, g.labels, g.method)].append(g)
+        lines[(g.dataset, g.student, g.labels, g.row)].append(g)
     for (dataset, student, labels, method), points in lines.items():
         points = sorted(points, key=lambda g: g.ipc)
         label = f"{method} ({dataset}, {student}, {labels})" if many else method
@@ -267,8 +316,7 @@ def log_to_wandb(folder: Path, metric: str, title: str, save_dir: Path | None = 
             "summary": wandb.Table(
                 columns=["dataset", "student", "labels", "method", "ipc", "mean", "std", "n", "metric"],
                 data=[
-                    [g.dataset, g.student, g.labels, g.method, g.ipc, g.mean, g.std, len(g.top1), metric]
-                    for g in groups
+                    [g.dataset, g.student, g.labels, g.row, g.ipc, g.mean, g.std, len(g.top1), metric] for g in groups
                 ],
             ),
         }

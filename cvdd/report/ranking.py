@@ -18,16 +18,30 @@ per storage setting). Accuracies are means over the seeds present (a seed evalua
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
-from cvdd.artifacts import load_json_if_intact
+from cvdd.artifacts import fingerprint, load_json_if_intact
+from cvdd.report.protocol import SET_MAKING, protocol_key, settings_of, variants
 
 LAMBDA = 0.5
+LABEL_SETTINGS = (  # what only the labels depend on: a hard-label result shares none of it
+    "labels",
+    "relabel.temperature",
+    "relabel.bssl",
+    "relabel.halves",
+    "relabel.dtype",
+    "relabel.topk",
+    "relabel.teachers",
+    "validate.temperature",
+)
 RANDOM = "random_real"
 COLUMNS = (
     "dataset",
@@ -36,6 +50,7 @@ COLUMNS = (
     "method",
     "ipc",
     "teachers",
+    "variant",
     "test_top1",
     "hard_label_top1",
     "random_real_top1",
@@ -44,6 +59,20 @@ COLUMNS = (
     "improvement_over_random",
     "label_robust_score",
 )
+
+
+class Cell(NamedTuple):
+    """What a ranking row is, and the keys its references are found by."""
+
+    dataset: str
+    student: str
+    labels: str
+    method: str
+    ipc: int
+    teachers: str | None
+    making: str  # how the set was made (the method's and committee's settings)
+    evaluation: str  # how it was evaluated: schedule and label settings
+    schedule: str  # the student's training schedule alone (what a hard-label result shares with a soft one)
 
 
 @dataclass(frozen=True)
@@ -58,6 +87,7 @@ class Ranking:
     hard_label_top1: float | None
     random_real_top1: float | None
     full_data_top1: float | None
+    variant: str = ""  # how its settings differ from another row of the same method, IPC and teachers
 
     @property
     def hard_label_recovery(self) -> float | None:
@@ -73,6 +103,10 @@ class Ranking:
     def label_robust_score(self) -> float | None:
         hlr, ior = self.hard_label_recovery, self.improvement_over_random
         return None if hlr is None or ior is None else label_robust_score(hlr, ior)
+
+    @property
+    def row_name(self) -> str:
+        return f"{self.method} [{self.variant}]" if self.variant else self.method
 
     def row(self) -> list:
         return [getattr(self, c) for c in COLUMNS]
@@ -111,29 +145,58 @@ def full_data_top1(records: Sequence[dict], dataset: str, student: str) -> float
 def rankings(records: Sequence[dict], full_data: Mapping[tuple[str, str], float] | None = None) -> list[Ranking]:
     """HLR, IOR and LRS of every set with a result, as far as its references are present (random real images are
     their own reference: IOR 0); ``full_data`` gives the full-data top-1 per (dataset, student) instead of the
-    teacher records."""
-    groups: dict[tuple, list[dict]] = defaultdict(list)
+    teacher records. A reference counts only under the same protocol (:mod:`.protocol`): random real images under
+    the same evaluation and label settings, the hard-label result of a set made the same way under the same
+    training schedule."""
+    groups: dict[Cell, list[dict]] = defaultdict(list)
     for r in records:
-        groups[(r["dataset"], r["student"], r["labels"], r["method"], int(r["ipc"]), labelling_teachers(r))].append(r)
+        settings = settings_of(r)
+        cell = Cell(
+            r["dataset"],
+            r["student"],
+            r["labels"],
+            r["method"],
+            int(r["ipc"]),
+            labelling_teachers(r),
+            fingerprint({k: v for k, v in settings.items() if k.startswith(SET_MAKING)}),
+            protocol_key(settings, SET_MAKING),
+            protocol_key(settings, (*SET_MAKING, *LABEL_SETTINGS)),
+        )
+        groups[cell].append(r)
+    named = variants(list(groups), lambda c: c[:6], lambda c: settings_of(groups[c][0]))
     full = dict(full_data or {})
     out = []
-    for (dataset, student, labels, method, ipc, teachers), members in sorted(groups.items(), key=str):
-        if (dataset, student) not in full:
-            full[(dataset, student)] = full_data_top1(records, dataset, student)
-        hard = [r for k, rs in groups.items() if k[:5] == (dataset, student, "hard", method, ipc) for r in rs]
-        random = groups.get((dataset, student, labels, RANDOM, ipc, teachers), [])
+    for cell, members in sorted(groups.items(), key=lambda item: str(item[0])):
+        if (cell.dataset, cell.student) not in full:
+            full[(cell.dataset, cell.student)] = full_data_top1(records, cell.dataset, cell.student)
+        hard = [
+            r
+            for c, rs in groups.items()
+            if (c.dataset, c.student, c.labels, c.method, c.ipc)
+            == (cell.dataset, cell.student, "hard", cell.method, cell.ipc)
+            and (c.making, c.schedule) == (cell.making, cell.schedule)
+            for r in rs
+        ]
+        random = [
+            r
+            for c, rs in groups.items()
+            if (c.dataset, c.student, c.labels, c.method, c.ipc, c.teachers, c.evaluation)
+            == (cell.dataset, cell.student, cell.labels, RANDOM, cell.ipc, cell.teachers, cell.evaluation)
+            for r in rs
+        ]
         out.append(
             Ranking(
-                dataset,
-                student,
-                labels,
-                method,
-                ipc,
-                teachers,
+                cell.dataset,
+                cell.student,
+                cell.labels,
+                cell.method,
+                cell.ipc,
+                cell.teachers,
                 mean_top1(members),
                 mean_top1(hard),
                 mean_top1(random),
-                full[(dataset, student)],
+                full[(cell.dataset, cell.student)],
+                named.get(id(cell), ""),
             )
         )
     return out
@@ -158,11 +221,12 @@ def ranking_table(ranks: Sequence[Ranking]) -> str:
             "|---|---|---|---|---|---|---|",
         ]
         for r in sorted(
-            (r for r in shown if (r.dataset, r.student, r.labels) == setting), key=lambda r: (r.method, r.ipc)
+            (r for r in shown if (r.dataset, r.student, r.labels) == setting),
+            key=lambda r: (r.method, r.variant, r.ipc),
         ):
             cells = [r.hard_label_recovery, r.improvement_over_random, r.label_robust_score]
             lines.append(
-                f"| {r.method} | {r.ipc} | {r.teachers or 'hard labels'} | {r.test_top1:.2f} | "
+                f"| {r.row_name} | {r.ipc} | {r.teachers or 'hard labels'} | {r.test_top1:.2f} | "
                 + " | ".join("–" if v is None else f"{v:+.2f}" if i == 1 else f"{v:.2f}" for i, v in enumerate(cells))
                 + " |"
             )
@@ -172,7 +236,9 @@ def ranking_table(ranks: Sequence[Ranking]) -> str:
 
 def ranking_csv(ranks: Sequence[Ranking]) -> str:
     """Every ranking as a CSV row, columns named as DD-Ranking's (empty where a reference is missing)."""
-    lines = [",".join(COLUMNS)]
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(COLUMNS)
     for r in ranks:
-        lines.append(",".join("" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v) for v in r.row()))
-    return "\n".join(lines) + "\n"
+        writer.writerow(["" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v) for v in r.row()])
+    return out.getvalue()

@@ -37,11 +37,33 @@ class UnknownNameError(UserError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+SIGTERM_EXIT = 128 + 15  # what a shell reports for a process SIGTERM ended; schedulers read it as "not completed"
+
+
+def stopped_by_sigterm(stop: SystemExit) -> bool:
+    """Whether ``stop`` is Lightning's way of ending a run on SIGTERM (a ``SystemExit`` without a code, i.e. 0)."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException  # Lightning raised it: already imported
+
+    return isinstance(stop, SIGTERMException)
+
+
 @contextmanager
 def reported_errors() -> Iterator[None]:
-    """Turn a :class:`UserError` into ``error: <message>`` on stderr and exit status 1."""
+    """Turn a :class:`UserError` into ``error: <message>`` on stderr and exit status 1, and a run ended by SIGTERM
+    into exit status 143 with the way to resume (Lightning would exit 0, so ``a && b`` chains and schedulers would
+    take the stopped run for a finished one)."""
     try:
         yield
+    except SystemExit as stop:
+        if not stopped_by_sigterm(stop):
+            raise
+        print(
+            "stopped by SIGTERM: finished work is kept (finished epochs, classes, units); run the same command to "
+            "resume",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise SystemExit(SIGTERM_EXIT) from None
     except UserError as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise

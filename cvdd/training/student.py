@@ -222,7 +222,8 @@ class StudentModule(L.LightningModule):
     def report_loss(self, loss: torch.Tensor, reduce: str, step: int) -> None:
         """Log the step's loss over all ranks and stop every rank at once when it is not finite (no result is
         written)."""
-        shown = self.trainer.strategy.reduce(loss.detach(), reduce_op=reduce)
+        attached = self._trainer is not None  # a module driven by hand (tests) has no strategy to reduce over
+        shown = self.trainer.strategy.reduce(loss.detach(), reduce_op=reduce) if attached else loss.detach()
         self.log("train/loss", shown, prog_bar=True)
         require_finite(
             shown,
