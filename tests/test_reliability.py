@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import ROOT
 
-from cvdd.artifacts import load_json, save_json
+from cvdd.artifacts import ArtifactCorruptError, load_json, save_json
 from cvdd.artifacts.ownership import ArtifactBusyError, exclusive
 from cvdd.labels import module as label_module
 from cvdd.labels.module import RelabelModule
@@ -206,3 +206,37 @@ def test_sigterm_ends_a_run_with_exit_143_and_the_way_to_resume(make_cfg, workdi
     rest = proc.stdout.read()
     assert proc.wait(timeout=120) == 143, rest[-3000:]
     assert "stopped by SIGTERM" in rest and "run the same command to resume" in rest
+
+
+def test_every_damaged_record_names_the_command_that_repairs_it_and_that_command_works(make_cfg, workdir: Path):
+    distill(make_cfg("distill", *SET))
+    relabel(make_cfg("relabel", *LABELS, "relabel.epochs=2"))
+    labels, sets = workdir / DIGITS / "labels/random_real_ipc2_s0", workdir / DIGITS / "distilled/random_real_ipc2_s0"
+    evaluate = ("evaluate", *LABELS, "relabel.epochs=2")
+
+    (labels / "manifest.json").write_text("not json")
+    with pytest.raises(ArtifactCorruptError, match=r"labels.*manifest\.json is not valid JSON .*python relabel\.py"):
+        validate(make_cfg(*evaluate))
+    relabel(make_cfg("relabel", *LABELS, "relabel.epochs=2"))  # the command named: it makes the labels again
+    assert validate(make_cfg(*evaluate))["labels"] == "offline"
+
+    (labels / "manifest.json").unlink()  # a stopped run whose stamp is damaged: its epochs are of no known recipe
+    (labels / "recipe.json").write_text("{")
+    assert relabel(make_cfg("relabel", *LABELS, "relabel.epochs=2"))["epochs"] == 2
+
+    for damaged in ("{}", "[]"):
+        (sets / "manifest.json").write_text(damaged)
+        with pytest.raises(
+            ArtifactCorruptError, match=r"is damaged \(not a set's manifest.*repair it with python distill"
+        ):
+            relabel(make_cfg("relabel", *LABELS, "relabel.epochs=2"))
+        assert distill(make_cfg("distill", *SET))["images"] == 20, "distill repairs it"
+
+    teacher = workdir / DIGITS / "teachers/resnet18_small.json"
+    teacher.write_text("[]")
+    with pytest.raises(
+        ArtifactCorruptError, match=r"resnet18_small\.json is damaged .*python train\.py dataset=digits"
+    ):
+        relabel(make_cfg("relabel", *LABELS, "relabel.epochs=2", "overwrite=true"))
+    squeeze_teacher(make_cfg("train", "model=resnet18_small", "squeeze.epochs=1", "logger=none"))
+    assert relabel(make_cfg("relabel", *LABELS, "relabel.epochs=2", "overwrite=true"))["epochs"] == 2

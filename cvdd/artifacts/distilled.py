@@ -290,15 +290,24 @@ def rebuild_command(artifact: DistilledArtifact) -> str:
     )
 
 
-def read_manifest(artifact: DistilledArtifact) -> dict:
-    """A finished set's manifest, after checking every recorded file is there at its size (no file is read)."""
-    rebuild = rebuild_command(artifact)
+MANIFEST_KEYS = ("fingerprint", "files", "classes", "ipc")
+
+
+def read_manifest(artifact: DistilledArtifact, rebuild: str | None = None) -> dict:
+    """A finished set's manifest, after checking every recorded file is there at its size (no file is read);
+    ``rebuild``: the command that makes the set (a missing or damaged one), default a generic one."""
+    rebuild = rebuild or rebuild_command(artifact)
     if not artifact.complete():
         raise MissingInputError(
             f"distilled set {artifact.folder} is missing or incomplete (no manifest.json); produce it with: {rebuild}"
         )
-    manifest = load_json(artifact.manifest)
-    check_files(artifact.folder, manifest.get("files", {}), rebuild)
+    manifest = load_json(artifact.manifest, f"repair it with {rebuild} (it remakes a set whose manifest is damaged)")
+    if not isinstance(manifest, dict) or any(key not in manifest for key in MANIFEST_KEYS):
+        raise ArtifactCorruptError(
+            f"{artifact.manifest} is damaged (not a set's manifest: it lacks {', '.join(MANIFEST_KEYS)}); repair it "
+            f"with {rebuild} (it remakes a set whose manifest is damaged)"
+        )
+    check_files(artifact.folder, manifest["files"], rebuild)
     return manifest
 
 

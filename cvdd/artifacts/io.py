@@ -64,11 +64,13 @@ def save_json(path: Path | str, obj: Any) -> Path:
     return atomic_write(path, lambda fh: fh.write((text + "\n").encode()))
 
 
-def load_json(path: Path | str) -> Any:
+def load_json(path: Path | str, repair: str = "rebuild it") -> Any:
+    """The JSON at ``path``; a damaged file is an :class:`ArtifactCorruptError` that says how to ``repair`` it (the
+    command that makes it again)."""
     try:
         return json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ArtifactCorruptError(f"{path} is not valid JSON ({err}); it is damaged: rebuild it") from err
+        raise ArtifactCorruptError(f"{path} is not valid JSON ({err}); it is damaged: {repair}") from err
 
 
 def load_json_if_intact(path: Path | str, redo: str) -> Any | None:

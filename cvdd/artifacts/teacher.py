@@ -7,6 +7,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from cvdd.artifacts.io import ArtifactCorruptError, load_json
+
 
 @dataclass(frozen=True)
 class TeacherArtifact:
@@ -41,3 +43,13 @@ class TeacherArtifact:
 
     def train_command(self) -> str:
         return f"python train.py dataset={self.dataset} model={self.model}"
+
+    def read_record(self) -> dict:
+        """The teacher's record; a damaged one names the command that squeezes the teacher again (it retrains a
+        teacher whose record is damaged)."""
+        record = load_json(self.record, f"squeeze the teacher again: {self.train_command()}")
+        if not isinstance(record, dict) or "fingerprint" not in record:
+            raise ArtifactCorruptError(
+                f"{self.record} is damaged (not a teacher's record); squeeze the teacher again: {self.train_command()}"
+            )
+        return record

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import nn
 
-from cvdd.artifacts import TeacherArtifact, load_json, load_tensors
+from cvdd.artifacts import TeacherArtifact, load_tensors
 from cvdd.committee.moments import group_moments
 from cvdd.runtime import log
 from cvdd.runtime.errors import ConfigError
@@ -34,7 +34,7 @@ class ClassOrderMismatchError(ValueError):
 
 def load_teacher(artifact: TeacherArtifact, classes: Sequence[str]) -> tuple[nn.Module, dict]:
     """Rebuild a squeezed teacher from its record, load its weights, and check its class order."""
-    record = load_json(artifact.record)
+    record = artifact.read_record()
     trained, now = list(record["classes"]), list(classes)
     if record["num_classes"] != len(classes) or trained != now:
         where = next(

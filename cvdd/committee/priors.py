@@ -174,7 +174,7 @@ def measurement_recipe(measurement: Measurement) -> dict[str, Any]:
 
 def teacher_fingerprint(root: Path, dataset: str, member: str) -> str | None:
     artifact = TeacherArtifact(root, dataset, member)
-    return load_json(artifact.record)["fingerprint"] if artifact.exists() else None
+    return artifact.read_record()["fingerprint"] if artifact.exists() else None
 
 
 def read_record(artifact: PriorsArtifact) -> dict | None:

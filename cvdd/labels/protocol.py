@@ -8,7 +8,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from cvdd.artifacts import TeacherArtifact, load_json
+from cvdd.artifacts import TeacherArtifact
 from cvdd.artifacts.labels import LabelArtifact, label_artifact
 from cvdd.committee.committee import Committee, load_committee, voting_weights, warn_if_nearly_equal
 from cvdd.committee.priors import MeasureMember, Use, configured_priors
@@ -47,7 +47,7 @@ def teacher_weights(
                 f"teacher {member} for relabelling is missing from {artifact.folder}; squeeze it: "
                 f"{artifact.train_command()}"
             )
-        recorded = priors[member] if priors and member in priors else load_json(artifact.record)["test_top1"]
+        recorded = priors[member] if priors and member in priors else artifact.read_record()["test_top1"]
         scores[member] = float(recorded)
     if not priors:
         warn_if_nearly_equal(scores, float(cfg.relabel.temperature), "relabel.teachers=committee")
@@ -59,7 +59,7 @@ def relabel_numerics(cfg: DictConfig, root: Path, members: list[str]) -> dict[st
     """The numerics tag each labelling teacher runs in, from its record alone (no weights are read)."""
     return {
         member: numerics_for(
-            cfg, load_json(TeacherArtifact(root, cfg.dataset.name, member).record)["net"]["name"], "relabel"
+            cfg, TeacherArtifact(root, cfg.dataset.name, member).read_record()["net"]["name"], "relabel"
         ).tag
         for member in members
     }

@@ -31,6 +31,7 @@ from cvdd.artifacts.distilled import (
 )
 from cvdd.artifacts.identity import set_name
 from cvdd.data import dataset_spec
+from cvdd.report.summary import SET_KEYS, next_command
 from cvdd.runtime import log
 from cvdd.runtime.distributed import raise_together, rank_and_world
 from cvdd.runtime.errors import ConfigError
@@ -133,7 +134,7 @@ def student_set(cfg: DictConfig, root: Path) -> StudentSet:
     spec = dataset_spec(cfg.dataset)
     name = set_name(cfg)
     artifact = DistilledArtifact(root, cfg.dataset.name, name)
-    manifest = read_manifest(artifact)
+    manifest = read_manifest(artifact, next_command("distill.py", SET_KEYS))
     _, labels, _ = png_files(manifest.get("files", {}))
     identity = fingerprint({"set": manifest["fingerprint"], "format": image_format})
     return StudentSet(

@@ -19,7 +19,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig
 
-from cvdd.artifacts import ArtifactCorruptError, TeacherArtifact, load_json, load_tensors
+from cvdd.artifacts import ArtifactCorruptError, TeacherArtifact, load_tensors
 from cvdd.artifacts.distilled import DistilledArtifact, SetPiece
 from cvdd.artifacts.identity import dataset_identity
 from cvdd.artifacts.patches import PatchCache
@@ -89,9 +89,7 @@ class DistillContext:
         return {"dataset": dataset_identity(self.cfg.dataset), "ipc": self.ipc, "seed": self.seed}
 
     def teacher_fingerprints(self, members: list[str]) -> dict[str, str]:
-        return {
-            m: load_json(TeacherArtifact(self.root, self.cfg.dataset.name, m).record)["fingerprint"] for m in members
-        }
+        return {m: TeacherArtifact(self.root, self.cfg.dataset.name, m).read_record()["fingerprint"] for m in members}
 
     def committee(
         self, members: list[str], priors: dict[str, float] | None = None, first_bn_multiplier: float = 10.0

@@ -40,7 +40,7 @@ def finished_artifact(
 
     * ``overwrite``: the artifact's own ``folder`` (if it has one) set aside at once, ``None``: the stage makes it anew
       and nothing of the old one (files of another recipe, more images) survives, even if this run is cut short;
-    * no record, or a damaged record (warned): ``None``, the stage makes it;
+    * no record, or a damaged record (not JSON, or JSON that is not a record; warned): ``None``, the stage makes it;
     * a record of another recipe: refused (:class:`ArtifactConflictError`, naming the record to keep it by and
       ``overwrite=true`` to replace it; ``keep_hint`` adds a stage's own way out);
     * this recipe with damaged files (digests checked, or sizes only with ``hashes=False``): warned, the damaged
@@ -55,6 +55,10 @@ def finished_artifact(
         return None
     record = load_json_if_intact(manifest, f"making the {what} again")
     if record is None:
+        return None
+    if not isinstance(record, dict) or "fingerprint" not in record:  # valid JSON, but not a record ({} or [])
+        log.warning("%s is damaged (not a record of a %s); making the %s again", manifest, what, what)
+        manifest.unlink()
         return None
     if not matches(record, recipe_hash):
         raise ArtifactConflictError(

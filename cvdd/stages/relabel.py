@@ -21,11 +21,12 @@ from cvdd.artifacts import (
     file_digest,
     fingerprint,
     load_json,
+    load_json_if_intact,
     save_json,
     save_tensors,
 )
 from cvdd.artifacts.labels import PLAN_KEY, LabelArtifact, check_storage, pack_logits, payload_bytes
-from cvdd.artifacts.ownership import exclusive
+from cvdd.artifacts.ownership import exclusive, set_aside
 from cvdd.committee.passes import plan_passes
 from cvdd.config.checks import check_settings
 from cvdd.labels.module import RelabelModule
@@ -82,9 +83,7 @@ def write_labels(cfg: DictConfig, root: Path, chosen: StudentSet, artifact: Labe
     )
     if manifest is not None:
         return manifest
-    stamp = artifact.stamp
-    if stamp.is_file() and load_json(stamp)["fingerprint"] != recipe_hash and not overwrite:
-        raise ArtifactConflictError(f"{artifact.folder} holds partial labels of another recipe; add overwrite=true")
+    check_partial_labels(artifact, recipe_hash)
     started = time.time()
     with stage_trainer(cfg) as (trainer, loggers):
         threads = write_epochs(cfg, trainer, artifact, chosen, weights, plan, recipe_hash)
@@ -105,6 +104,18 @@ def write_labels(cfg: DictConfig, root: Path, chosen: StudentSet, artifact: Labe
         save_json(artifact.manifest, manifest)
         report_labels(loggers, artifact, manifest, chosen, weights)
         return manifest
+
+
+def check_partial_labels(artifact: LabelArtifact, recipe_hash: str) -> None:
+    """Epochs a stopped run left are resumed only under their recipe's stamp: another recipe's are refused, and
+    epochs whose stamp is damaged (of an unknown recipe) are set aside to be labelled again."""
+    stamp = artifact.stamp
+    recorded = load_json_if_intact(stamp, "the epochs beside it are of an unknown recipe: labelling every epoch again")
+    if stamp.is_file() and not (isinstance(recorded, dict) and "fingerprint" in recorded):
+        set_aside(artifact.folder)
+        ensure_writable(artifact.folder)
+    elif recorded is not None and recorded["fingerprint"] != recipe_hash:
+        raise ArtifactConflictError(f"{artifact.folder} holds partial labels of another recipe; add overwrite=true")
 
 
 def check_relabel_settings(cfg: DictConfig) -> None:

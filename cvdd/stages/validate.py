@@ -78,7 +78,7 @@ def offline_labels(cfg: DictConfig, root: Path, chosen: StudentSet, expected: di
             f"no soft labels at {artifact.folder}; make them with:\n  {relabel_command(overwrite=False)}\n"
             f"or use labels=online"
         )
-    manifest = load_json(artifact.manifest)
+    manifest = load_json(artifact.manifest, f"make the labels again with {relabel_command(overwrite=False)}")
     check_label_settings(manifest, expected, artifact.folder)
     recorded = manifest.get("files", {})
     rebuild = f"{relabel_command(overwrite=False)} (it recomputes damaged epochs)"
