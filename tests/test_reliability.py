@@ -8,15 +8,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import ROOT
+from minidata import write_cifar, write_fashion_mnist, write_idx, write_image_folder
+from PIL import Image
 
 from cvdd.artifacts import ArtifactCorruptError, load_json, save_json
 from cvdd.artifacts.ownership import ArtifactBusyError, exclusive
+from cvdd.data import load_dataset
 from cvdd.labels import module as label_module
 from cvdd.labels.module import RelabelModule
-from cvdd.runtime.errors import ConfigError
+from cvdd.runtime.errors import ConfigError, DataError
 from cvdd.runtime.finite import NonFiniteError
 from cvdd.stages.distill import distill
 from cvdd.stages.relabel import relabel
@@ -240,3 +244,29 @@ def test_every_damaged_record_names_the_command_that_repairs_it_and_that_command
         relabel(make_cfg("relabel", *LABELS, "relabel.epochs=2", "overwrite=true"))
     squeeze_teacher(make_cfg("train", "model=resnet18_small", "squeeze.epochs=1", "logger=none"))
     assert relabel(make_cfg("relabel", *LABELS, "relabel.epochs=2", "overwrite=true"))["epochs"] == 2
+
+
+def test_dataset_faults_are_named_with_the_file_not_left_to_crash_or_to_change_the_pixels(tmp_path: Path):
+    root = tmp_path / "grey16"
+    write_image_folder(root, ["a", "b"], per_class=1, ext=".png")
+    for folder in ("train", "val"):
+        deep = np.full((8, 8), 32768, dtype=np.uint16)  # a 16-bit grey PNG: mid-grey, not white
+        Image.fromarray(deep).save(root / folder / "a" / "deep.png")
+    data = load_dataset({"name": "grey16", "kind": "image_folder", "root": str(root), "image_size": 8, "channels": 1})
+    deep_index = [p.name for p in data.raw.train.paths].index("deep.png")
+    assert int(data.raw.train[deep_index][0].max()) == 128, "16-bit values scaled by their range (32768 / 257)"
+
+    cifar = tmp_path / "cifar"
+    write_cifar(cifar, 10)
+    batch = cifar / "cifar-10-batches-py" / "data_batch_3"
+    batch.write_bytes(batch.read_bytes()[:100])
+    with pytest.raises(DataError, match=r"data_batch_3 cannot be read .*truncated or not a python-version CIFAR"):
+        load_dataset({"name": "cifar10", "root": str(cifar)})
+
+    fashion = tmp_path / "fashion"
+    write_fashion_mnist(fashion, gz=False)
+    labels = np.repeat(np.arange(10), 3).astype(np.uint8)
+    labels[4] = 12
+    write_idx(fashion / "train-labels-idx1-ubyte", labels, gz=False)
+    with pytest.raises(DataError, match=r"train-labels-idx1-ubyte holds label 12; the dataset has 10 classes"):
+        load_dataset({"name": "fashion_mnist", "root": str(fashion)})

@@ -21,6 +21,7 @@ from PIL import Image
 
 from cvdd.artifacts.io import save_json
 from cvdd.data import formats
+from cvdd.data.images import eight_bit
 from cvdd.data.spec import DatasetSpec
 from cvdd.runtime import log
 from cvdd.runtime.errors import ConfigError, DataError
@@ -132,7 +133,8 @@ def cached_stats(root: str, classes: tuple[str, ...], channels: int) -> tuple[li
     for f in files:
         try:
             with Image.open(f) as image:
-                pixels = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.float64) / 255
+                image = eight_bit(image, f).convert("L" if channels == 1 else "RGB")
+                pixels = np.asarray(image, dtype=np.float64) / 255
         except OSError as err:
             raise DataError(f"{f} cannot be read as an image ({err})") from err
         pixels = pixels.reshape(-1, channels)

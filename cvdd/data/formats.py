@@ -157,6 +157,17 @@ IDX_LAYOUT = (
 )
 
 
+def check_label_range(labels: np.ndarray, num_classes: int, path: Path) -> None:
+    """Refuse a label file whose labels are not class indices ``0 … num_classes − 1`` (a damaged file, or another
+    dataset's), naming the file, before any stage trains on it."""
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        bad = int(labels.max()) if int(labels.max()) >= num_classes else int(labels.min())
+        raise DataError(
+            f"{path} holds label {bad}; the dataset has {num_classes} classes (labels 0 to {num_classes - 1}): the "
+            "file is damaged or belongs to another dataset"
+        )
+
+
 def read_idx(path: Path) -> np.ndarray:
     """Parse one IDX file (optionally gzipped): big-endian magic, dims, then uint8 data."""
     opener = gzip.open if path.suffix == ".gz" else open
@@ -197,6 +208,7 @@ def load_idx_folder(folder: Path, dataset: str, classes: list[str], how_to_get: 
                 IDX_LAYOUT,
                 how_to_get,
             )
+        check_label_range(labels, len(classes), lbl_path)
         splits[split] = TensorImages(torch.from_numpy(images.copy()).unsqueeze(1), labels.astype(np.int64))
     return RawData(splits["train"], splits["test"], list(classes), list(classes))
 
@@ -233,8 +245,14 @@ CIFAR_FORMAT = {  # folder, train batches, test batch, meta file, label key, nam
 def _unpickle(path: Path) -> dict:
     import pickle
 
-    with open(path, "rb") as fh:
-        return pickle.load(fh, encoding="bytes")
+    try:
+        with open(path, "rb") as fh:
+            return pickle.load(fh, encoding="bytes")
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as err:
+        raise DataError(
+            f"{path} cannot be read ({type(err).__name__}: {err}): it is truncated or not a python-version CIFAR "
+            "batch; extract the archive again (or delete the folder and set dataset.download=true)"
+        ) from err
 
 
 def load_cifar(root: str | Path, download: bool, num_classes: int) -> RawData:
@@ -266,6 +284,7 @@ def load_cifar(root: str | Path, download: bool, num_classes: int) -> RawData:
             if b"data" not in batch or label_key not in batch:
                 raise DatasetNotFoundError(name, root, f"{path} has no {label_key!r}/b'data' entries", layout, how)
             images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            check_label_range(np.asarray(batch[label_key]), num_classes, path)
             labels += list(batch[label_key])
         return TensorImages(torch.from_numpy(np.concatenate(images)), labels)
 

@@ -12,16 +12,40 @@ import copy
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
+from cvdd.runtime.errors import DataError
+
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
 
-class DatasetImageError(ValueError):
+class DatasetImageError(DataError):
     """An image file of a dataset cannot be decoded (truncated, not an image)."""
+
+
+SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def eight_bit(img: Image.Image, path: Path | str) -> Image.Image:
+    """``img`` with 8-bit channels. PIL's ``convert`` clips 16- and 32-bit grey images to 255 (a 16-bit PNG of
+    value 32768 would read as white): they are scaled by their value range instead (16-bit types by 65535; a
+    32-bit one by 65535 when a value exceeds 255), and float or out-of-range images are refused."""
+    if img.mode not in (*SIXTEEN_BIT, "I", "F"):
+        return img
+    if img.mode == "F":
+        raise DatasetImageError(f"{path} holds floating-point pixels; save it as an 8- or 16-bit image")
+    values = np.asarray(img).astype(np.int64)
+    if values.size and (values.min() < 0 or values.max() > 65535):
+        raise DatasetImageError(
+            f"{path} holds values from {values.min()} to {values.max()}; save it as an 8- or 16-bit image"
+        )
+    if img.mode == "I" and (not values.size or values.max() <= 255):
+        return Image.fromarray(values.astype(np.uint8), "L")
+    return Image.fromarray(np.round(values / 257).astype(np.uint8), "L")
 
 
 class _TransformableImages(Dataset):
@@ -74,7 +98,7 @@ class FileImages(_TransformableImages):
         path = self.paths[index]
         try:
             with Image.open(path) as img:
-                image = TF.pil_to_tensor(img.convert(self.mode))
+                image = TF.pil_to_tensor(eight_bit(img, path).convert(self.mode))
         except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for truncated or foreign files
             raise DatasetImageError(f"cannot read image {path} ({err}); replace the file or delete it") from err
         return self._apply(image), int(self.targets[index])

@@ -44,6 +44,7 @@ from cvdd.artifacts import file_digest, fingerprint, save_json, save_tensors
 from cvdd.artifacts.distilled import from_pixels, normalise
 from cvdd.artifacts.identity import dataset_identity
 from cvdd.committee.committee import Committee
+from cvdd.data.images import eight_bit
 from cvdd.methods.base import DistillContext
 from cvdd.methods.per_class import PerClassMethod
 from cvdd.runtime import log
@@ -376,7 +377,7 @@ def read_image(path: Path, channels: int, size: int, resize: bool) -> torch.Tens
                         f"method.resize=true to resize every image (PIL bilinear, antialiased)"
                     )
                 img = img.resize((size, size), Image.BILINEAR)
-            rgb = np.asarray(img.convert("RGB"))
+            rgb = np.asarray(eight_bit(img, path).convert("RGB"))
     except (OSError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
         raise DataError(f"{path} cannot be read as an image ({err}); replace or remove it") from err
     if channels == 1:
