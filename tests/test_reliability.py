@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from cvdd.artifacts.ownership import ArtifactBusyError, exclusive
 from cvdd.data import load_dataset
 from cvdd.labels import module as label_module
 from cvdd.labels.module import RelabelModule
+from cvdd.methods.committee_voting import memory
 from cvdd.runtime.errors import ConfigError, DataError
 from cvdd.runtime.finite import NonFiniteError
 from cvdd.stages.distill import distill
@@ -270,3 +272,33 @@ def test_dataset_faults_are_named_with_the_file_not_left_to_crash_or_to_change_t
     write_idx(fashion / "train-labels-idx1-ubyte", labels, gz=False)
     with pytest.raises(DataError, match=r"train-labels-idx1-ubyte holds label 12; the dataset has 10 classes"):
         load_dataset({"name": "fashion_mnist", "root": str(fashion)})
+
+
+def test_recover_sizes_its_waves_within_cgroup_and_address_space_limits(tmp_path: Path, monkeypatch):
+    """Wave sizing read MemAvailable alone ("21.7 GiB free") under a 4.6 GB ulimit or a cgroup limit."""
+    job = tmp_path / "cgroup" / "job"
+    job.mkdir(parents=True)
+    (job / "memory.max").write_text("1000000\n")
+    (job / "memory.current").write_text("400000\n")
+    (tmp_path / "membership").write_text("0::/job\n")
+    assert memory.cgroup_headroom(tmp_path / "cgroup", tmp_path / "membership") == 600000
+    (job / "memory.max").write_text("max\n")
+    assert memory.cgroup_headroom(tmp_path / "cgroup", tmp_path / "membership") is None
+
+    (tmp_path / "status").write_text("Name:\tpython\nVmSize:\t 3000000 kB\n")
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (4_600_000 * 1024, resource.RLIM_INFINITY))
+    assert memory.address_space_headroom(tmp_path / "status") == (4_600_000 - 3_000_000) * 1024
+
+    monkeypatch.setattr(memory, "meminfo_available", lambda: 21 * 2**30)
+    monkeypatch.setattr(memory, "cgroup_headroom", lambda: 8 * 2**30)
+    monkeypatch.setattr(memory, "address_space_headroom", lambda: 3 * 2**30)
+    assert memory.free_bytes(torch.device("cpu"), processes_per_node=2) == 3 * 2**30, "the process's own limit"
+    monkeypatch.setattr(memory, "address_space_headroom", lambda: None)
+    assert memory.free_bytes(torch.device("cpu"), processes_per_node=2) == 4 * 2**30, "the cgroup's, shared"
+
+    failed = RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+    named = pytest.raises(memory.RecoverOutOfMemoryError, match=r"method\.recover\.wave_images .*group_images")
+    with named, memory.named_memory_keys():
+        raise failed
+    with pytest.raises(RuntimeError, match="something else"), memory.named_memory_keys():
+        raise RuntimeError("something else")

@@ -25,6 +25,7 @@ from cvdd.committee.committee import select_members, voting_weights, warn_if_nea
 from cvdd.committee.passes import plan_passes
 from cvdd.committee.priors import configured_priors
 from cvdd.methods.base import DistillContext, ImageSet, Method, finished_piece, require_real_images
+from cvdd.methods.committee_voting.memory import named_memory_keys
 from cvdd.methods.committee_voting.options import RecoverOptions
 from cvdd.methods.committee_voting.recover import Layout, RecoverModule, RecoverSettings, Unit, class_blocks
 from cvdd.methods.init_images import Initializer
@@ -159,7 +160,8 @@ class CommitteeVoting(Method):
             member_workers=workers,
         )
         if len(done) < len(units):
-            trainer.fit(module)
+            with named_memory_keys():
+                trainer.fit(module)
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
         return collect_units(artifact, units, committee.priors)

@@ -20,12 +20,14 @@ so a machine-dependent choice is safe.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from cvdd.committee.committee import Committee
+from cvdd.runtime.errors import UserError
 
 BUDGET_FRACTION = 0.8  # of the free memory at the start of recover
 HEADROOM = 1.5  # peak over the saved tensors: gradient buffers during backward, workspaces, fragmentation
@@ -76,17 +78,91 @@ def wave_bytes_per_image(member_bytes: dict[str, float], unit_members: Iterable[
 
 
 def free_bytes(device: torch.device, processes_per_node: int = 1) -> int | None:
-    """Free memory for this process: the CUDA device's free memory, or on CPU the node's available memory
-    (``MemAvailable``) shared by its processes; ``None`` when it cannot be read."""
+    """Free memory for this process: the CUDA device's free memory, or on CPU the least of the node's available
+    memory (``MemAvailable``), what the process's cgroup still allows (``memory.max``, a container's or a job's
+    limit) and what its address-space limit still allows (``ulimit -v``), the first two shared by the node's
+    processes; ``None`` when none can be read."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
+    shared = [b for b in (meminfo_available(), cgroup_headroom()) if b is not None]
+    limits = [b // max(1, processes_per_node) for b in shared]
+    own = address_space_headroom()
+    if own is not None:
+        limits.append(own)
+    return min(limits) if limits else None
+
+
+def meminfo_available(meminfo: Path = Path("/proc/meminfo")) -> int | None:
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
+        for line in meminfo.read_text().splitlines():
             if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024 // max(1, processes_per_node)
+                return int(line.split()[1]) * 1024
     except OSError:
         return None
     return None
+
+
+def cgroup_headroom(root: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/proc/self/cgroup")) -> int | None:
+    """``memory.max − memory.current`` of this process's cgroup (v2; v1's ``memory.limit_in_bytes −
+    memory.usage_in_bytes``); ``None`` without a limit."""
+    try:
+        lines = membership.read_text().splitlines()
+    except OSError:
+        lines = []
+    relative = next((line.split(":", 2)[2].lstrip("/") for line in lines if line.startswith("0::")), "")
+    candidates = [
+        (root / relative / "memory.max", root / relative / "memory.current"),
+        (root / "memory.max", root / "memory.current"),
+        (root / "memory" / "memory.limit_in_bytes", root / "memory" / "memory.usage_in_bytes"),
+    ]
+    for limit_file, usage_file in candidates:
+        try:
+            limit, usage = limit_file.read_text().strip(), int(usage_file.read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if limit == "max" or int(limit) >= 2**60:  # v1 says "no limit" with a huge number
+            return None
+        return max(0, int(limit) - usage)
+    return None
+
+
+def address_space_headroom(status: Path = Path("/proc/self/status")) -> int | None:
+    """``RLIMIT_AS`` (``ulimit -v``) minus this process's virtual size; ``None`` without a limit."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    try:
+        lines = status.read_text().splitlines()
+        size = next(int(line.split()[1]) * 1024 for line in lines if line.startswith("VmSize:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+    return max(0, soft - size)
+
+
+class RecoverOutOfMemoryError(UserError, MemoryError):
+    """Recover's images and the members' activations did not fit."""
+
+
+@contextmanager
+def named_memory_keys() -> Iterator[None]:
+    """An allocation failure inside recover becomes an error that names the settings that bound its memory."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
+        text = str(err)
+        if (
+            isinstance(err, RuntimeError)
+            and not isinstance(err, torch.OutOfMemoryError)
+            and not any(sign in text for sign in ("can't allocate memory", "out of memory", "not enough memory"))
+        ):
+            raise
+        raise RecoverOutOfMemoryError(
+            f"recover ran out of memory ({text.splitlines()[0] if text else type(err).__name__}); lower "
+            "method.recover.wave_images (images optimised at once; results do not change) or "
+            "method.recover.group_images (images stacked per group; results change by float rounding only)"
+        ) from err
 
 
 GROUP_MEMORY_CAP = 23 * 2**30  # a 24 GB card's free memory: groups never need more (bigger devices take more per wave)
