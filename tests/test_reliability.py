@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import resource
+import shlex
 import signal
 import subprocess
 import sys
@@ -16,12 +18,14 @@ from conftest import ROOT
 from minidata import write_cifar, write_fashion_mnist, write_idx, write_image_folder
 from PIL import Image
 
-from cvdd.artifacts import ArtifactCorruptError, load_json, save_json
+from cvdd.artifacts import ArtifactCorruptError, atomic_write, load_json, save_json
+from cvdd.artifacts.io import DiskFullError, NameTooLongError
 from cvdd.artifacts.ownership import ArtifactBusyError, exclusive
 from cvdd.data import load_dataset
 from cvdd.labels import module as label_module
 from cvdd.labels.module import RelabelModule
 from cvdd.methods.committee_voting import memory
+from cvdd.report import summary
 from cvdd.runtime.errors import ConfigError, DataError
 from cvdd.runtime.finite import NonFiniteError
 from cvdd.stages.distill import distill
@@ -302,3 +306,24 @@ def test_recover_sizes_its_waves_within_cgroup_and_address_space_limits(tmp_path
         raise failed
     with pytest.raises(RuntimeError, match="something else"), memory.named_memory_keys():
         raise RuntimeError("something else")
+
+
+def test_printed_commands_paste_into_a_shell_and_disk_and_name_limits_are_named(make_cfg, workdir: Path, monkeypatch):
+    monkeypatch.setattr(summary, "task_overrides", lambda: ["paths.root=/data/my runs", "ipc=2", "seed=1"])
+    command = summary.next_command("relabel.py", summary.SET_KEYS)
+    assert command == "python relabel.py 'paths.root=/data/my runs' ipc=2 seed=1"
+    assert shlex.split(command)[2] == "paths.root=/data/my runs"
+
+    def full_disk(fh):
+        fh.write(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    target = workdir / "epoch_0001.pt"
+    with pytest.raises(
+        DiskFullError, match=r"no space left on the device while writing .*epoch_0001\.pt.*same command"
+    ):
+        atomic_write(target, full_disk)
+    assert not list(workdir.glob(".epoch_0001*")) and not target.exists(), "nothing half-written is left"
+
+    with pytest.raises(NameTooLongError, match=r"is 300 bytes, more than the file system allows .*set=<name>"):
+        distill(make_cfg("distill", *SET, "set=" + "x" * 300))

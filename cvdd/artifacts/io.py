@@ -6,6 +6,7 @@ leaves a half-written artifact that a later stage would trust.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -37,21 +38,53 @@ def _default_mode() -> int:
 
 
 def atomic_write(path: Path | str, write: Callable[[IO[bytes]], None]) -> Path:
-    """Write ``path`` through ``write(fileobj)`` into a temp file, then rename it into place."""
+    """Write ``path`` through ``write(fileobj)`` into a temp file, then rename it into place. A full disk or a name
+    the file system refuses is a :class:`~cvdd.runtime.errors.UserError` naming the file and what to do."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:100]}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, _default_mode())  # mkstemp creates 0600; artifacts are shared files
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        named = named_os_error(err, path)
+        if named is not None:
+            raise named from err
         raise
     return path
+
+
+class DiskFullError(UserError, OSError):
+    """No space left where an artifact is written."""
+
+
+class NameTooLongError(UserError, OSError):
+    """A file or folder name longer than the file system allows."""
+
+
+def named_os_error(err: BaseException, path: Path) -> UserError | None:
+    """The user's version of an ``OSError`` whose cause is theirs to fix (a full disk, a name too long)."""
+    if not isinstance(err, OSError) or isinstance(err, UserError):
+        return None
+    if err.errno == errno.ENOSPC:
+        return DiskFullError(
+            f"no space left on the device while writing {path}; free some space (or point paths.artifacts at another "
+            "disk) and run the same command: finished work is kept and the half-written file was removed"
+        )
+    if err.errno == errno.ENAMETOOLONG:
+        longest = max(Path(path).parts, key=len)
+        return NameTooLongError(
+            f"the name {longest[:60]}… is {len(longest.encode())} bytes, more than the file system allows (usually "
+            "255); choose a shorter name (set=<name>, dataset.name=<name>)"
+        )
+    return None
 
 
 def save_json(path: Path | str, obj: Any) -> Path:
@@ -261,6 +294,9 @@ def ensure_writable(*folders: Path | str) -> None:
             os.close(fd)
             os.unlink(probe)
         except OSError as err:
+            named = named_os_error(err, folder)
+            if named is not None:
+                raise named from err
             raise ArtifactNotWritableError(
                 f"cannot write to {folder} ({err.strerror or err}); make it writable, or point paths.artifacts "
                 f"(paths.logs for run folders) at a writable folder"

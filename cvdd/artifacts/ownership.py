@@ -24,8 +24,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import IO
 
-from cvdd.artifacts.io import ensure_writable
+from cvdd.artifacts.io import ensure_writable, named_os_error
 from cvdd.runtime.errors import UserError
 
 
@@ -54,7 +55,7 @@ def exclusive(target: Path, what: str) -> Iterator[None]:
         return
     path = lock_path(Path(target))
     ensure_writable(path.parent)  # an unwritable output is named here, before any work
-    with open(path, "a+") as fh:
+    with open_lock(path, Path(target)) as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -80,6 +81,16 @@ def exclusive(target: Path, what: str) -> Iterator[None]:
             fh.seek(0)
             fh.truncate()
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def open_lock(path: Path, target: Path) -> IO[str]:
+    try:
+        return open(path, "a+")
+    except OSError as err:  # a name too long for the file system is the user's to shorten, said for the artifact
+        named = named_os_error(err, target)
+        if named is not None:
+            raise named from err
+        raise
 
 
 def set_aside(folder: Path) -> None:

@@ -3,6 +3,7 @@ command of the chain, with exactly the overrides of this run that the next stage
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -19,8 +20,9 @@ DISTILL_ONLY = ("committee.train_missing", "committee.train_overrides")
 
 
 def command_with(script: str, keep: Callable[[str], bool]) -> str:
-    """``python <script>`` with this run's overrides whose key ``keep`` accepts (lists quoted for the shell)."""
-    kept = [o if "[" not in o else f"'{o}'" for o in task_overrides() or [] if keep(o.lstrip("+~").split("=", 1)[0])]
+    """``python <script>`` with this run's overrides whose key ``keep`` accepts, each quoted for the shell (a path with
+    spaces, a list) so the line can be pasted as it is."""
+    kept = [shlex.quote(o) for o in task_overrides() or [] if keep(o.lstrip("+~").split("=", 1)[0])]
     return " ".join([f"python {script}", *kept])
 
 

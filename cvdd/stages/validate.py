@@ -3,6 +3,7 @@ from scratch on them, and its accuracy on the real test set."""
 
 from __future__ import annotations
 
+import shlex
 import time
 from pathlib import Path
 from typing import Any
@@ -283,5 +284,5 @@ def report_result(cfg: DictConfig, loggers: list, chosen: StudentSet, result: di
             ),
         ],
         result["wall_seconds"],
-        f"python -m cvdd.report {out.parent}",
+        f"python -m cvdd.report {shlex.quote(str(out.parent))}",
     )
