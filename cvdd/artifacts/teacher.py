@@ -48,7 +48,7 @@ class TeacherArtifact:
         """The teacher's record; a damaged one names the command that squeezes the teacher again (it retrains a
         teacher whose record is damaged)."""
         record = load_json(self.record, f"squeeze the teacher again: {self.train_command()}")
-        if not isinstance(record, dict) or "fingerprint" not in record:
+        if not isinstance(record, dict) or any(key not in record for key in ("classes", "num_classes")):
             raise ArtifactCorruptError(
                 f"{self.record} is damaged (not a teacher's record); squeeze the teacher again: {self.train_command()}"
             )
