@@ -174,10 +174,20 @@ def test_a_loss_that_stops_being_a_number_stops_the_run_and_publishes_nothing(ma
 
     sets = workdir / DIGITS / "distilled"
     cvdd = ("ipc=1", "committee=sre2l_small", "method.recover.iterations=3", "method.recover.init.mode=real")
-    with pytest.raises(NonFiniteError, match=r"recover loss or the images is not finite at wave 1, iteration 1"):
+    with pytest.raises(NonFiniteError, match=r"recover loss or the images is not finite at wave 1, step 1"):
         distill(make_cfg("distill", *cvdd, "method.recover.r_bn=1e39", "logger=none"))
     assert not (sets / "sre2l_small_ipc1_real_s0" / "manifest.json").exists()
     assert not list((sets / "sre2l_small_ipc1_real_s0").rglob("*.pt")), "no unit of NaN images kept"
+
+    with pytest.raises(
+        NonFiniteError, match=r"teacher's training loss is not finite at epoch 1, step \d+.*squeeze\.lr"
+    ):
+        squeeze_teacher(
+            make_cfg(
+                "train", "model=convnet", "squeeze.optimizer=sgd", "squeeze.lr=1e30", "squeeze.epochs=2", "logger=none"
+            )
+        )
+    assert not (workdir / DIGITS / "teachers/convnet.json").exists(), "no teacher published"
 
 
 def test_a_record_never_states_a_number_that_is_not_one(tmp_path: Path):

@@ -8,6 +8,8 @@ that usually cause it, and nothing of the run is published (no manifest, no resu
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from cvdd.runtime.errors import UserError
@@ -26,3 +28,39 @@ def require_finite(value: torch.Tensor | bool, what: str, where: str, keys: str)
             f"{what} is not finite at {where}; the run stopped and published nothing. Usually a setting does this: "
             f"check {keys}"
         )
+
+
+class LossWatch:
+    """The first step of a stretch of training (an epoch, a recover wave) whose loss was not finite, kept on the
+    device: no host synchronisation per step. :meth:`check` agrees on it over ranks once per stretch, so every rank
+    stops together before anything is written."""
+
+    def __init__(self) -> None:
+        self._first: torch.Tensor | None = None
+
+    def see(self, loss: torch.Tensor, step: int) -> None:
+        if self._first is None:
+            self._first = torch.full((), -1, dtype=torch.long, device=loss.device)
+        late = (self._first < 0) & ~torch.isfinite(loss.detach())
+        self._first = torch.where(late, torch.full_like(self._first, step), self._first)
+
+    def check(
+        self,
+        gather: Callable[[torch.Tensor], torch.Tensor],
+        device: torch.device,
+        what: str,
+        where: str,
+        keys: str,
+        also_bad: bool = False,
+    ) -> None:
+        """Raise :class:`NonFiniteError` on every rank if any rank saw a non-finite loss (or says ``also_bad``, e.g.
+        its images), naming the first such step after ``where``; ``gather`` is the module's ``all_gather``. Every
+        rank must call it. Starts a new stretch."""
+        first = self._first.to(device) if self._first is not None else torch.tensor(-1, device=device)
+        flags = torch.stack([first.long(), torch.tensor(int(also_bad), device=device)])
+        self._first = None
+        gathered = gather(flags).reshape(-1, 2)
+        steps = [int(s) for s in gathered[:, 0].tolist() if s >= 0]
+        if steps or bool(gathered[:, 1].any()):
+            at = f"{where}, step {min(steps) + 1}" if steps else where
+            require_finite(False, what, at, keys)

@@ -14,7 +14,7 @@ from cvdd.labels.plan import BatchPlan, EpochPlan, apply_batch
 from cvdd.labels.student_set import SetImages, as_set_images, read_on_every_rank
 from cvdd.runtime.distributed import ShardSampler, rank_and_world
 from cvdd.runtime.errors import ConfigError
-from cvdd.runtime.finite import require_finite
+from cvdd.runtime.finite import LossWatch
 from cvdd.runtime.precision import FP32, Numerics
 from cvdd.training.bn_merge import BatchNormMerge
 from cvdd.training.metrics import topk_accuracy
@@ -129,6 +129,7 @@ class StudentModule(L.LightningModule):
         self.images = as_set_images(images) if isinstance(images, (torch.Tensor, SetImages)) else None
         self.targets = targets
         self.plan, self.soft_labels = plan, soft_labels
+        self.loss_watch = LossWatch()
         self.test_set, self.loader = test_set, dict(loader or {})
         self.val_top1 = topk_accuracy(num_classes, 1)
         self.evaluations: list[tuple[int, float]] = []
@@ -220,15 +221,17 @@ class StudentModule(L.LightningModule):
         return loss * factor if factor > 1 else loss
 
     def report_loss(self, loss: torch.Tensor, reduce: str, step: int) -> None:
-        """Log the step's loss over all ranks and stop every rank at once when it is not finite (no result is
-        written)."""
-        attached = self._trainer is not None  # a module driven by hand (tests) has no strategy to reduce over
-        shown = self.trainer.strategy.reduce(loss.detach(), reduce_op=reduce) if attached else loss.detach()
-        self.log("train/loss", shown, prog_bar=True)
-        require_finite(
-            shown,
+        """Log the step's loss over all ranks and watch it (the epoch's first non-finite step, on the device)."""
+        self.log("train/loss", loss.detach(), prog_bar=True, sync_dist=True, reduce_fx=reduce)
+        self.loss_watch.see(loss, step)
+
+    def on_train_epoch_end(self) -> None:
+        """Every rank stops together, before any result is written, if a step's loss was not finite."""
+        self.loss_watch.check(
+            self.all_gather,
+            self.device,
             "the student's training loss",
-            f"epoch {self.current_epoch + 1}, step {step + 1}",
+            f"epoch {self.current_epoch + 1}",
             "validate.lr, validate.temperature (> 0) and the labels (relabel.temperature)",
         )
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cvdd.runtime.finite import require_finite
+from cvdd.runtime.finite import LossWatch
 from cvdd.runtime.precision import FP32, Numerics
 from cvdd.runtime.seeding import derive_seed
 from cvdd.training.metrics import topk_accuracy
@@ -45,6 +45,7 @@ class TeacherModule(L.LightningModule):
         self.train_top1 = topk_accuracy(num_classes, 1)
         self.val_top1 = topk_accuracy(num_classes, 1)
         self.val_top5 = topk_accuracy(num_classes, 5)
+        self.loss_watch = LossWatch()
         self.title = "squeeze"  # what the progress bar calls this run (the squeeze job names the model and its place)
 
     def progress_title(self, trainer) -> str:
@@ -58,14 +59,19 @@ class TeacherModule(L.LightningModule):
         # boundary replays the same epochs (the data's own randomness is keyed per sample, see the datamodule).
         torch.manual_seed(derive_seed(self.hparams.seed, self.current_epoch, self.global_rank))
 
+    def on_train_epoch_end(self) -> None:
+        """Every rank stops together if a step's loss was not finite (the teacher is published only after fit)."""
+        self.loss_watch.check(
+            self.all_gather, self.device, "the teacher's training loss", f"epoch {self.current_epoch + 1}", "squeeze.lr"
+        )
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels = batch
         logits = self(images)
         loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
         self.train_top1(logits, labels)
         self.log("train/loss", loss, prog_bar=True)
-        # every rank checks its own loss: a non-finite one is almost surely non-finite on all (the same settings)
-        require_finite(loss.detach(), "the teacher's training loss", f"epoch {self.current_epoch + 1}", "squeeze.lr")
+        self.loss_watch.see(loss, batch_idx)
         self.log("train/top1", self.train_top1, on_step=False, on_epoch=True)
         return loss
 

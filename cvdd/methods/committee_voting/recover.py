@@ -34,7 +34,7 @@ from cvdd.methods.committee_voting.memory import (
     wave_bytes_per_image,
 )
 from cvdd.runtime import log
-from cvdd.runtime.finite import require_finite
+from cvdd.runtime.finite import LossWatch
 from cvdd.runtime.hardware import peak_memory_mib
 from cvdd.runtime.packing import pack_consecutive
 from cvdd.training.optim import cosine_factor
@@ -246,7 +246,7 @@ class RecoverModule(L.LightningModule):
         self.n_waves = 0
         self.groups: list[GroupState] = []
         self._wave = -1
-        self._first_bad_step: torch.Tensor | None = None  # the wave's first non-finite iteration (device)
+        self.loss_watch = LossWatch()  # the wave's first non-finite iteration, kept on the device
         self._step = 0
 
     def on_fit_start(self) -> None:
@@ -379,10 +379,7 @@ class RecoverModule(L.LightningModule):
                 param_group["lr"] = lr
             group.optimizer.zero_grad(set_to_none=True)
         surrogate = step_surrogate(self.groups, self.committee, self.settings.r_bn, self.passes)
-        if self._first_bad_step is None:  # kept on the device: no synchronisation per iteration
-            self._first_bad_step = torch.full((), -1, device=surrogate.device)
-        late = (self._first_bad_step < 0) & ~torch.isfinite(surrogate.detach())
-        self._first_bad_step = torch.where(late, torch.tensor(step, device=surrogate.device), self._first_bad_step)
+        self.loss_watch.see(surrogate, step)
         self.manual_backward(surrogate)  # the groups' graphs are disjoint: each gets exactly its own gradient
         for group in self.groups:
             group.optimizer.step()
@@ -422,17 +419,13 @@ class RecoverModule(L.LightningModule):
     def _refuse_non_finite(self) -> None:
         """Stop every rank before this wave's units are written if any rank's loss or images became non-finite (one
         agreement per wave; every rank calls it, with or without groups)."""
-        first_bad = -1 if self._first_bad_step is None else int(self._first_bad_step)
-        images_bad = any(not bool(torch.isfinite(g.images).all()) for g in self.groups)
-        flags = torch.tensor([first_bad, int(images_bad)], device=self.device)
-        worst = self.all_gather(flags).reshape(-1, 2).max(0).values.tolist()
-        self._first_bad_step = None
-        at = f"wave {self._wave + 1}" + (f", iteration {worst[0] + 1}" if worst[0] >= 0 else "")
-        require_finite(
-            worst[0] < 0 and worst[1] == 0,
+        self.loss_watch.check(
+            self.all_gather,
+            self.device,
             "the recover loss or the images",
-            at,
+            f"wave {self._wave + 1}",
             "method.recover.lr, committee.temperature (> 0), method.recover.r_bn and the teachers",
+            also_bad=any(not bool(torch.isfinite(g.images).all()) for g in self.groups),
         )
 
 
