@@ -47,6 +47,11 @@ def stopped_by_sigterm(stop: SystemExit) -> bool:
     return isinstance(stop, SIGTERMException)
 
 
+def fresh_line() -> str:
+    """A newline on a terminal, where a progress bar may hold the line the message would continue; none in a log."""
+    return "\n" if sys.stderr.isatty() else ""
+
+
 @contextmanager
 def reported_errors() -> Iterator[None]:
     """Turn a :class:`UserError` into ``error: <message>`` on stderr and exit status 1, and a run ended by SIGTERM
@@ -58,8 +63,8 @@ def reported_errors() -> Iterator[None]:
         if not stopped_by_sigterm(stop):
             raise
         print(
-            "stopped by SIGTERM: finished work is kept (finished epochs, classes, units); run the same command to "
-            "resume",
+            f"{fresh_line()}stopped by SIGTERM: finished work is kept (finished epochs, classes, units); run the same "
+            "command to resume",
             file=sys.stderr,
             flush=True,
         )
@@ -67,5 +72,5 @@ def reported_errors() -> Iterator[None]:
     except UserError as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        print(f"error: {err}\n(HYDRA_FULL_ERROR=1 shows the stack trace)", file=sys.stderr, flush=True)
+        print(f"{fresh_line()}error: {err}\n(HYDRA_FULL_ERROR=1 shows the stack trace)", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
