@@ -33,7 +33,9 @@ def require_finite(value: torch.Tensor | bool, what: str, where: str, keys: str)
 class LossWatch:
     """The first step of a stretch of training (an epoch, a recover wave) whose loss was not finite, kept on the
     device: no host synchronisation per step. :meth:`check` agrees on it over ranks once per stretch, so every rank
-    stops together before anything is written."""
+    stops together before anything is written. Call it from inside the stretch's last training step, where every
+    rank is in step: an epoch-end hook is not (Lightning's rank-0 progress bar syncs metrics there, and a collective
+    of ours in between deadlocks)."""
 
     def __init__(self) -> None:
         self._first: torch.Tensor | None = None

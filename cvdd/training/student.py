@@ -179,7 +179,7 @@ class StudentModule(L.LightningModule):
             return None, [], 1
         return b, rank_slices(len(self.plan.epoch(self.current_epoch)[b].indices), size, 0, 1), 1
 
-    def training_step(self, step: torch.Tensor, _: int) -> torch.Tensor:
+    def training_step(self, step: torch.Tensor, batch_idx: int) -> torch.Tensor:
         epoch = self.current_epoch
         b, slices, factor = self._share(int(step))
         micro = self.hparams.micro_batches
@@ -187,7 +187,7 @@ class StudentModule(L.LightningModule):
         self.forwards = len(slices)
         if not slices:  # nothing for this rank at this step: a zero that joins DDP's gradient average
             loss = sum(p.sum() for p in self.net.parameters()) * 0.0
-            self.report_loss(loss, reduce, int(step))
+            self.report_loss(loss, reduce, batch_idx)
             return loss
         plan = self.plan.epoch(epoch)[b]
         first, last = slices[0][0], slices[-1][1]
@@ -217,13 +217,22 @@ class StudentModule(L.LightningModule):
             loss = loss + term / micro
         # slices: W ranks' losses add up to the planned batch's and DDP averages gradients, so each rank's counts W
         # times; batches: each rank's loss is a whole batch's, and DDP's average is the mean over the W batches
-        self.report_loss(loss, reduce, int(step))
+        self.report_loss(loss, reduce, batch_idx)
         return loss * factor if factor > 1 else loss
 
-    def report_loss(self, loss: torch.Tensor, reduce: str, step: int) -> None:
-        """Log the step's loss over all ranks and watch it (the epoch's first non-finite step, on the device)."""
+    def report_loss(self, loss: torch.Tensor, reduce: str, batch_idx: int) -> None:
+        """Log the step's loss over all ranks and watch it; in the epoch's last step, every rank stops together if
+        a step's loss was not finite (before any result is written)."""
         self.log("train/loss", loss.detach(), prog_bar=True, sync_dist=True, reduce_fx=reduce)
-        self.loss_watch.see(loss, step)
+        self.loss_watch.see(loss, batch_idx)
+        if self._trainer is not None and batch_idx == self.trainer.num_training_batches - 1:
+            self.loss_watch.check(
+                self.all_gather,
+                self.device,
+                "the student's training loss",
+                f"epoch {self.current_epoch + 1}",
+                "validate.lr, validate.temperature (> 0) and the labels (relabel.temperature)",
+            )
 
     def on_train_epoch_end(self) -> None:
         """Every rank stops together, before any result is written, if a step's loss was not finite."""

@@ -59,12 +59,6 @@ class TeacherModule(L.LightningModule):
         # boundary replays the same epochs (the data's own randomness is keyed per sample, see the datamodule).
         torch.manual_seed(derive_seed(self.hparams.seed, self.current_epoch, self.global_rank))
 
-    def on_train_epoch_end(self) -> None:
-        """Every rank stops together if a step's loss was not finite (the teacher is published only after fit)."""
-        self.loss_watch.check(
-            self.all_gather, self.device, "the teacher's training loss", f"epoch {self.current_epoch + 1}", "squeeze.lr"
-        )
-
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels = batch
         logits = self(images)
@@ -72,6 +66,9 @@ class TeacherModule(L.LightningModule):
         self.train_top1(logits, labels)
         self.log("train/loss", loss, prog_bar=True)
         self.loss_watch.see(loss, batch_idx)
+        if self._trainer is not None and batch_idx == self.trainer.num_training_batches - 1:  # every rank, in step
+            epoch = f"epoch {self.current_epoch + 1}"
+            self.loss_watch.check(self.all_gather, self.device, "the teacher's training loss", epoch, "squeeze.lr")
         self.log("train/top1", self.train_top1, on_step=False, on_epoch=True)
         return loss
 
