@@ -234,16 +234,6 @@ class StudentModule(L.LightningModule):
                 "validate.lr, validate.temperature (> 0) and the labels (relabel.temperature)",
             )
 
-    def on_train_epoch_end(self) -> None:
-        """Every rank stops together, before any result is written, if a step's loss was not finite."""
-        self.loss_watch.check(
-            self.all_gather,
-            self.device,
-            "the student's training loss",
-            f"epoch {self.current_epoch + 1}",
-            "validate.lr, validate.temperature (> 0) and the labels (relabel.temperature)",
-        )
-
     def test_loader(self) -> DataLoader:
         """The test set, this rank's shard (every sample once over all ranks), in batches of ``loader["batch_size"]``
         (``hardware.eval_batch_size``, default 256)."""
