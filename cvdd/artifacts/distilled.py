@@ -28,7 +28,7 @@ from cvdd.artifacts.io import (
     atomic_write,
     check_files,
     file_digest,
-    load_json,
+    load_record,
     load_tensors,
     save_json,
     sha256_hex,
@@ -301,12 +301,8 @@ def read_manifest(artifact: DistilledArtifact, rebuild: str | None = None) -> di
         raise MissingInputError(
             f"distilled set {artifact.folder} is missing or incomplete (no manifest.json); produce it with: {rebuild}"
         )
-    manifest = load_json(artifact.manifest, f"repair it with {rebuild} (it remakes a set whose manifest is damaged)")
-    if not isinstance(manifest, dict) or any(key not in manifest for key in MANIFEST_KEYS):
-        raise ArtifactCorruptError(
-            f"{artifact.manifest} is damaged (not a set's manifest: it lacks {', '.join(MANIFEST_KEYS)}); repair it "
-            f"with {rebuild} (it remakes a set whose manifest is damaged)"
-        )
+    repair = f"repair it with {rebuild} (it remakes a set whose manifest is damaged)"
+    manifest = load_record(artifact.manifest, MANIFEST_KEYS, repair, "a set's manifest")
     check_files(artifact.folder, manifest["files"], rebuild)
     return manifest
 

@@ -16,7 +16,7 @@ import os
 import struct
 import tempfile
 import zipfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,13 +106,23 @@ def load_json(path: Path | str, repair: str = "rebuild it") -> Any:
         raise ArtifactCorruptError(f"{path} is not valid JSON ({err}); it is damaged: {repair}") from err
 
 
-def load_json_if_intact(path: Path | str, redo: str) -> Any | None:
-    """The JSON record at ``path``; ``None`` when there is none, or when it is damaged (logged with ``redo``, what
-    the stage does instead)."""
+def load_record(path: Path | str, keys: Sequence[str] = (), repair: str = "rebuild it", what: str = "a record") -> dict:
+    """The JSON object at ``path`` holding ``keys``; a file that is not JSON, or JSON that is not such an object
+    (``{}``, ``[]``), is an :class:`ArtifactCorruptError` naming ``what`` it should be and how to ``repair`` it."""
+    record = load_json(path, repair)
+    if not isinstance(record, dict) or any(key not in record for key in keys):
+        lacks = f": it lacks {', '.join(keys)}" if keys else ""
+        raise ArtifactCorruptError(f"{path} is damaged (not {what}{lacks}); {repair}")
+    return record
+
+
+def load_json_if_intact(path: Path | str, redo: str, keys: Sequence[str] = ()) -> dict | None:
+    """The record at ``path`` (a JSON object holding ``keys``); ``None`` when there is none, or when it is damaged
+    (logged with ``redo``, what the stage does instead)."""
     if not Path(path).is_file():
         return None
     try:
-        return load_json(path)
+        return load_record(path, keys)
     except ArtifactCorruptError:
         log.warning("%s is damaged; %s", path, redo)
         return None

@@ -7,7 +7,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from cvdd.artifacts.io import ArtifactCorruptError, load_json
+from cvdd.artifacts.io import load_record
 
 
 @dataclass(frozen=True)
@@ -47,9 +47,5 @@ class TeacherArtifact:
     def read_record(self) -> dict:
         """The teacher's record; a damaged one names the command that squeezes the teacher again (it retrains a
         teacher whose record is damaged)."""
-        record = load_json(self.record, f"squeeze the teacher again: {self.train_command()}")
-        if not isinstance(record, dict) or any(key not in record for key in ("classes", "num_classes")):
-            raise ArtifactCorruptError(
-                f"{self.record} is damaged (not a teacher's record); squeeze the teacher again: {self.train_command()}"
-            )
-        return record
+        repair = f"squeeze the teacher again: {self.train_command()}"
+        return load_record(self.record, ("classes", "num_classes"), repair, "a teacher's record")

@@ -212,10 +212,7 @@ class ExternalSet(PerClassMethod):
         0) for ``evaluate.py labels=static``; the manifest field that records them (none: no field, no file)."""
         source, path = self.source(ctx), ctx.artifact.static_labels
         soft = None if source.kind != "tensor" else soft_labels_of(source.path, self.tensors(), len(ctx.data.classes))
-        if rank_and_world()[0] != 0:
-            return {}
-        if soft is None:
-            path.unlink(missing_ok=True)  # an earlier import's, under overwrite=true
+        if soft is None or rank_and_world()[0] != 0:
             return {}
         rows = [r for c in sorted(source.members) for r in source.members[c]]
         columns = [int(source.names[c]) for c in range(len(ctx.data.classes))]  # dataset class c ← source label

@@ -191,11 +191,11 @@ def markdown_table(
     if not groups:
         return "no validate results found\n"
     blocks = []
+    order = {m: i for i, m in enumerate(method_order)}
     for (dataset, student, labels), members in settings(groups).items():
         ipcs = sorted({g.ipc for g in members})
-        order = {m: i for i, m in enumerate(method_order)}
-        methods = sorted({g.row: g for g in members}.values(), key=lambda g: (order.get(g.method, len(order)), g.row))
-        methods = list(dict.fromkeys(g.row for g in methods))
+        rows = sorted({g.row: g for g in members}.values(), key=lambda g: (order.get(g.method, len(order)), g.row))
+        methods = [g.row for g in rows]
         odd, note = mixed_versions(members)
         cells = {(g.row, g.ipc): g.cell() + ("†" if g in odd else "") for g in members}
         lines = [

@@ -58,9 +58,16 @@ def settings_of(record: Mapping[str, Any]) -> dict[str, Any]:
     return chosen
 
 
-def protocol_key(settings: Mapping[str, Any], leave_out: Sequence[str] = ()) -> str:
-    """A fingerprint of ``settings`` without the keys starting with any of ``leave_out``."""
-    return fingerprint({k: v for k, v in sorted(settings.items()) if not k.startswith(tuple(leave_out))})
+def protocol_key(settings: Mapping[str, Any], leave_out: Sequence[str] = (), only: Sequence[str] = ()) -> str:
+    """A fingerprint of ``settings`` without the keys starting with any of ``leave_out`` (and, given ``only``, of
+    just the keys starting with one of those)."""
+    return fingerprint(
+        {
+            k: v
+            for k, v in sorted(settings.items())
+            if not k.startswith(tuple(leave_out)) and (not only or k.startswith(tuple(only)))
+        }
+    )
 
 
 def differing(settings: Sequence[Mapping[str, Any]]) -> list[str]:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from cvdd.artifacts import fingerprint, load_json_if_intact
+from cvdd.artifacts import load_json_if_intact
 from cvdd.report.protocol import SET_MAKING, protocol_key, settings_of, variants
 
 LAMBDA = 0.5
@@ -158,7 +158,7 @@ def rankings(records: Sequence[dict], full_data: Mapping[tuple[str, str], float]
             r["method"],
             int(r["ipc"]),
             labelling_teachers(r),
-            fingerprint({k: v for k, v in settings.items() if k.startswith(SET_MAKING)}),
+            protocol_key(settings, only=SET_MAKING),
             protocol_key(settings, SET_MAKING),
             protocol_key(settings, (*SET_MAKING, *LABEL_SETTINGS)),
         )

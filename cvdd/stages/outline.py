@@ -53,12 +53,8 @@ def finished_artifact(
             set_aside(folder)
             folder.mkdir(parents=True, exist_ok=True)
         return None
-    record = load_json_if_intact(manifest, f"making the {what} again")
+    record = load_json_if_intact(manifest, f"making the {what} again", keys=("fingerprint",))
     if record is None:
-        return None
-    if not isinstance(record, dict) or "fingerprint" not in record:  # valid JSON, but not a record ({} or [])
-        log.warning("%s is damaged (not a record of a %s); making the %s again", manifest, what, what)
-        manifest.unlink()
         return None
     if not matches(record, recipe_hash):
         raise ArtifactConflictError(

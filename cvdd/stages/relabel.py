@@ -54,7 +54,7 @@ def relabel(cfg: DictConfig) -> dict[str, Any]:
     check_settings(cfg)
     root = Path(cfg.paths.artifacts)
     chosen = student_set(cfg, root)
-    check_relabel_settings(cfg)
+    check_storage(cfg.relabel.dtype, cfg.relabel.get("topk"))
     artifact = labels_of(cfg, root, chosen)
     with exclusive(artifact.folder, "labels"):
         return write_labels(cfg, root, chosen, artifact)
@@ -110,16 +110,13 @@ def check_partial_labels(artifact: LabelArtifact, recipe_hash: str) -> None:
     """Epochs a stopped run left are resumed only under their recipe's stamp: another recipe's are refused, and
     epochs whose stamp is damaged (of an unknown recipe) are set aside to be labelled again."""
     stamp = artifact.stamp
-    recorded = load_json_if_intact(stamp, "the epochs beside it are of an unknown recipe: labelling every epoch again")
-    if stamp.is_file() and not (isinstance(recorded, dict) and "fingerprint" in recorded):
+    redo = "the epochs beside it are of an unknown recipe: labelling every epoch again"
+    recorded = load_json_if_intact(stamp, redo, keys=("fingerprint",))
+    if recorded is None and stamp.is_file():
         set_aside(artifact.folder)
         ensure_writable(artifact.folder)
     elif recorded is not None and recorded["fingerprint"] != recipe_hash:
         raise ArtifactConflictError(f"{artifact.folder} holds partial labels of another recipe; add overwrite=true")
-
-
-def check_relabel_settings(cfg: DictConfig) -> None:
-    check_storage(cfg.relabel.dtype, cfg.relabel.get("topk"))
 
 
 def write_epochs(

@@ -91,7 +91,7 @@ def train_teacher(cfg: DictConfig, artifact: TeacherArtifact, title: str | None)
     if existing is not None:
         return existing
     epochs = int(cfg.squeeze.epochs)
-    if epochs < 0 or (epochs == 0 and not recipe["pretrained"]):
+    if epochs == 0 and not recipe["pretrained"]:  # a negative count is refused by check_settings
         raise ConfigError(
             f"squeeze.epochs={epochs} trains nothing; give squeeze.epochs > 0, or model.pretrained=true to "
             f"publish torchvision's ImageNet weights as they are"

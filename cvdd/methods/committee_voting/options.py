@@ -64,8 +64,6 @@ class RecoverOptions:
 
     def check(self) -> None:
         """Refuse a value that cannot work, naming its key."""
-        if self.iterations < 1:
-            raise ConfigError(f"{KEY}.iterations={self.iterations} must be at least 1")
         if self.group_images is not None and self.group_images < 1:
             raise ConfigError(f"{KEY}.group_images={self.group_images} must be at least 1 (or null: from free memory)")
         if self.wave_images is not None and self.wave_images < (self.group_images or 1):
