@@ -33,7 +33,7 @@ def write_idx(path: Path, array: np.ndarray, gz: bool) -> None:
 
 def write_fashion_mnist(folder: Path, per_class: int = 3, gz: bool = True) -> None:
     for prefix in ("train", "t10k"):
-        labels = np.repeat(np.arange(10), per_class).astype(np.uint8)
+        labels = np.tile(np.arange(10), per_class).astype(np.uint8)  # interleaved, as the published files are
         images = np.stack([np.full((28, 28), class_value(int(y)), np.uint8) for y in labels])
         write_idx(folder / f"{prefix}-images-idx3-ubyte", images, gz)
         write_idx(folder / f"{prefix}-labels-idx1-ubyte", labels, gz)

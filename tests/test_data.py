@@ -28,6 +28,11 @@ def assert_labels_match_pixels(split, tol: int = 2) -> None:
         assert abs(int(image.float().mean().round()) - class_value(label)) <= tol, (i, label)
 
 
+def assert_class_major(split) -> None:
+    """In-memory sets are stored class by class, as an ImageFolder of the same images lists them."""
+    assert torch.equal(split.targets, torch.sort(split.targets, stable=True).values), "samples in class-major order"
+
+
 def test_digits_split_is_stratified_deterministic_and_upsampled():
     data = load_dataset({"name": "digits", "test_fraction": 0.2, "split_seed": 0})
     assert (len(data.raw.train), len(data.raw.test)) == (1437, 360)
@@ -38,6 +43,7 @@ def test_digits_split_is_stratified_deterministic_and_upsampled():
     assert torch.equal(data.raw.test.images, again.raw.test.images)
     other = load_dataset({"name": "digits", "test_fraction": 0.2, "split_seed": 1})
     assert not torch.equal(data.raw.test.images, other.raw.test.images)
+    assert_class_major(data.raw.train), assert_class_major(data.raw.test)
 
 
 def test_digits_normalisation_constants_match_the_data():
@@ -54,6 +60,7 @@ def test_fashion_mnist_idx_files(tmp_path: Path, gz: bool):
     assert len(data.raw.train) == 30 and len(data.raw.test) == 30
     assert data.classes[0] == "T-shirt/top" and data.classes[9] == "Ankle boot"
     assert_labels_match_pixels(data.raw.train, tol=0)
+    assert_class_major(data.raw.train), assert_class_major(data.raw.test)
 
 
 def test_fashion_mnist_torchvision_layout(tmp_path: Path):
@@ -87,7 +94,8 @@ def test_cifar_python_batches(tmp_path: Path, num_classes: int):
     assert len(data.raw.train) == batches * 2 * num_classes and len(data.raw.test) == 2 * num_classes
     assert data.raw.train.images.shape[1:] == (3, 32, 32)
     assert len(data.classes) == num_classes
-    assert_labels_match_pixels(data.raw.test, tol=0)
+    assert_labels_match_pixels(data.raw.train, tol=0), assert_labels_match_pixels(data.raw.test, tol=0)
+    assert_class_major(data.raw.train)
 
 
 def test_cifar_missing_folder_says_how_to_get_it(tmp_path: Path):

@@ -126,8 +126,8 @@ def load_digits(image_size: int = 16, test_fraction: float = 0.2, split_seed: in
     train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)
     classes = [str(c) for c in range(10)]
     return RawData(
-        TensorImages(images[train_idx], targets[train_idx]),
-        TensorImages(images[test_idx], targets[test_idx]),
+        TensorImages.by_class(images[train_idx], targets[train_idx]),
+        TensorImages.by_class(images[test_idx], targets[test_idx]),
         classes,
         classes,
     )
@@ -209,7 +209,7 @@ def load_idx_folder(folder: Path, dataset: str, classes: list[str], how_to_get: 
                 how_to_get,
             )
         check_label_range(labels, len(classes), lbl_path)
-        splits[split] = TensorImages(torch.from_numpy(images.copy()).unsqueeze(1), labels.astype(np.int64))
+        splits[split] = TensorImages.by_class(torch.from_numpy(images.copy()).unsqueeze(1), labels.astype(np.int64))
     return RawData(splits["train"], splits["test"], list(classes), list(classes))
 
 
@@ -286,7 +286,7 @@ def load_cifar(root: str | Path, download: bool, num_classes: int) -> RawData:
             images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             check_label_range(np.asarray(batch[label_key]), num_classes, path)
             labels += list(batch[label_key])
-        return TensorImages(torch.from_numpy(np.concatenate(images)), labels)
+        return TensorImages.by_class(torch.from_numpy(np.concatenate(images)), labels)
 
     train, test = read(train_files), read([test_file])
     meta_path = folder / meta_file

@@ -75,6 +75,15 @@ class TensorImages(_TransformableImages):
             raise ValueError(f"{len(images)} images but {len(self.targets)} labels")
         self.transform = transform
 
+    @classmethod
+    def by_class(cls, images: torch.Tensor, targets: Sequence[int] | torch.Tensor) -> TensorImages:
+        """The samples stored class by class, each class in its source order: the order an ImageFolder of the same
+        images lists them in. The order decides a seeded shuffle's batches, so a built-in dataset and its export as a
+        folder (``dataset=image_folder``) squeeze the same teachers only when both are stored this way."""
+        targets = torch.as_tensor(targets, dtype=torch.long)
+        order = torch.sort(targets, stable=True).indices
+        return cls(images[order], targets[order])
+
     def __len__(self) -> int:
         return len(self.images)
 
