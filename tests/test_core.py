@@ -10,7 +10,15 @@ import torch
 
 from cvdd.artifacts import atomic_write, fingerprint, load_json, save_json
 from cvdd.models.registry import build_model
-from cvdd.training.metrics import last_linear, penultimate_features, set_diversity, topk_accuracy, within_class_distance
+from cvdd.training.metrics import (
+    TopOneCounts,
+    evaluate_classifier,
+    last_linear,
+    penultimate_features,
+    set_diversity,
+    topk_accuracy,
+    within_class_distance,
+)
 from cvdd.training.optim import cosine_schedule
 
 
@@ -22,6 +30,19 @@ def test_accuracy_is_micro_not_macro():
     assert topk_accuracy(3, 2)(logits, labels).item() == pytest.approx(0.75)  # class 2 ranks third
     assert topk_accuracy(3, 3)(logits, labels).item() == pytest.approx(1.0)
     assert topk_accuracy(3, 5).top_k == 3
+
+
+def test_the_curve_and_the_final_pass_report_the_same_accuracy_exactly():
+    """109 of 360 right: the per-evaluation counts give the final pass's float64 109/360, not a float32 ratio (which
+    differs from it in the 7th digit and made a curve's best disagree with the final top-1)."""
+    labels = torch.arange(360) % 10
+    logits = torch.nn.functional.one_hot((labels + (torch.arange(360) >= 109).long()) % 10, 10).float()
+    counts = TopOneCounts()
+    for batch in range(0, 360, 50):
+        counts.update(logits[batch : batch + 50], labels[batch : batch + 50])
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(logits, labels), batch_size=64)
+    final = evaluate_classifier(torch.nn.Identity(), loader, 10)
+    assert counts.compute() == final["top1"] == 100.0 * 109 / 360 != 100.0 * float(torch.tensor(109 / 360))
 
 
 def test_cosine_schedule_with_warmup_and_stretch():

@@ -124,7 +124,6 @@ def test_teacher_and_student_modules_train_their_network_in_the_given_numerics()
         images=torch.randn(20, 1, 16, 16),
         targets=torch.arange(20) % 10,
         plan=plan,
-        num_classes=10,
         soft_labels=None,
         numerics=BF16,
     )

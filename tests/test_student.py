@@ -32,7 +32,6 @@ def make_student(micro_batches: int, num_images: int = 24) -> tuple[StudentModul
         images=images,
         targets=torch.zeros(num_images, dtype=torch.long),
         plan=plan,
-        num_classes=NUM_CLASSES,
         soft_labels=soft,
         temperature=20.0,
         lr=1e-2,

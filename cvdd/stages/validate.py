@@ -206,7 +206,6 @@ def student_module(
         images=chosen.read,
         targets=chosen.labels,
         plan=plan,
-        num_classes=spec.num_classes,
         soft_labels=soft,
         temperature=v.temperature,
         lr=v.lr,

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
+from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
 from cvdd.runtime.errors import ConfigError
@@ -17,6 +18,37 @@ from cvdd.runtime.precision import FP32, Numerics
 def topk_accuracy(num_classes: int, k: int, sync: bool = True) -> MulticlassAccuracy:
     """Fraction of samples whose label is in the top ``k`` (``average="micro"``: not torchmetrics' macro default)."""
     return MulticlassAccuracy(num_classes=num_classes, top_k=min(k, num_classes), average="micro", sync_on_compute=sync)
+
+
+def hit_counts(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """(top-1 hits, top-``k`` hits, samples) of one batch as an int64 tensor on ``logits``' device."""
+    hits = logits.float().topk(k, dim=1).indices == labels[:, None]
+    return torch.stack([hits[:, 0].sum(), hits.any(1).sum(), torch.tensor(len(labels), device=logits.device)])
+
+
+def percent(hits: int, samples: int) -> float:
+    """An accuracy in % from counts, in float64 — one formula for every reported accuracy, so the same counts
+    always give the same number (a float32 ratio such as torchmetrics' differs in the 7th digit)."""
+    return 100.0 * hits / samples
+
+
+class TopOneCounts(Metric):
+    """Top-1 hits and samples, summed over batches and (at ``compute``) over ranks; :func:`percent` turns them into
+    the accuracy, exactly as :func:`evaluate_classifier` reports its final pass."""
+
+    full_state_update = False
+
+    def __init__(self):
+        super().__init__()
+        self.add_state("counts", torch.zeros(2, dtype=torch.int64), dist_reduce_fx="sum")
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        top1, _, samples = hit_counts(logits, labels, 1)
+        self.counts += torch.stack([top1, samples])
+
+    def compute(self) -> float:
+        hits, samples = self.counts.tolist()
+        return percent(hits, samples)
 
 
 @torch.no_grad()
@@ -36,14 +68,12 @@ def evaluate_classifier(
     k = min(5, num_classes)
     for images, labels in loader:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        top = net(images).float().topk(k, dim=1).indices
-        hits = top == labels[:, None]
-        counts += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), torch.tensor(len(labels), device=device)])
+        counts += hit_counts(net(images), labels, k)
     net.train(was_training)
     if distributed and dist.is_available() and dist.is_initialized():
         dist.all_reduce(counts)
     top1, top5, seen = counts.tolist()
-    return {"top1": 100.0 * top1 / seen, "top5": 100.0 * top5 / seen, "samples": seen}
+    return {"top1": percent(top1, seen), "top5": percent(top5, seen), "samples": seen}
 
 
 def within_class_distance(x: torch.Tensor, labels: torch.Tensor) -> float:

@@ -17,7 +17,7 @@ from cvdd.runtime.errors import ConfigError
 from cvdd.runtime.finite import LossWatch
 from cvdd.runtime.precision import FP32, Numerics
 from cvdd.training.bn_merge import BatchNormMerge
-from cvdd.training.metrics import topk_accuracy
+from cvdd.training.metrics import TopOneCounts
 from cvdd.training.optim import cosine_schedule
 
 DDP_SPLITS = ("slices", "batches")  # what ranks share under DDP: each planned batch's slices, or whole batches
@@ -98,7 +98,6 @@ class StudentModule(L.LightningModule):
         images: torch.Tensor | SetImages | Callable[[int, int], SetImages],
         targets: torch.Tensor,
         plan: EpochPlan,
-        num_classes: int,
         soft_labels: SoftLabels | None,
         temperature: float = 20.0,
         lr: float = 1e-3,
@@ -131,7 +130,7 @@ class StudentModule(L.LightningModule):
         self.plan, self.soft_labels = plan, soft_labels
         self.loss_watch = LossWatch()
         self.test_set, self.loader = test_set, dict(loader or {})
-        self.val_top1 = topk_accuracy(num_classes, 1)
+        self.val_top1 = TopOneCounts()
         self.evaluations: list[tuple[int, float]] = []
         self.forwards = 0  # slices this rank forwarded in the current step
 
@@ -258,7 +257,7 @@ class StudentModule(L.LightningModule):
         self.val_top1.update(self.net(images), labels)  # every reported accuracy is an fp32 pass
 
     def on_validation_epoch_end(self) -> None:
-        top1 = 100.0 * float(self.val_top1.compute())  # sums every rank's counts: the shards cover the set once
+        top1 = self.val_top1.compute()  # sums every rank's counts (the shards cover the set once): exact
         self.val_top1.reset()
         self.evaluations.append((int(self.current_epoch) + 1, top1))
         self.log("val/top1", top1)
