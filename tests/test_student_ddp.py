@@ -93,7 +93,6 @@ def test_an_unknown_ddp_split_is_refused():
             images=module.images,
             targets=module.targets,
             plan=plan,
-            num_classes=10,
             soft_labels=None,
             ddp_split="rows",
         )
