@@ -15,7 +15,8 @@ from cvdd.artifacts import ArtifactConflictError
 from cvdd.committee.committee import Committee
 from cvdd.committee.passes import MemberPasses
 from cvdd.data import get_spec
-from cvdd.methods.committee_voting.recover import GroupState, RecoverSettings, Unit, step_surrogate
+from cvdd.methods.committee_voting.recover import GroupState, RecoverModule, RecoverSettings, Unit, step_surrogate
+from cvdd.methods.committee_voting.snapshots import GroupSnapshots
 from cvdd.models.registry import build_model
 from cvdd.stages.distill import distill
 
@@ -143,6 +144,50 @@ def test_killed_run_resumes_to_the_same_result(make_cfg, workdir: Path):
     assert len(list((folder / "units").glob("*.pt"))) == 1, "the unit finished before the kill was kept"
     distill(make_cfg("distill", *common, "set=resumed"))
     assert torch.equal(images_of(workdir, "reference"), images_of(workdir, "resumed"))
+
+
+def test_a_run_killed_mid_wave_resumes_from_its_snapshots_bitwise(make_cfg, workdir: Path, monkeypatch):
+    """Snapshots every 2 of 6 iterations, two groups in one wave; killed before iteration 6, a group goes on from
+    iteration 5 (4 done) — the other, its snapshot lost, from the start — and the set ends on the very images of an
+    uninterrupted run; finished, it leaves no snapshot behind."""
+    common = (*FAST, "method.recover.iterations=6", "method.recover.snapshot_every=2", "method.recover.group_images=10")
+    distill(make_cfg("distill", *common, "set=reference"))
+    computed: list[tuple[int, int]] = []
+    optimise = RecoverModule._optimise
+
+    def counted(module, groups, step: int) -> None:
+        computed.append((step, len(groups)))
+        optimise(module, groups, step)
+
+    monkeypatch.setattr(RecoverModule, "_optimise", counted)
+    crash = ("+callbacks.crash._target_=test_recover.CrashAtStep", "+callbacks.crash.step=5")
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        distill(make_cfg("distill", *common, "set=resumed", *crash))
+    folder = workdir / "artifacts" / "digits" / "distilled" / "resumed" / "units"
+    paths = sorted((folder / "snapshots").glob("group_*.pt"))
+    assert [torch.load(path, weights_only=True)["iterations_done"] for path in paths] == [4, 4]
+    assert not list(folder.glob("*.pt")) and computed == [(step, 2) for step in range(5)]
+    paths[0].unlink()
+    computed.clear()
+    distill(make_cfg("distill", *common, "set=resumed"))
+    assert computed == [(0, 1), (1, 1), (2, 1), (3, 1), (4, 2), (5, 2)], "each group goes on from its own snapshot"
+    assert torch.equal(images_of(workdir, "reference"), images_of(workdir, "resumed"))
+    assert not (folder / "snapshots").exists()
+
+
+def test_a_snapshot_of_another_recipe_or_a_damaged_one_is_not_used(tmp_path: Path, caplog):
+    units = [Unit(0, 0, (0, 1), ("a",), (1.0,), seed=3)]
+    settings = RecoverSettings(iterations=4, lr=0.1, r_bn=0.01, jitter=0)
+    group = GroupState(units, torch.randn(1, 2, 1, 4, 4), settings, grouping=True)
+    GroupSnapshots(tmp_path, 2, "recipe-a").save(group, 2)
+    assert GroupSnapshots(tmp_path, 2, "recipe-a").load(units)["iterations_done"] == 2
+    assert GroupSnapshots(tmp_path, 2, "recipe-b").load(units) is None
+    other = [Unit(0, 0, (0, 1), ("a",), (1.0,), seed=3), Unit(1, 0, (0, 1), ("a",), (1.0,), seed=4)]
+    assert GroupSnapshots(tmp_path, 2, "recipe-a").load(other) is None, "another group under the same first unit"
+    path = GroupSnapshots(tmp_path, 2, "recipe-a").path(units)
+    path.write_bytes(path.read_bytes()[:100])
+    assert GroupSnapshots(tmp_path, 2, "recipe-a").load(units) is None and "damaged" in caplog.text
+    assert [GroupSnapshots(tmp_path, 2, "r").due(done, 6) for done in range(1, 7)] == [False, True] * 2 + [False] * 2
 
 
 def test_images_do_not_depend_on_wave_size_or_on_resuming_bitwise(make_cfg, workdir: Path):

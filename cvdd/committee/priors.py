@@ -65,7 +65,7 @@ SHARED_KEYS = (
     "trainer.num_nodes",
 )
 OWN_KEYS = ("committee.priors", "committee.priors_measure")
-MEMORY_KEYS = ("group_images", "wave_images", "keep_units")  # recover keys that change no result
+MEMORY_KEYS = ("group_images", "wave_images", "keep_units", "snapshot_every")  # recover keys that change no result
 Use = Literal["measure", "reuse", "read"]
 # Runs one member's measurement (distill, relabel, validate): cvdd.stages.priors.measure_member, handed down by the
 # jobs that may measure (distill, relabel), since this layer does not import jobs.

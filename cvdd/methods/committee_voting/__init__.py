@@ -28,6 +28,7 @@ from cvdd.methods.base import DistillContext, ImageSet, Method, finished_piece, 
 from cvdd.methods.committee_voting.memory import named_memory_keys
 from cvdd.methods.committee_voting.options import RecoverOptions
 from cvdd.methods.committee_voting.recover import Layout, RecoverModule, RecoverSettings, Unit, class_blocks
+from cvdd.methods.committee_voting.snapshots import GroupSnapshots
 from cvdd.methods.init_images import Initializer
 from cvdd.runtime import log
 from cvdd.runtime.distributed import HydraDDPStrategy
@@ -147,6 +148,9 @@ class CommitteeVoting(Method):
             )
 
         layout = Layout(rec.grouping, rec.group_images, rec.wave_images)
+        snapshots = GroupSnapshots(artifact.folder / "units" / "snapshots", rec.snapshot_every, recipe_hash)
+        if cfg.get("overwrite", False):
+            shutil.rmtree(snapshots.folder, ignore_errors=True)
         module = RecoverModule(
             committee,
             units=units,
@@ -158,12 +162,14 @@ class CommitteeVoting(Method):
             done=frozenset(done),
             image_shape=ctx.image_shape,
             member_workers=workers,
+            snapshots=snapshots,
         )
         if len(done) < len(units):
             with named_memory_keys():
                 trainer.fit(module)
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
+        shutil.rmtree(snapshots.folder, ignore_errors=True)  # every group finished: its units hold the result
         return collect_units(artifact, units, committee.priors)
 
     def finish(self, ctx: DistillContext) -> None:

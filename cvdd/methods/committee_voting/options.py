@@ -24,7 +24,8 @@ class RecoverOptions:
     """The optimisation of a set's images: ``iterations`` of Adam at ``lr`` on CE + ``r_bn`` × the BN-statistics
     term (the first BN layer's × ``first_bn_multiplier``), ``class_block`` classes per unit, the augmentation
     (``crop_scale``, ``jitter``), the initialisation (``init``) and the memory layout (``grouping``, ``group_images``,
-    ``wave_images``; results change by float rounding only). ``configured`` keeps the settings as given: the recipe
+    ``wave_images``; results change by float rounding only) and ``snapshot_every`` (iterations between mid-wave
+    snapshots; no effect on results). ``configured`` keeps the settings as given: the recipe
     fingerprints them as written, so a set made before this class existed is still recognised."""
 
     iterations: int
@@ -38,6 +39,7 @@ class RecoverOptions:
     group_images: int | None
     wave_images: int | None
     keep_units: bool
+    snapshot_every: int
     init: Mapping[str, Any]
     configured: Mapping[str, Any]
 
@@ -58,6 +60,7 @@ class RecoverOptions:
             group_images=optional_int(given.get("group_images")),
             wave_images=optional_int(given.get("wave_images")),
             keep_units=bool(given.get("keep_units", True)),
+            snapshot_every=int(given.get("snapshot_every", 0)),
             init=dict(given["init"]),
             configured=given,
         )
@@ -73,6 +76,8 @@ class RecoverOptions:
                 + ": a group is optimised at once; raise wave_images, or lower group_images (results change by "
                 "float rounding only)"
             )
+        if self.snapshot_every < 0:
+            raise ConfigError(f"{KEY}.snapshot_every={self.snapshot_every} must be >= 0 iterations (0: no snapshots)")
         if self.init.get("mode") not in INIT_MODES:
             raise ConfigError(f"{KEY}.init.mode={self.init.get('mode')!r}; choose from {', '.join(INIT_MODES)}")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import lightning as L
 import torch
@@ -33,6 +33,7 @@ from cvdd.methods.committee_voting.memory import (
     member_bytes_per_image,
     wave_bytes_per_image,
 )
+from cvdd.methods.committee_voting.snapshots import GroupSnapshots
 from cvdd.runtime import log
 from cvdd.runtime.finite import LossWatch
 from cvdd.runtime.hardware import peak_memory_mib
@@ -108,6 +109,14 @@ class UnitAugmenter:
         return torch.stack(rolled).reshape(g * b, c, h, w)
 
 
+def on_cpu(optimizer_state: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer's ``state_dict`` with its tensors on the CPU (a snapshot loads on any device)."""
+    state = {
+        i: {k: v.cpu() if torch.is_tensor(v) else v for k, v in s.items()} for i, s in optimizer_state["state"].items()
+    }
+    return {**optimizer_state, "state": state}
+
+
 UnitCallback = Callable[[Unit, torch.Tensor, dict[str, dict[str, float]]], None]
 
 
@@ -133,6 +142,27 @@ class GroupState:
             for m in members
         }
         self.index = torch.arange(len(self.units), device=device)
+        self.resume_at = 0  # the first iteration to compute: later when restored from a snapshot
+
+    def state(self) -> dict[str, Any]:
+        """Everything the group's remaining iterations read: images, Adam, augmentation streams, last losses."""
+        return {
+            "units": [u.key for u in self.units],
+            "images": self.images.detach().cpu(),
+            "optimizer": on_cpu(self.optimizer.state_dict()),
+            "generators": [g.get_state() for g in self.augment.generators],
+            "last_losses": {m: t.cpu() for m, t in self.last_losses.items()},
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state` (Adam's moments follow the images onto their device)."""
+        with torch.no_grad():
+            self.images.copy_(state["images"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        for generator, saved in zip(self.augment.generators, state["generators"], strict=True):
+            generator.set_state(saved)
+        for member, losses in state["last_losses"].items():
+            self.last_losses[member].copy_(losses)
 
     def start_step(self) -> None:
         """Draw this step's augmentation of the group's images; member passes read it, detached."""
@@ -224,6 +254,7 @@ class RecoverModule(L.LightningModule):
         done: frozenset[str] = frozenset(),
         image_shape: Sequence[int] = (),
         member_workers: int = 1,
+        snapshots: GroupSnapshots | None = None,
     ):
         super().__init__()
         self.automatic_optimization = False
@@ -237,6 +268,7 @@ class RecoverModule(L.LightningModule):
         self.settings = settings
         self.on_unit_done = on_unit_done
         self.member_workers = member_workers
+        self.snapshots = snapshots
         self.passes = MemberPasses(1, 1)
         low, high = (torch.tensor(v, dtype=torch.float32).view(1, 1, -1, 1, 1) for v in pixel_range)
         self.register_buffer("low", low, persistent=False)
@@ -355,6 +387,29 @@ class RecoverModule(L.LightningModule):
             GroupState(units, self.init_images(units).to(self.device), self.settings, self.layout.grouping)
             for units in groups
         ]
+        self._restore_snapshots()
+
+    def _restore_snapshots(self) -> None:
+        """Each group of the wave goes on from its own snapshot, if it has one: a group's steps touch only its own
+        state, so groups (and ranks: a wave's steps hold no collective) may resume at different iterations — after a
+        kill between two groups' writes, or on another number of ranks."""
+        if self.snapshots is None:
+            return
+        for group in self.groups:
+            state = self.snapshots.load(group.units)
+            if state is not None:
+                group.restore(state)
+                group.resume_at = int(state["iterations_done"])
+        resumed = sorted({g.resume_at for g in self.groups if g.resume_at})
+        if resumed:
+            log.info(
+                "recover wave %d: %d of %d group(s) resume at iteration %s of %d (snapshots)",
+                self._wave + 1,
+                sum(1 for g in self.groups if g.resume_at),
+                len(self.groups),
+                "/".join(map(str, resumed)),
+                self.settings.iterations,
+            )
 
     def training_step(self, batch, batch_idx: int) -> None:
         iters = self.settings.iterations
@@ -362,26 +417,30 @@ class RecoverModule(L.LightningModule):
         self._step = step
         if wave != self._wave:
             self._start_wave(wave)
-        if self.groups:
-            self._optimise(step)
+        active = [group for group in self.groups if step >= group.resume_at]
+        if active:
+            self._optimise(active, step)
+            if self.snapshots is not None and self.snapshots.due(step + 1, iters):
+                for group in active:
+                    self.snapshots.save(group, step + 1)
         if step == iters - 1:
             self._refuse_non_finite()  # every rank, groups or not: the ranks agree before any unit is written
             if self.groups:
                 self._finish_wave()
         return None
 
-    def _optimise(self, step: int) -> None:
-        """One iteration of every group of this rank's wave."""
+    def _optimise(self, groups: list[GroupState], step: int) -> None:
+        """One iteration of ``groups`` (this rank's wave, less groups resumed at a later iteration)."""
         self.committee.assert_frozen()
         lr = self.settings.lr * cosine_factor(step / self.settings.iterations)
-        for group in self.groups:
+        for group in groups:
             for param_group in group.optimizer.param_groups:
                 param_group["lr"] = lr
             group.optimizer.zero_grad(set_to_none=True)
-        surrogate = step_surrogate(self.groups, self.committee, self.settings.r_bn, self.passes)
+        surrogate = step_surrogate(groups, self.committee, self.settings.r_bn, self.passes)
         self.loss_watch.see(surrogate, step)
         self.manual_backward(surrogate)  # the groups' graphs are disjoint: each gets exactly its own gradient
-        for group in self.groups:
+        for group in groups:
             group.optimizer.step()
             with torch.no_grad():
                 group.images.copy_(torch.maximum(torch.minimum(group.images, self.high), self.low))
@@ -414,6 +473,8 @@ class RecoverModule(L.LightningModule):
             for i, unit in enumerate(group.units):
                 per_member = {m: {"ce": float(losses[m][i, 0]), "bn": float(losses[m][i, 1])} for m in unit.members}
                 self.on_unit_done(unit, images[i], per_member)
+            if self.snapshots is not None:
+                self.snapshots.drop(group.units)
         self.groups = []
 
     def _refuse_non_finite(self) -> None:
