@@ -264,6 +264,26 @@ def test_ddp_cpu_gives_bitwise_the_images_of_one_process_at_the_same_thread_coun
     assert manifest["files"]["images.pt"] == single["files"]["images.pt"], "the assembled file is the same bytes"
 
 
+@pytest.mark.slow
+def test_snapshots_of_two_ranks_resume_in_one_process_bitwise(make_cfg, workdir: Path, monkeypatch, caplog):
+    """Snapshots are named by their group's units, not by rank: a two-process run killed mid-wave goes on in one
+    process to the images of an uninterrupted one-process run (same thread count)."""
+    split = (*FAST, "method.recover.iterations=6", "method.recover.snapshot_every=2", "method.recover.group_images=10")
+    split = (*split, "hardware.threads=1")
+    distill(make_cfg("distill", *split, "set=single"))
+    GlobalHydra.instance().clear()
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))  # the ranks import CrashAtStep from this file
+    crash = ("+callbacks.crash._target_=test_recover.CrashAtStep", "+callbacks.crash.step=5")
+    with pytest.raises(AssertionError, match="simulated kill"):
+        run_cli("distill.py", *split, "set=resumed", "hardware=ddp_cpu", *crash, cwd=workdir, timeout=300)
+    folder = workdir / "artifacts" / "digits" / "distilled" / "resumed" / "units" / "snapshots"
+    assert len(list(folder.glob("group_*.pt"))) == 2, "each rank saved its own group"
+    caplog.set_level("INFO")
+    distill(make_cfg("distill", *split, "set=resumed"))
+    assert "2 of 2 group(s) resume at iteration 4 of 6" in caplog.text
+    assert torch.equal(images_of(workdir, "single"), images_of(workdir, "resumed"))
+
+
 def test_member_passes_side_by_side_give_bitwise_the_images_of_one_thread(make_cfg, workdir: Path):
     """Two threads run the members' passes at once, one intra-op thread each: the same arithmetic as one thread
     running them in turn (each pass's gradient is its own, summed in a fixed order), so the same images."""
