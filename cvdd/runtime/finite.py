@@ -46,6 +46,13 @@ class LossWatch:
         late = (self._first < 0) & ~torch.isfinite(loss.detach())
         self._first = torch.where(late, torch.full_like(self._first, step), self._first)
 
+    def see_epoch_step(self, module, loss: torch.Tensor, batch_idx: int, what: str, keys: str) -> None:
+        """:meth:`see` one training step of a LightningModule ``module``, and :meth:`check` in its epoch's last step,
+        where every rank is in step (a module driven by hand, without a trainer, only sees)."""
+        self.see(loss, batch_idx)
+        if module._trainer is not None and batch_idx == module.trainer.num_training_batches - 1:
+            self.check(module.all_gather, module.device, what, f"epoch {module.current_epoch + 1}", keys)
+
     def check(
         self,
         gather: Callable[[torch.Tensor], torch.Tensor],

@@ -223,15 +223,13 @@ class StudentModule(L.LightningModule):
         """Log the step's loss over all ranks and watch it; in the epoch's last step, every rank stops together if
         a step's loss was not finite (before any result is written)."""
         self.log("train/loss", loss.detach(), prog_bar=True, sync_dist=True, reduce_fx=reduce)
-        self.loss_watch.see(loss, batch_idx)
-        if self._trainer is not None and batch_idx == self.trainer.num_training_batches - 1:
-            self.loss_watch.check(
-                self.all_gather,
-                self.device,
-                "the student's training loss",
-                f"epoch {self.current_epoch + 1}",
-                "validate.lr, validate.temperature (> 0) and the labels (relabel.temperature)",
-            )
+        self.loss_watch.see_epoch_step(
+            self,
+            loss,
+            batch_idx,
+            "the student's training loss",
+            "validate.lr, validate.temperature (> 0) and the labels (relabel.temperature)",
+        )
 
     def test_loader(self) -> DataLoader:
         """The test set, this rank's shard (every sample once over all ranks), in batches of ``loader["batch_size"]``

@@ -65,10 +65,7 @@ class TeacherModule(L.LightningModule):
         loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
         self.train_top1(logits, labels)
         self.log("train/loss", loss, prog_bar=True)
-        self.loss_watch.see(loss, batch_idx)
-        if self._trainer is not None and batch_idx == self.trainer.num_training_batches - 1:  # every rank, in step
-            epoch = f"epoch {self.current_epoch + 1}"
-            self.loss_watch.check(self.all_gather, self.device, "the teacher's training loss", epoch, "squeeze.lr")
+        self.loss_watch.see_epoch_step(self, loss, batch_idx, "the teacher's training loss", "squeeze.lr")
         self.log("train/top1", self.train_top1, on_step=False, on_epoch=True)
         return loss
 

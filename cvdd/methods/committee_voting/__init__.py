@@ -149,8 +149,6 @@ class CommitteeVoting(Method):
 
         layout = Layout(rec.grouping, rec.group_images, rec.wave_images)
         snapshots = GroupSnapshots(artifact.folder / "units" / "snapshots", rec.snapshot_every, recipe_hash)
-        if cfg.get("overwrite", False):
-            shutil.rmtree(snapshots.folder, ignore_errors=True)
         module = RecoverModule(
             committee,
             units=units,

@@ -33,7 +33,7 @@ from cvdd.methods.committee_voting.memory import (
     member_bytes_per_image,
     wave_bytes_per_image,
 )
-from cvdd.methods.committee_voting.snapshots import GroupSnapshots
+from cvdd.methods.committee_voting.snapshots import GroupSnapshots, on_cpu
 from cvdd.runtime import log
 from cvdd.runtime.finite import LossWatch
 from cvdd.runtime.hardware import peak_memory_mib
@@ -107,14 +107,6 @@ class UnitAugmenter:
         out = resized_crop(images.reshape(g * b, c, h, w), theta, (h, w)).reshape(g, b, c, h, w)
         rolled = [torch.roll(out[i], shifts=shifts[i], dims=(-2, -1)) for i in range(g)]
         return torch.stack(rolled).reshape(g * b, c, h, w)
-
-
-def on_cpu(optimizer_state: dict[str, Any]) -> dict[str, Any]:
-    """An optimizer's ``state_dict`` with its tensors on the CPU (a snapshot loads on any device)."""
-    state = {
-        i: {k: v.cpu() if torch.is_tensor(v) else v for k, v in s.items()} for i, s in optimizer_state["state"].items()
-    }
-    return {**optimizer_state, "state": state}
 
 
 UnitCallback = Callable[[Unit, torch.Tensor, dict[str, dict[str, float]]], None]
@@ -400,14 +392,14 @@ class RecoverModule(L.LightningModule):
             if state is not None:
                 group.restore(state)
                 group.resume_at = int(state["iterations_done"])
-        resumed = sorted({g.resume_at for g in self.groups if g.resume_at})
+        resumed = [g for g in self.groups if g.resume_at]
         if resumed:
             log.info(
                 "recover wave %d: %d of %d group(s) resume at iteration %s of %d (snapshots)",
                 self._wave + 1,
-                sum(1 for g in self.groups if g.resume_at),
+                len(resumed),
                 len(self.groups),
-                "/".join(map(str, resumed)),
+                "/".join(map(str, sorted({g.resume_at for g in resumed}))),
                 self.settings.iterations,
             )
 

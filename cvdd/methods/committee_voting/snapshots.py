@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from cvdd.artifacts.io import ArtifactCorruptError, load_tensors, save_tensors
 from cvdd.runtime import log
 
@@ -20,13 +22,19 @@ if TYPE_CHECKING:
     from cvdd.methods.committee_voting.recover import GroupState, Unit
 
 
+def on_cpu(optimizer_state: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer's ``state_dict`` with its tensors on the CPU (a snapshot loads on any device)."""
+    state = {
+        i: {k: v.cpu() if torch.is_tensor(v) else v for k, v in s.items()} for i, s in optimizer_state["state"].items()
+    }
+    return {**optimizer_state, "state": state}
+
+
 class GroupSnapshots:
     """Snapshots of recover groups in ``folder`` for one recipe (``recipe``: its fingerprint), every ``every``
-    iterations (0: never)."""
+    iterations (0: never; ``method.recover.snapshot_every``, checked by :class:`.options.RecoverOptions`)."""
 
     def __init__(self, folder: Path, every: int, recipe: str):
-        if every < 0:
-            raise ValueError(f"snapshot interval must be >= 0 iterations, got {every}")
         self.folder, self.every, self.recipe = Path(folder), int(every), recipe
 
     def due(self, done: int, iterations: int) -> bool:
