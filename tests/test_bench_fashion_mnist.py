@@ -239,6 +239,33 @@ def test_v3_compares_measured_priors_with_v2_and_reports_ior_per_seed(state: Pat
     assert not any(line.startswith("| 1 |") for line in lines)  # no v3 cell at IPC 1
 
 
+def test_v3_at_another_ipc_reports_the_ior_of_the_iterations_it_ran(state: Path, monkeypatch: pytest.MonkeyPatch):
+    b = bench.Bench(state / "work", state / "out")
+    crop, released = bench.ALT_CROP, bench.RELEASED_ITERATIONS
+    ran: list = []
+    monkeypatch.setattr(b, "cell", ran.append)
+    b.v3_at(crop, 1, [0, 1], [released])
+    assert [(c.method, c.seed, c.labels, c.iterations) for c in ran] == [
+        (bench.V3, 0, "soft", released),
+        (bench.REAL_V3, 0, "soft", bench.ITERATIONS),
+        (bench.V3, 0, "hard", released),
+        (bench.V3, 1, "soft", released),
+        (bench.REAL_V3, 1, "soft", bench.ITERATIONS),
+        (bench.V3, 1, "hard", released),
+    ]
+    b.state["cells"].update(
+        [
+            finished(Cell(bench.V3, 1, 0, crop, iterations=released), 60.0),
+            finished(Cell(bench.V3, 1, 1, crop, iterations=released), 58.0),
+            finished(Cell(bench.REAL_V3, 1, 0, crop), 57.0),
+            finished(Cell(bench.REAL_V3, 1, 1, crop), 59.0),
+        ]
+    )
+    row = next(line for line in bench.v3_lines(state / "work", b.state) if line.startswith("| 1 |"))
+    # only 4,000-iteration sets at IPC 1: no 1,000-iteration IOR, the 4,000-iteration one per seed (60 − 57, 58 − 59)
+    assert row.endswith("| – | +1.00 (seeds: +3.00, -1.00) |")
+
+
 def test_diversity_rows_join_sets_with_their_students_and_rank_correlate_per_ipc(state: Path):
     b = bench.Bench(state / "work", state / "out")
     crop = bench.ALT_CROP
