@@ -480,6 +480,8 @@ class Bench:
                 root = self.work / "artifacts"
                 nets = load_committee(root, DATASET, COMMITTEE, manifest["classes"], None, 1.0).members
             names, labels, _ = png_files(manifest["files"])
+            if labels.unique().numel() == len(names):
+                continue  # one image per class (IPC 1): no within-class distance
             pixels = read_pngs(folder, names, manifest["files"], f"delete {folder} and run the benchmark again")
             found = set_diversity(pixels, labels, nets, spec.mean, spec.std)
             cache[folder.name] = {**found, "fingerprint": manifest["fingerprint"]}
