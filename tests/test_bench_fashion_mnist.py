@@ -231,9 +231,10 @@ def test_v3_compares_measured_priors_with_v2_and_reports_ior_per_seed(state: Pat
     )
     lines = bench.v3_lines(state / "work", b.state)
     row = next(line for line in lines if line.startswith("| 10 |"))
-    # v2 CV-DD 86.5 ± 0.71; v3 87.5 ± 0.71; v3 at 4,000 it. 89.0; IOR seeds 88 − 85.5, 87 − 85.0
-    assert "| 86.50 ± 0.71 (n=2) | 87.50 ± 0.71 (n=2) | 89.00 ± 0.00 (n=1) | +2.25 (seeds: +2.50, +2.00) |" in row
-    assert "* IPC 10: measured priors +1.00 points over v2's CV-DD" in lines
+    # v2 CV-DD 86.5 ± 0.71, no rerun yet; v3 87.5 ± 0.71; v3 at 4,000 it. 89.0; IOR seeds 88 − 85.5, 87 − 85.0
+    assert "| 86.50 ± 0.71 (n=2) | – | 87.50 ± 0.71 (n=2) | 89.00 ± 0.00 (n=1) | +2.25 (seeds: +2.50, +2.00) |" in row
+    assert "* IPC 10: measured priors +1.00 points over v2's CV-DD as recorded" in lines
+    assert not any(line.startswith("* IPC 10:") and "made again" in line for line in lines)  # no rerun to compare
     assert "* IPC 10: 4,000 instead of 1,000 iterations +1.50 points more" in lines
     assert "Priors not measured yet." in lines
     assert not any(line.startswith("| 1 |") for line in lines)  # no v3 cell at IPC 1
@@ -269,14 +270,47 @@ def test_v3_at_another_ipc_reports_the_ior_of_the_iterations_it_ran(state: Path,
 def test_diversity_rows_join_sets_with_their_students_and_rank_correlate_per_ipc(state: Path):
     b = bench.Bench(state / "work", state / "out")
     crop = bench.ALT_CROP
-    b.state["cells"].update([finished(Cell("rded", 10, 0, crop), 80.0), finished(Cell(bench.V3, 10, 0, crop), 88.0)])
+    # sets on disk are v2's recipes made again (rerun, with their own students) and v3's; v2's records are not joined
+    reruns = {"random_real": 85.0, "sre2l": 84.0, "rded": 80.0, "cvdd": 87.0}
+    b.state["cells"].update(finished(Cell(m, 10, 0, crop, rerun=True), v) for m, v in reruns.items())
+    b.state["cells"].update([finished(Cell(bench.V3, 10, 0, crop), 88.0)])
     values = {"random_real": 0.5, "sre2l": 0.1, "rded": 0.3, "cvdd": 0.4, bench.V3: 0.45}
     b.state["diversity"] = {
         Cell(m, 10, 0, crop).set_name: {"pixels": v, "features": 1 - v, "fingerprint": "x"} for m, v in values.items()
     }
     lines = bench.diversity_lines(b.state)
-    assert "| cvdd, 1000 it. | 10 | 0 | 0.400 | 0.600 | 87.00 |" in lines
-    assert "| random_real | 10 | 0 | 0.500 | 0.500 | 85.00 |" in lines
+    assert "| cvdd (rerun), 1000 it. | 10 | 0 | 0.400 | 0.600 | 87.00 |" in lines
+    assert "| random_real (rerun) | 10 | 0 | 0.500 | 0.500 | 85.00 |" in lines
     assert sum(line.startswith("| ") for line in lines) == 1 + 5  # the header and five sets with a student
     # top-1 ranks 4, 2, 3, 1, 5 against pixel ranks 3, 1, 5, 2, 4: Σd² = 8, ρ = 1 − 6·8 / 120 = +0.60
     assert "* IPC 10 (5 sets): Spearman ρ of top-1 with pixel diversity +0.60, with feature diversity -0.60" in lines
+
+
+def test_a_rerun_of_v2_remakes_its_set_apart_and_becomes_v3_s_comparison(state: Path, monkeypatch: pytest.MonkeyPatch):
+    b = bench.Bench(state / "work", state / "out")
+    crop = bench.ALT_CROP
+    calls: list[tuple[str, list[str]]] = []
+
+    def job(config_name, run, overrides, folder):
+        calls.append((config_name, overrides))
+        return {"test_top1": 85.0, "test_top1_best": 85.5}, 1.0, 2.0
+
+    monkeypatch.setattr(b, "job", job)
+    b.stage(f"distill/{Cell('cvdd', 10, 1, crop).set_name}", "distill", None, [])  # v2's record of the set
+    calls.clear()
+    b.rerun_v2(crop, [10], ["cvdd"], [0, 1])
+    # v2's records of the same set name do not stand in for the rerun: every stage runs again, under v2's set name
+    assert [name for name, _ in calls] == ["distill", "relabel", "evaluate"] * 2
+    assert all(f"set={Cell('cvdd', 10, s, crop).set_name}" in calls[3 * s][1] for s in (0, 1))
+    assert "distill/cvdd_ipc10_it1000_crop0.5_s1/rerun" in b.state["stages"]
+    assert "cvdd/ipc10/s1/crop0.5/soft/e300/it1000/rerun" in b.state["cells"]
+    # the grid (targets, v2's tables) keeps v2's cells only: 86.5 = mean of 87 and 86
+    assert bench.mean_of(bench.grid_cells(b.state, labels="soft"), "cvdd", 10)[0] == pytest.approx(86.5)
+    # v3 (86.0) beats v2's rerun (85.0 in both seeds), the comparison once it covers v3's seeds, not its record (86.5)
+    b.state["cells"].update([finished(Cell(bench.V3, 10, s, crop), 86.0) for s in (0, 1)])
+    assert b.v3_better() == [bench.ITERATIONS]
+    del b.state["cells"]["cvdd/ipc10/s1/crop0.5/soft/e300/it1000/rerun"]
+    assert b.v3_better() == []  # seed 1 not rerun: v2's record is the comparison
+    lines = bench.v3_lines(state / "work", b.state)
+    assert "* IPC 10: v2's CV-DD made again in v3's environment -1.50 points over v2's record (n=1)" in lines
+    assert "* IPC 10: measured priors +1.00 points over v2's CV-DD made again" in lines
