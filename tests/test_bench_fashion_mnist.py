@@ -236,6 +236,7 @@ def test_v3_compares_measured_priors_with_v2_and_reports_ior_per_seed(state: Pat
     assert "* IPC 10: measured priors +1.00 points over v2's CV-DD as recorded" in lines
     assert not any(line.startswith("* IPC 10:") and "made again" in line for line in lines)  # no rerun to compare
     assert "* IPC 10: 4,000 instead of 1,000 iterations +1.50 points more" in lines
+    assert "* IPC 10: measured priors and 4,000 iterations together +2.50 points over v2's CV-DD as recorded" in lines
     assert "Priors not measured yet." in lines
     assert not any(line.startswith("| 1 |") for line in lines)  # no v3 cell at IPC 1
 
