@@ -27,6 +27,19 @@ def finished(cell, top1: float, best: float | None = None) -> tuple[str, dict]:
     return cell.key, {**asdict(cell), "test_top1": top1, "test_top1_best": best or top1 + 0.5, "seconds": 1.0}
 
 
+def record_jobs(b, monkeypatch: pytest.MonkeyPatch, top1: float) -> list[tuple[str, list[str]]]:
+    """Stands in for the bench's jobs: each call's config name and overrides are recorded, every student scores
+    ``top1``."""
+    calls: list[tuple[str, list[str]]] = []
+
+    def job(config_name, run, overrides, folder):
+        calls.append((config_name, overrides))
+        return {"test_top1": top1, "test_top1_best": top1 + 0.5}, 1.0, 2.0
+
+    monkeypatch.setattr(b, "job", job)
+    return calls
+
+
 @pytest.fixture
 def state(tmp_path: Path) -> Path:
     crop = bench.ALT_CROP
@@ -139,13 +152,7 @@ def test_finished_cells_are_skipped(state: Path, monkeypatch: pytest.MonkeyPatch
 def test_a_check_changes_only_what_it_names_and_stays_out_of_the_grid(state: Path, monkeypatch: pytest.MonkeyPatch):
     b = bench.Bench(state / "work", state / "out")
     crop = bench.ALT_CROP
-    calls: list[tuple[str, list[str]]] = []
-
-    def job(config_name, run, overrides, folder):
-        calls.append((config_name, overrides))
-        return {"test_top1": 88.0, "test_top1_best": 88.5}, 1.0, 2.0
-
-    monkeypatch.setattr(b, "job", job)
+    calls = record_jobs(b, monkeypatch, 88.0)
     b.cell(Cell("cvdd", 10, 0, crop, check="init_real"))
     distilled = [o for name, o in calls if name == "distill"]
     assert distilled and "method.recover.init.mode=real" in distilled[0]
@@ -290,13 +297,7 @@ def test_diversity_rows_join_sets_with_their_students_and_rank_correlate_per_ipc
 def test_a_rerun_of_v2_remakes_its_set_apart_and_becomes_v3_s_comparison(state: Path, monkeypatch: pytest.MonkeyPatch):
     b = bench.Bench(state / "work", state / "out")
     crop = bench.ALT_CROP
-    calls: list[tuple[str, list[str]]] = []
-
-    def job(config_name, run, overrides, folder):
-        calls.append((config_name, overrides))
-        return {"test_top1": 85.0, "test_top1_best": 85.5}, 1.0, 2.0
-
-    monkeypatch.setattr(b, "job", job)
+    calls = record_jobs(b, monkeypatch, 85.0)
     b.stage(f"distill/{Cell('cvdd', 10, 1, crop).set_name}", "distill", None, [])  # v2's record of the set
     calls.clear()
     b.rerun_v2(crop, [10], ["cvdd"], [0, 1])
