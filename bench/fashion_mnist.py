@@ -565,9 +565,10 @@ def select(cells: dict, **match) -> list[dict]:
     return [c for c in cells.values() if all(c.get(k) == v for k, v in match.items())]
 
 
-def grid_cells(state: dict, teachers: str | None = None, **match) -> list[dict]:
+def grid_cells(state: dict, teachers: str | None = None, rerun: bool = False, **match) -> list[dict]:
     """The grid's cells (chosen crop, 300 epochs, 1,000 iterations, fast numerics, no check): under their own
-    labelling teachers, or under ``teachers`` (random real images labelled as SRe2L++'s are, for its IOR)."""
+    labelling teachers, or under ``teachers`` (random real images labelled as SRe2L++'s are, for its IOR); v2's as
+    recorded, or with ``rerun`` those made again in v3's environment (:meth:`Bench.rerun_v2`)."""
     crop = state.get("crop", {}).get("chosen", PAPER_CROP)
     cells = select(
         state["cells"],
@@ -579,21 +580,15 @@ def grid_cells(state: dict, teachers: str | None = None, **match) -> list[dict]:
         check=None,
         **match,
     )
-    return [c for c in cells if c["method"] in ORDER and not c.get("rerun")]  # v3's and reruns are reported apart
-
-
-def rerun_cells(state: dict) -> list[dict]:
-    """v2's soft-label cells made again in v3's environment (:meth:`Bench.rerun_v2`)."""
-    crop = state.get("crop", {}).get("chosen", PAPER_CROP)
-    cells = select(state["cells"], crop=crop, epochs=EPOCHS, iterations=ITERATIONS, precision="auto", labels="soft")
-    return [c for c in cells if c.get("rerun") and not c.get("check") and not c.get("teachers")]
+    # v2's methods (v3's are reported on their own); records from before reruns existed have no "rerun" field
+    return [c for c in cells if c["method"] in ORDER and bool(c.get("rerun")) == rerun]
 
 
 def v2_cvdd(state: dict, ipc: int) -> tuple[float, float, int] | None:
     """v2's CV-DD at ``ipc`` to compare v3 with: its rerun in v3's environment once every seed v3 ran at that IPC
     has one, else v2's recorded cells (another environment)."""
     v3_seeds = {c["seed"] for c in v3_cells(state) if c["method"] == V3 and c["ipc"] == ipc}
-    rerun = [c for c in rerun_cells(state) if c["method"] == "cvdd" and c["ipc"] == ipc]
+    rerun = [c for c in grid_cells(state, labels="soft", rerun=True) if c["method"] == "cvdd" and c["ipc"] == ipc]
     if v3_seeds and v3_seeds <= {c["seed"] for c in rerun}:
         return mean_of([c for c in rerun if c["seed"] in v3_seeds], "cvdd", ipc)
     return mean_of(grid_cells(state, labels="soft"), "cvdd", ipc)
@@ -936,7 +931,7 @@ def v3_lines(work: Path, state: dict) -> list[str]:
     """v2's CV-DD (as recorded, and made again in v3's environment) against v3's (measured priors; then the
     released 4,000 iterations), random real images under both labellings, IOR with its seeds, and what each change
     bought."""
-    v2, rerun = grid_cells(state, labels="soft"), rerun_cells(state)
+    v2, rerun = grid_cells(state, labels="soft"), grid_cells(state, labels="soft", rerun=True)
     by_ipc = []
     for ipc in IPCS:
         new = {i: mean_of(v3_cells(state, i), V3, ipc) for i in (ITERATIONS, RELEASED_ITERATIONS)}
@@ -1038,7 +1033,7 @@ def diversity_lines(state: dict) -> list[str]:
     its soft-label top-1, and per IPC the rank correlation of each diversity with top-1 over the sets. v2's own
     sets are not on disk, and a set made again in v3's environment is not v2's, so v2's records are not joined."""
     found = state.get("diversity", {})
-    cells = [c for c in [*rerun_cells(state), *v3_cells(state)] if c["method"] != REAL_V3]
+    cells = [c for c in [*grid_cells(state, labels="soft", rerun=True), *v3_cells(state)] if c["method"] != REAL_V3]
     rows, by_ipc = [], {}
     for c in sorted(cells, key=lambda c: (c["ipc"], c["method"], c["iterations"], c["seed"])):
         d = found.get(cell_of(c).set_name)
@@ -1211,7 +1206,8 @@ def main() -> None:
     tick()
     bench.v3_at(crop, 50, args.seeds, better)  # the longest cells (hours) last
     tick()
-    bench.rerun_v2(crop, [50], ["cvdd", "random_real"], args.seeds if better else [])
+    if better:  # v3 ran at IPC 50: its control there
+        bench.rerun_v2(crop, [50], ["cvdd", "random_real"], args.seeds)
     bench.rerun_v2(crop, [50], ORDER, [0])
     tick()
     print((args.out / "fashion_mnist.md").read_text())
