@@ -296,6 +296,16 @@ def test_member_passes_side_by_side_give_bitwise_the_images_of_one_thread(make_c
     assert [u["cpu_threads"] for u in in_turn["units"]] == [2, 2, 2], "one pass at a time has both threads"
 
 
+def test_one_member_alone_keeps_every_thread_in_its_pass(make_cfg, workdir: Path):
+    """SRe2L++ (a prior's measurement) has one member pass per step: run side by side it would leave all but one
+    thread idle, so by default it runs with both; an explicit count is still honoured."""
+    common = (*FAST, "method=sre2l", "hardware.threads=2")
+    alone = distill(make_cfg("distill", *common, "set=alone"))
+    assert [u["cpu_threads"] for u in alone["units"]] == [2, 2]
+    asked = distill(make_cfg("distill", *common, "set=asked", "hardware.member_threads=2"))
+    assert [u["cpu_threads"] for u in asked["units"]] == [1, 1]
+
+
 def test_resuming_at_another_thread_count_is_refused(make_cfg, workdir: Path):
     common = (*FAST, "method.recover.group_images=10")
     distill(make_cfg("distill", *common, "hardware.threads=1"))

@@ -119,6 +119,12 @@ def test_teacher_passes_side_by_side_give_bitwise_the_labels_of_one_thread(make_
     assert one["cpu_threads"] == both["cpu_threads"] == 1
 
 
+def test_one_teacher_alone_labels_with_every_thread(make_cfg, distilled: Path):
+    one = ("hardware.threads=2", "relabel.teachers=resnet18_small")
+    assert relabel(make_cfg("relabel", *RELABEL, *one))["cpu_threads"] == 2  # one pass per step: both threads
+    assert relabel(make_cfg("relabel", *RELABEL, "hardware.threads=2", "overwrite=true"))["cpu_threads"] == 1
+
+
 def test_relabel_resumed_at_another_thread_count_is_refused(make_cfg, distilled: Path):
     in_turn = ("hardware.threads=2", "hardware.member_threads=1")  # teacher passes with two intra-op threads
     relabel(make_cfg("relabel", *RELABEL, *in_turn))

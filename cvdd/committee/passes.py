@@ -24,12 +24,16 @@ Job = TypeVar("Job")
 Result = TypeVar("Result")
 
 
-def member_workers(requested: int | str | None, threads: int, device_type: str) -> int:
-    """Passes run at once: ``requested``, or on CPU every thread its own pass (``threads``); one on a GPU."""
+def member_workers(requested: int | str | None, threads: int, device_type: str, members: int | None = None) -> int:
+    """Passes run at once: ``requested``, or on CPU every thread its own pass (``threads``) but no more than the
+    step's ``members`` (one member alone — SRe2L++, a prior's measurement — keeps every thread in its one pass
+    instead of leaving all but one idle); one on a GPU."""
     workers = requested_workers(requested)
     if device_type != "cpu":
         return 1
-    return max(1, threads) if workers is None else workers
+    if workers is None:
+        return max(1, min(threads, members or threads))
+    return workers
 
 
 def threads_per_pass(workers: int, threads: int) -> int:
@@ -37,12 +41,13 @@ def threads_per_pass(workers: int, threads: int) -> int:
     return max(1, threads // workers)
 
 
-def plan_passes(requested: int | str | None, threads: int | None) -> tuple[int, int | None]:
+def plan_passes(requested: int | str | None, threads: int | None, members: int | None = None) -> tuple[int, int | None]:
     """``(passes at once, intra-op threads of each pass)`` for a stage whose processes run ``threads`` CPU
-    threads; ``threads`` ``None`` (not on CPU) gives one pass at a time and no count to record."""
+    threads over ``members`` distinct members; ``threads`` ``None`` (not on CPU) gives one pass at a time and no
+    count to record."""
     if threads is None:
         return member_workers(requested, 1, "cuda"), None
-    workers = member_workers(requested, threads, "cpu")
+    workers = member_workers(requested, threads, "cpu", members)
     return workers, threads_per_pass(workers, threads)
 
 

@@ -133,7 +133,7 @@ def write_epochs(
     root, stamp, overwrite = Path(cfg.paths.artifacts), artifact.stamp, bool(cfg.overwrite)
     if isinstance(trainer.strategy, HydraDDPStrategy):
         trainer.strategy.wrap_model = False
-    workers, threads = plan_passes(cfg.hardware.get("member_threads"), cpu_threads(trainer))
+    workers, threads = plan_passes(cfg.hardware.get("member_threads"), cpu_threads(trainer), len(weights))
     todo = [e for e in range(plan.epochs) if overwrite or not (artifact.epoch_path(e).is_file() and stamp.is_file())]
     if len(todo) < plan.epochs:
         check_same_threads(

@@ -113,8 +113,9 @@ class CommitteeVoting(Method):
         cfg, committee, artifact, trainer = ctx.cfg, self._committee(ctx), ctx.artifact, ctx.trainer
         if isinstance(trainer.strategy, HydraDDPStrategy):
             trainer.strategy.wrap_model = False  # each rank owns its images: no broadcast, no gradient averaging
-        workers, threads = plan_passes(cfg.hardware.get("member_threads"), cpu_threads(trainer))
         units = plan_units(self.committee_config(cfg), ctx, self.recover.class_block, committee.priors)
+        members = len({m for unit in units for m in unit.members})
+        workers, threads = plan_passes(cfg.hardware.get("member_threads"), cpu_threads(trainer), members)
         done = set() if cfg.get("overwrite", False) else finished_units(artifact, units, recipe_hash, threads)
         if done:
             log.info("resuming %s: %d of %d units already finished", artifact.folder, len(done), len(units))
