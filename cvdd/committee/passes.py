@@ -26,8 +26,9 @@ Result = TypeVar("Result")
 
 def member_workers(requested: int | str | None, threads: int, device_type: str, members: int | None = None) -> int:
     """Passes run at once: ``requested``, or on CPU every thread its own pass (``threads``) but no more than the
-    step's ``members`` (one member alone — SRe2L++, a prior's measurement — keeps every thread in its one pass
-    instead of leaving all but one idle); one on a GPU."""
+    stage's distinct ``members`` (counted over the whole set, so every rank and resume agrees; one member alone —
+    SRe2L++, a prior's measurement — keeps every thread in its one pass instead of leaving all but one idle);
+    one on a GPU."""
     workers = requested_workers(requested)
     if device_type != "cpu":
         return 1
