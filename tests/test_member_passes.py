@@ -19,6 +19,9 @@ def test_workers_default_to_one_pass_per_cpu_thread_and_one_on_a_gpu():
     assert [threads_per_pass(w, 8) for w in (1, 2, 3, 8, 16)] == [8, 4, 2, 1, 1]
     # what a stage records: passes at once and each pass's intra-op threads (none off CPU)
     assert plan_passes(None, 2) == (2, 1) and plan_passes(1, 2) == (1, 2) and plan_passes(None, None) == (1, None)
+    # never more passes than members: one member alone keeps every thread, an explicit count is honoured
+    assert member_workers(None, 8, "cpu", members=5) == 5 and member_workers(None, 2, "cpu", members=5) == 2
+    assert plan_passes(None, 2, members=1) == (1, 2) and plan_passes(2, 2, members=1) == (2, 1)
 
 
 @pytest.mark.parametrize("bad", [0, -1, "many"])
