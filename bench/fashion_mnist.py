@@ -443,13 +443,15 @@ class Bench:
         one of them favours costs compute only, while skipping it would leave a reading untested."""
         v2 = [
             stat[0]
-            for stat in (v2_cvdd(self.state, 10), mean_of(grid_cells(self.state, labels="soft"), "cvdd", 10))
+            for stat in (v2_cvdd_made_again(self.state, 10), mean_of(grid_cells(self.state, labels="soft"), "cvdd", 10))
             if stat
         ]
+        if not v2:
+            return []
         return [
             i
             for i in (ITERATIONS, RELEASED_ITERATIONS)
-            if v2 and (v3 := mean_of(v3_cells(self.state, i), V3, 10)) and v3[0] > min(v2)
+            if (v3 := mean_of(v3_cells(self.state, i), V3, 10)) and v3[0] > min(v2)
         ]
 
     def v3_at(self, crop: float, ipc: int, seeds, iterations: list[int]) -> None:
@@ -592,14 +594,14 @@ def grid_cells(state: dict, teachers: str | None = None, rerun: bool = False, **
     return [c for c in cells if c["method"] in ORDER and bool(c.get("rerun")) == rerun]
 
 
-def v2_cvdd(state: dict, ipc: int) -> tuple[float, float, int] | None:
-    """v2's CV-DD at ``ipc`` to compare v3 with: its rerun in v3's environment once every seed v3 ran at that IPC
-    has one, else v2's recorded cells (another environment)."""
+def v2_cvdd_made_again(state: dict, ipc: int) -> tuple[float, float, int] | None:
+    """v2's CV-DD at ``ipc`` made again in v3's environment, over the seeds v3 ran there; ``None`` until each of
+    those seeds has its rerun."""
     v3_seeds = {c["seed"] for c in v3_cells(state) if c["method"] == V3 and c["ipc"] == ipc}
     rerun = [c for c in grid_cells(state, labels="soft", rerun=True) if c["method"] == "cvdd" and c["ipc"] == ipc]
     if v3_seeds and v3_seeds <= {c["seed"] for c in rerun}:
         return mean_of([c for c in rerun if c["seed"] in v3_seeds], "cvdd", ipc)
-    return mean_of(grid_cells(state, labels="soft"), "cvdd", ipc)
+    return None
 
 
 def mean_of(cells: list[dict], method: str, ipc: int, field: str = "test_top1") -> tuple[float, float, int] | None:
