@@ -44,8 +44,9 @@ from scipy.stats import spearmanr  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from cvdd.artifacts import TeacherArtifact, load_json, save_json  # noqa: E402
-from cvdd.artifacts.distilled import png_files, read_pngs  # noqa: E402
+from cvdd.artifacts.distilled import DistilledArtifact, png_files, read_pngs  # noqa: E402
 from cvdd.artifacts.grid import LABEL_WIDTH, distilled_grid, save_image_atomic  # noqa: E402
+from cvdd.artifacts.labels import LabelArtifact  # noqa: E402
 from cvdd.committee.committee import load_committee, voting_weights  # noqa: E402
 from cvdd.config.compose import compose_job  # noqa: E402
 from cvdd.data import get_spec, load_dataset  # noqa: E402
@@ -367,9 +368,10 @@ class Bench:
             return self.state["cells"][cell.key]
         common, made = set_overrides(cell)
         again = "/rerun" if cell.rerun else ""  # a rerun's set has v2's name: its stages are recorded apart
+        artifacts = self.variant_artifacts(cell.variant)
+        self.forget_lost_stages(cell, artifacts, again)
         self.stage(f"distill/{cell.set_name}{again}", "distill", distill, made)
         crop = f"[{cell.crop},1.0]"
-        artifacts = self.variant_artifacts(cell.variant)
         labelled = [
             *common,
             f"paths.artifacts={artifacts}",
@@ -393,6 +395,20 @@ class Bench:
         self.save()
         print(f"[bench] {cell.key}: top-1 {record['test_top1']:.2f}% (best {record['test_top1_best']:.2f}%)")
         return self.state["cells"][cell.key]
+
+    def forget_lost_stages(self, cell: Cell, artifacts: Path, again: str) -> None:
+        """An unfinished cell whose set or labels are not in the work folder (a fresh folder: the recorded stages
+        ran in another) runs those stages again: their records would skip work whose output is gone. The old
+        records are kept under ``lost_stages``."""
+        outputs = {
+            f"distill/{cell.set_name}{again}": DistilledArtifact(artifacts, DATASET, cell.set_name).manifest,
+            f"relabel/{cell.variant}/{cell.set_name}{again}": LabelArtifact(artifacts, DATASET, cell.set_name).folder,
+        }
+        for key, output in outputs.items():
+            if key in self.state["stages"] and not output.exists():
+                self.state.setdefault("lost_stages", {})[key] = self.state["stages"].pop(key)
+                self.save()
+                print(f"[bench] {key}: recorded, but {output} is gone: running it again", flush=True)
 
     def crop_ablation(self) -> float:
         """Both crop scales for every method at IPC 10, seed 0; the grid takes the better mean final top-1 over

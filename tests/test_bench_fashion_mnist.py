@@ -322,3 +322,26 @@ def test_a_rerun_of_v2_remakes_its_set_apart_and_becomes_v3_s_comparison(state: 
     assert b.v3_better() == [bench.ITERATIONS]
     b.state["cells"].update([finished(Cell(bench.V3, 10, s, crop), 86.4) for s in (0, 1)])
     assert b.v3_better() == []  # below both
+
+
+def test_stages_recorded_in_another_work_folder_run_again_when_their_output_is_gone(
+    state: Path, monkeypatch: pytest.MonkeyPatch
+):
+    b = bench.Bench(state / "work", state / "out")
+    crop = bench.ALT_CROP
+    calls = record_jobs(b, monkeypatch, 85.0)
+    cell = Cell("random_real", 50, 2, crop, rerun=True)
+    b.stage(f"distill/{cell.set_name}/rerun", "distill", None, [])  # recorded by a run in a folder now gone
+    calls.clear()
+    b.cell(cell)
+    assert [name for name, _ in calls] == ["distill", "relabel", "evaluate"]
+    assert f"distill/{cell.set_name}/rerun" in b.state["lost_stages"]
+    # a recorded stage whose output is there is not run again
+    other = Cell("random_real", 50, 1, crop, rerun=True)
+    b.stage(f"distill/{other.set_name}/rerun", "distill", None, [])
+    manifest = bench.DistilledArtifact(b.variant_artifacts(other.variant), bench.DATASET, other.set_name).manifest
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text("{}")
+    calls.clear()
+    b.cell(other)
+    assert [name for name, _ in calls] == ["relabel", "evaluate"]
