@@ -369,8 +369,14 @@ class Bench:
         common, made = set_overrides(cell)
         again = "/rerun" if cell.rerun else ""  # a rerun's set has v2's name: its stages are recorded apart
         artifacts = self.variant_artifacts(cell.variant)
-        self.forget_lost_stages(cell, artifacts, again)
-        self.stage(f"distill/{cell.set_name}{again}", "distill", distill, made)
+        distill_key, relabel_key = f"distill/{cell.set_name}{again}", f"relabel/{cell.variant}/{cell.set_name}{again}"
+        self.forget_lost_stages(
+            {
+                distill_key: DistilledArtifact(artifacts, DATASET, cell.set_name).manifest,
+                relabel_key: LabelArtifact(artifacts, DATASET, cell.set_name).folder,
+            }
+        )
+        self.stage(distill_key, "distill", distill, made)
         crop = f"[{cell.crop},1.0]"
         labelled = [
             *common,
@@ -381,7 +387,7 @@ class Bench:
             "relabel.halves=true",
         ]
         if cell.labels == "soft":
-            self.stage(f"relabel/{cell.variant}/{cell.set_name}{again}", "relabel", relabel, labelled)
+            self.stage(relabel_key, "relabel", relabel, labelled)
         method = cell.method if not cell.teachers else f"{cell.method}_by_{cell.teachers}"
         student = [
             *labelled,
@@ -396,19 +402,16 @@ class Bench:
         print(f"[bench] {cell.key}: top-1 {record['test_top1']:.2f}% (best {record['test_top1_best']:.2f}%)")
         return self.state["cells"][cell.key]
 
-    def forget_lost_stages(self, cell: Cell, artifacts: Path, again: str) -> None:
-        """An unfinished cell whose set or labels are not in the work folder (a fresh folder: the recorded stages
-        ran in another) runs those stages again: their records would skip work whose output is gone. The old
-        records are kept under ``lost_stages``."""
-        outputs = {
-            f"distill/{cell.set_name}{again}": DistilledArtifact(artifacts, DATASET, cell.set_name).manifest,
-            f"relabel/{cell.variant}/{cell.set_name}{again}": LabelArtifact(artifacts, DATASET, cell.set_name).folder,
-        }
-        for key, output in outputs.items():
-            if key in self.state["stages"] and not output.exists():
-                self.state.setdefault("lost_stages", {})[key] = self.state["stages"].pop(key)
-                self.save()
-                print(f"[bench] {key}: recorded, but {output} is gone: running it again", flush=True)
+    def forget_lost_stages(self, outputs: dict[str, Path]) -> None:
+        """Recorded stages (key → the output they wrote) whose output is not in the work folder (a fresh folder: they
+        ran in another) run again: their records would skip work whose output is gone. The old records are kept
+        under ``lost_stages``."""
+        lost = [key for key, output in outputs.items() if key in self.state["stages"] and not output.exists()]
+        for key in lost:
+            self.state.setdefault("lost_stages", {})[key] = self.state["stages"].pop(key)
+            print(f"[bench] {key}: recorded, but {outputs[key]} is gone: running it again", flush=True)
+        if lost:
+            self.save()
 
     def crop_ablation(self) -> float:
         """Both crop scales for every method at IPC 10, seed 0; the grid takes the better mean final top-1 over
