@@ -45,6 +45,25 @@ def test_the_curve_and_the_final_pass_report_the_same_accuracy_exactly():
     assert counts.compute() == final["top1"] == 100.0 * 109 / 360 != 100.0 * float(torch.tensor(109 / 360))
 
 
+def test_evaluation_runs_the_net_on_the_given_device_and_puts_it_back():
+    """After ``Trainer.fit`` on a GPU Lightning leaves the module on the CPU; the final pass must move the net to the
+    device its batches go to (it failed with 'Input type (torch.cuda.FloatTensor) and weight type
+    (torch.FloatTensor)' on an H200) and leave it where it found it."""
+
+    class Placed(torch.nn.Linear):
+        moves: list = []
+
+        def to(self, *args, **kwargs):
+            self.moves.append(torch.device(args[0]))
+            return super().to(*args, **kwargs)
+
+    net = Placed(4, 3).double()  # where it lives: the CPU, in float64 (a dtype move would be visible)
+    loader = [(torch.randn(5, 4, dtype=torch.float64), torch.arange(5) % 3)]
+    evaluate_classifier(net.train(), loader, 3, device="cpu")
+    assert net.moves == [torch.device("cpu"), torch.device("cpu")]  # to the pass's device, then back home
+    assert net.training and net.weight.dtype == torch.float64
+
+
 def test_cosine_schedule_with_warmup_and_stretch():
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     sched = cosine_schedule(opt, total_steps=10, warmup_steps=2)

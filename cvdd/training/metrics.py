@@ -61,15 +61,20 @@ def evaluate_classifier(
 ) -> dict[str, float]:
     """Top-1/top-5 of ``net`` over every sample of ``loader``. With ``distributed`` each rank passes its own shard
     (:class:`~cvdd.runtime.distributed.ShardSampler`: no padding, no repeats) and the counts are summed over ranks,
-    so the result is exactly the one-device pass."""
+    so the result is exactly the one-device pass.
+
+    The pass runs on ``device`` and the net is put back where it was: after ``Trainer.fit`` on a GPU Lightning's
+    teardown has moved the module to the CPU, while the batches go to ``device``."""
+    weight = next(net.parameters(), None)
+    home = device if weight is None else weight.device
     was_training = net.training
-    net.eval()
+    net.to(device).eval()
     counts = torch.zeros(3, dtype=torch.int64, device=device)  # top-1 hits, top-5 hits, samples
     k = min(5, num_classes)
     for images, labels in loader:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         counts += hit_counts(net(images), labels, k)
-    net.train(was_training)
+    net.to(home).train(was_training)
     if distributed and dist.is_available() and dist.is_initialized():
         dist.all_reduce(counts)
     top1, top5, seen = counts.tolist()
