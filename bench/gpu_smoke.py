@@ -4,8 +4,9 @@ Writes a CIFAR-100 of a few images per class in the real on-disk format (the pyt
 ``--hardware`` (``gpu`` and ``ddp`` on a GPU machine) runs ``train.py -m`` over the pool, ``distill.py``,
 ``relabel.py`` and ``evaluate.py`` under ``experiment=cifar100_ipc10`` (the paper's pool, priors, schedule and
 student), with the iterations and epochs cut down. Each stage is its own process tree; a sampler records its peak
-accelerator memory (``nvidia-smi``: the most the GPUs held at once above what they held before the stage) or, on
-CPU, the tree's peak RSS. Recover's cost is given per image and iteration and, times 4,000 iterations, beside the
+accelerator memory (``nvidia-smi``: the most the GPUs held at once above what they held before the stage) and the
+tree's peak host memory (PSS, and the summed RSS, which counts the pages data-loader workers share with their
+parent once per worker). Recover's cost is given per image and iteration and, times 4,000 iterations, beside the
 paper's per-image figures (reference.md: ImageNet-1K on one RTX 4090, CV-DD 8.20 s and 23.4 GB; a CIFAR-100 image
 is 49 times fewer pixels, so the numbers sit side by side, not as a like-for-like comparison).
 
@@ -31,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 POOL = "resnet18,resnet50,shufflenetv2,mobilenetv2,densenet121"
+PSS_READABLE = Path("/proc/self/smaps_rollup").is_file()  # Linux >= 4.14
 PAPER = {"cvdd_s_per_image": 8.20, "cvdd_peak_gb": 23.4, "iterations": 4000}  # reference.md, ImageNet-1K, RTX 4090
 
 
@@ -51,15 +53,20 @@ def process_tree(root: int) -> list[int]:
     return tree
 
 
-def tree_rss(root: int) -> int:
-    total = 0
+def tree_memory(root: int) -> tuple[int, int | None]:
+    """Host memory of ``root``'s process tree: the sum of RSS (which counts a page shared by a parent and its forked
+    data-loader workers once per process: an upper bound) and of PSS (each shared page split between its sharers,
+    from ``smaps_rollup``; ``None`` where the kernel does not give it). A process that ends mid-read is skipped."""
+    rss, pss = 0, 0
     for pid in process_tree(root):
         try:
             status = Path(f"/proc/{pid}/status").read_text()
+            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text() if PSS_READABLE else ""
         except OSError:
             continue
-        total += next((int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS:")), 0)
-    return total
+        rss += sum(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS:"))
+        pss += sum(int(line.split()[1]) * 1024 for line in rollup.splitlines() if line.startswith("Pss:"))
+    return rss, pss if PSS_READABLE else None
 
 
 def gpu_used() -> int | None:
@@ -73,20 +80,24 @@ def gpu_used() -> int | None:
 
 
 class PeakSampler:
-    """The peak of ``gpu_used() − baseline`` (or of the process tree's RSS on CPU) while a stage runs."""
+    """The peak of ``gpu_used() − baseline`` and of the process tree's PSS and summed RSS while a stage runs."""
 
     def __init__(self, pid: int, interval: float = 0.2):
         self.pid, self.interval = pid, interval
         self.baseline = gpu_used()
         self.peak_gpu = 0
         self.peak_rss = 0
+        self.peak_pss: int | None = 0 if PSS_READABLE else None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            self.peak_rss = max(self.peak_rss, tree_rss(self.pid))
+            rss, pss = tree_memory(self.pid)
+            self.peak_rss = max(self.peak_rss, rss)
+            if pss is not None:
+                self.peak_pss = max(self.peak_pss, pss)
             used = gpu_used()
             if used is not None and self.baseline is not None:
                 self.peak_gpu = max(self.peak_gpu, used - self.baseline)
@@ -94,7 +105,11 @@ class PeakSampler:
     def stop(self) -> dict[str, int | None]:
         self._stop.set()
         self._thread.join()
-        return {"peak_gpu_bytes": self.peak_gpu if self.baseline is not None else None, "peak_rss_bytes": self.peak_rss}
+        return {
+            "peak_gpu_bytes": self.peak_gpu if self.baseline is not None else None,
+            "peak_rss_bytes": self.peak_rss,
+            "peak_pss_bytes": self.peak_pss,
+        }
 
 
 def run_stage(script: str, args: list[str], work: Path, log: Path) -> dict:
@@ -112,7 +127,9 @@ def run_stage(script: str, args: list[str], work: Path, log: Path) -> dict:
     return {"seconds": time.perf_counter() - started, **peaks}
 
 
-def smoke(hardware: str, args: argparse.Namespace, data: Path) -> dict:
+def smoke(hardware: str, args: argparse.Namespace, data: Path, result: dict, save) -> None:
+    """Run the four stages under ``hardware`` into ``result``, calling ``save()`` after each (a run cut short by a
+    time limit still leaves the stages it finished in the JSON)."""
     work = args.out / hardware
     work.mkdir(parents=True, exist_ok=True)
     common = [
@@ -134,25 +151,29 @@ def smoke(hardware: str, args: argparse.Namespace, data: Path) -> dict:
     }
     if args.student:
         stages["evaluate"][1].append(f"student={args.student}")
-    result = {}
     for stage, (script, stage_args) in stages.items():
         print(f"[{hardware}] {stage} ...", flush=True)
         result[stage] = run_stage(script, stage_args, work, work / f"{stage}.log")
-    images = 100 * args.ipc
-    per = result["distill"]["seconds"] / (images * args.iterations)
-    result["distill"]["s_per_image_iteration"] = per
-    result["distill"]["s_per_image_at_4000_iterations"] = per * PAPER["iterations"]
-    return result
+        print(f"[{hardware}] {stage}: {result[stage]['seconds']:.1f} s", flush=True)
+        if stage == "distill":
+            per = result["distill"]["seconds"] / (100 * args.ipc * args.iterations)
+            result["distill"]["s_per_image_iteration"] = per
+            result["distill"]["s_per_image_at_4000_iterations"] = per * PAPER["iterations"]
+        save()
 
 
 def table(results: dict[str, dict]) -> None:
-    print("\n| hardware | stage | seconds | peak GPU GB | peak RSS GB | s / image / iteration |")
-    print("|---|---|---|---|---|---|")
+    print("\n| hardware | stage | seconds | peak GPU GB | peak PSS GB | peak summed RSS GB | s / image / iteration |")
+    print("|---|---|---|---|---|---|---|")
+
+    def gb(value: int | None) -> str:
+        return "–" if value is None else f"{value / 1e9:.2f}"
+
     for hardware, stages in results.items():
         for stage, r in stages.items():
-            gpu = "–" if r["peak_gpu_bytes"] is None else f"{r['peak_gpu_bytes'] / 1e9:.2f}"
             per = f"{r['s_per_image_iteration']:.2e}" if "s_per_image_iteration" in r else "–"
-            print(f"| {hardware} | {stage} | {r['seconds']:.1f} | {gpu} | {r['peak_rss_bytes'] / 1e9:.2f} | {per} |")
+            memory = " | ".join(gb(r.get(key)) for key in ("peak_gpu_bytes", "peak_pss_bytes", "peak_rss_bytes"))
+            print(f"| {hardware} | {stage} | {r['seconds']:.1f} | {memory} | {per} |")
     print(
         f"\nPaper (reference.md): ImageNet-1K at 224 px on one RTX 4090, CV-DD {PAPER['cvdd_s_per_image']} s per image "
         f"({PAPER['iterations']} iterations) and {PAPER['cvdd_peak_gb']} GB peak. Distill's seconds above include "
@@ -178,11 +199,18 @@ def main() -> None:
     data = args.out / "data"
     if not (data / "cifar-100-python").is_dir():
         write_cifar(data, 100, per_class=args.per_class)
-    results = {hardware: smoke(hardware, args, data) for hardware in args.hardware.split(",")}
-    table(results)
+    results: dict[str, dict] = {}
     record = {"command": " ".join(sys.argv), "paper": PAPER, "results": results, "gpus": gpu_used() is not None}
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(record, indent=1) + "\n")
+
+    def save() -> None:
+        partial = args.json.with_name(args.json.name + ".tmp")
+        partial.write_text(json.dumps(record, indent=1) + "\n")
+        partial.replace(args.json)
+
+    for hardware in args.hardware.split(","):
+        smoke(hardware, args, data, results.setdefault(hardware, {}), save)
+    table(results)
     print(f"wrote {args.json}")
 
 

@@ -27,6 +27,7 @@ def test_the_smoke_runs_every_stage_of_the_preset_and_records_its_cost(tmp_path:
     assert list(stages) == ["squeeze", "distill", "relabel", "evaluate"]
     for stage, result in stages.items():
         assert result["seconds"] > 0 and result["peak_rss_bytes"] > 100e6, stage
+        assert 50e6 < result["peak_pss_bytes"] <= result["peak_rss_bytes"], stage  # shared pages split, not summed
         assert result["peak_gpu_bytes"] is None, "no GPU here: none is claimed"
     distill = stages["distill"]
     assert distill["s_per_image_iteration"] == pytest.approx(distill["seconds"] / (100 * 1 * 2))
