@@ -26,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,7 +128,7 @@ def run_stage(script: str, args: list[str], work: Path, log: Path) -> dict:
     return {"seconds": time.perf_counter() - started, **peaks}
 
 
-def smoke(hardware: str, args: argparse.Namespace, data: Path, result: dict, save) -> None:
+def smoke(hardware: str, args: argparse.Namespace, data: Path, result: dict, save: Callable[[], None]) -> None:
     """Run the four stages under ``hardware`` into ``result``, calling ``save()`` after each (a run cut short by a
     time limit still leaves the stages it finished in the JSON)."""
     work = args.out / hardware
