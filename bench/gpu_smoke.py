@@ -19,7 +19,6 @@ Writes ``bench/results/gpu_smoke.json`` (``--json``) and prints the table.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -30,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # cvdd without an install (a bare GPU machine); minidata
 
 POOL = "resnet18,resnet50,shufflenetv2,mobilenetv2,densenet121"
 PSS_READABLE = Path("/proc/self/smaps_rollup").is_file()  # Linux >= 4.14
@@ -65,9 +64,14 @@ def tree_memory(root: int) -> tuple[int, int | None]:
             rollup = Path(f"/proc/{pid}/smaps_rollup").read_text() if PSS_READABLE else ""
         except OSError:
             continue
-        rss += sum(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS:"))
-        pss += sum(int(line.split()[1]) * 1024 for line in rollup.splitlines() if line.startswith("Pss:"))
+        rss += kib_field(status, "VmRSS:")
+        pss += kib_field(rollup, "Pss:")
     return rss, pss if PSS_READABLE else None
+
+
+def kib_field(text: str, name: str) -> int:
+    """Bytes of the ``name  N kB`` line of a ``/proc`` file (0 when it has none)."""
+    return sum(int(line.split()[1]) * 1024 for line in text.splitlines() if line.startswith(name))
 
 
 def gpu_used() -> int | None:
@@ -196,6 +200,8 @@ def main() -> None:
     args = parser.parse_args()
     from minidata import write_cifar
 
+    from cvdd.artifacts import save_json
+
     args.out = args.out.resolve()
     data = args.out / "data"
     if not (data / "cifar-100-python").is_dir():
@@ -203,14 +209,8 @@ def main() -> None:
     results: dict[str, dict] = {}
     record = {"command": " ".join(sys.argv), "paper": PAPER, "results": results, "gpus": gpu_used() is not None}
     args.json.parent.mkdir(parents=True, exist_ok=True)
-
-    def save() -> None:
-        partial = args.json.with_name(args.json.name + ".tmp")
-        partial.write_text(json.dumps(record, indent=1) + "\n")
-        partial.replace(args.json)
-
     for hardware in args.hardware.split(","):
-        smoke(hardware, args, data, results.setdefault(hardware, {}), save)
+        smoke(hardware, args, data, results.setdefault(hardware, {}), lambda: save_json(args.json, record))
     table(results)
     print(f"wrote {args.json}")
 
