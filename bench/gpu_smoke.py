@@ -208,7 +208,6 @@ def main() -> None:
         write_cifar(data, 100, per_class=args.per_class)
     results: dict[str, dict] = {}
     record = {"command": " ".join(sys.argv), "paper": PAPER, "results": results, "gpus": gpu_used() is not None}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
     for hardware in args.hardware.split(","):
         smoke(hardware, args, data, results.setdefault(hardware, {}), lambda: save_json(args.json, record))
     table(results)
